@@ -1,0 +1,124 @@
+"""The trainer's whole configuration: one dataclass tree, loaded from YAML with omegaconf.
+
+Structured configs make omegaconf reject unknown keys by name (``Key 'lrr' not in 'OptimConfig'``), the
+failure mode X2SAM users hit with 4,000-line configs. Overrides are ``key.sub=value`` dotlist strings.
+"""
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omegaconf import OmegaConf
+
+# Every task the data loader can make from a record (see model/data.py).
+TASKS = ("referring", "gcg", "interactive", "vgd", "video_referring", "video_object")
+
+
+@dataclass
+class LLMConfig:
+    # "tiny" builds a random-init Qwen2 from the fields below; anything else is a hub id or local path
+    # loaded unchanged with from_pretrained.
+    name: str = "tiny"
+    hidden_size: int = 128
+    num_layers: int = 2
+    num_heads: int = 4
+    intermediate_size: int = 256
+    # LoRA on the LLM's attention/MLP projections (peft); the base weights are then frozen.
+    lora: bool = False
+    lora_r: int = 8
+    lora_alpha: int = 16
+
+
+@dataclass
+class VisionConfig:
+    image_size: int = 64
+    # Channels of the conv stages; the last one is the mask decoder's width.
+    channels: list[int] = field(default_factory=lambda: [32, 64])
+    # Image tokens the LLM sees per dense frame: an llm_grid x llm_grid pooled grid.
+    llm_grid: int = 4
+
+
+@dataclass
+class DecoderConfig:
+    depth: int = 2  # TwoWayTransformer layers
+    heads: int = 4
+    mlp_dim: int = 256
+    memory_size: int = 4  # Mask Memory FIFO length (past frames), X2SAM's num_maskmem
+
+
+@dataclass
+class SourceConfig:
+    path: str = "???"  # an engine output dir (shards/ + index/)
+    weight: float = 1.0
+
+
+@dataclass
+class DataConfig:
+    train: list[SourceConfig] = field(default_factory=list)
+    val: list[SourceConfig] = field(default_factory=list)
+    # Task mixing weights; a record only offers the tasks its annotations support.
+    tasks: dict[str, float] = field(default_factory=lambda: dict.fromkeys(TASKS, 1.0))
+    batch_size: int = 16
+    video_batch_size: int = 4
+    num_workers: int = 0
+    video_frames: int = 8  # frames decoded per video sample (sparse tokens for all of them)
+    dense_frames: int = 1  # of those, frames whose full token grid goes to the LLM
+    tokenizer_records: int = 500  # records scanned to build the word-level tokenizer of a tiny LLM
+    max_text_tokens: int = 64
+
+
+@dataclass
+class LossConfig:
+    ce: float = 1.0
+    bce: float = 2.0
+    dice: float = 0.5
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-3
+    weight_decay: float = 0.01
+    warmup_steps: int = 100
+    max_steps: int = 2000
+    min_lr_ratio: float = 0.05
+    grad_accum: int = 1
+    clip: float = 1.0
+    max_seconds: float = 0.0  # wall-clock budget; > 0 stops early and shortens the schedule to fit
+
+
+@dataclass
+class TrainConfig:
+    out_dir: str = "out/train"
+    seed: int = 0
+    llm: LLMConfig = field(default_factory=LLMConfig)
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    decoder: DecoderConfig = field(default_factory=DecoderConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    # Parameter-name prefixes to train (vision, projector, llm, region, memory, decoder, seg_proj);
+    # empty means all. freeze_vision is a shortcut for the usual "frozen encoder" setting.
+    trainable: list[str] = field(default_factory=list)
+    freeze_vision: bool = False
+    device: str = "auto"  # auto | cpu | cuda
+    threads: int = 2  # torch CPU threads
+    log_every: int = 10
+    ckpt_every: int = 500
+    eval_samples: int = 200
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> TrainConfig:
+    """YAML file + dotlist overrides -> a validated TrainConfig (unknown keys raise, naming the key)."""
+    cfg = OmegaConf.structured(TrainConfig)
+    if path is not None:
+        cfg = OmegaConf.merge(cfg, OmegaConf.load(path))
+    if overrides:
+        cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(overrides)))
+    unknown = set(cfg.data.tasks) - set(TASKS)
+    if unknown:
+        raise ValueError(f"unknown task(s) {sorted(unknown)} in data.tasks; known: {TASKS}")
+    return OmegaConf.to_object(cfg)
+
+
+def to_dict(cfg: TrainConfig) -> dict[str, Any]:
+    return OmegaConf.to_container(OmegaConf.structured(cfg))

@@ -1,0 +1,284 @@
+"""An X2SAM-style segmentation MLLM: vision encoder -> projector -> causal LM -> [SEG] -> SAM2 mask decoder.
+
+Data flow for a batch of B samples with T frames each (T = 1 for images):
+
+    frames (B,T,3,S,S) -> VisionEncoder -> feats (B,T,C,h,w)
+    feats -> pooled tokens (dense frames: llm_grid^2 tokens, every frame: 1 sparse token) -> projector
+    [visual prefix | text embeddings, `<region>` slots replaced by RegionEncoder(prompt map)] -> LLM
+    LLM hidden state at each `[SEG]` -> seg_proj -> one sparse prompt token of a SAM2 MaskDecoder
+    per frame: MaskMemory attends to a FIFO bank of past frames' mask features, then the decoder
+    predicts the mask; the same [SEG] prompts every frame (One-Token-Seg-All, as in VideoLISA).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from sam2.modeling.sam.mask_decoder import MaskDecoder
+from sam2.modeling.sam.prompt_encoder import PromptEncoder
+from sam2.modeling.sam.transformer import TwoWayTransformer
+from torch import Tensor, nn
+from transformers import AutoModelForCausalLM, PreTrainedTokenizerBase, Qwen2Config
+
+from groundmill.model.config import TrainConfig
+
+SEG, P_OPEN, P_CLOSE, REGION = "[SEG]", "<p>", "</p>", "<region>"
+SPECIAL_TOKENS = [SEG, P_OPEN, P_CLOSE, REGION]
+PROMPT_TYPES = ("point", "scribble", "box", "mask")
+MAX_FRAMES = 64  # size of the learned frame-index table for sparse tokens
+# Top-level module names, the vocabulary of `trainable` in the config.
+PARTS = ("vision", "projector", "llm", "region", "seg_proj", "memory", "prompt_encoder", "mask_decoder")
+
+
+class ResBlock(nn.Module):
+    def __init__(self, dim: int):
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.Conv2d(dim, dim, 3, padding=1), nn.GroupNorm(8, dim), nn.GELU(), nn.Conv2d(dim, dim, 3, padding=1)
+        )
+        self.norm = nn.GroupNorm(8, dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.gelu(self.norm(x + self.body(x)))
+
+
+class VisionEncoder(nn.Module):
+    """A small conv net: stride 2 per channel stage, then two residual blocks (receptive field ~40 px)."""
+
+    def __init__(self, channels: list[int]):
+        super().__init__()
+        layers: list[nn.Module] = []
+        c_in = 3
+        for c in channels:
+            layers += [nn.Conv2d(c_in, c, 3, stride=2, padding=1), nn.GroupNorm(8, c), nn.GELU()]
+            c_in = c
+        self.stem = nn.Sequential(*layers)
+        self.blocks = nn.Sequential(ResBlock(c_in), ResBlock(c_in))
+
+    def forward(self, images: Tensor) -> Tensor:
+        return self.blocks(self.stem(images.float() / 127.5 - 1.0))
+
+
+def sinusoid(x: Tensor, dim: int) -> Tensor:
+    """Transformer-style sinusoidal encoding of scalars x (...,) -> (..., dim)."""
+    freqs = torch.exp(torch.arange(dim // 2, device=x.device) * (-math.log(10000.0) / (dim // 2)))
+    angles = x.float()[..., None] * freqs
+    return torch.cat([angles.sin(), angles.cos()], dim=-1)
+
+
+class MaskMemory(nn.Module):
+    """X2SAM's Mask Memory: past frames' features fused with their predicted masks, kept in a FIFO bank;
+    the current frame cross-attends to the bank, keys carrying a sinusoidal encoding of the frame gap."""
+
+    def __init__(self, dim: int, heads: int, size: int):
+        super().__init__()
+        self.size = size
+        self.mask_in = nn.Sequential(nn.Conv2d(1, dim // 4, 3, padding=1), nn.GELU(), nn.Conv2d(dim // 4, dim, 1))
+        self.gap_proj = nn.Linear(dim, dim)
+        self.attn = nn.MultiheadAttention(dim, heads, batch_first=True)
+        self.norm1, self.norm2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.mlp = nn.Sequential(nn.Linear(dim, dim * 2), nn.GELU(), nn.Linear(dim * 2, dim))
+
+    def encode(self, feats: Tensor, mask_logits: Tensor) -> Tensor:
+        """(Q,C,h,w) features + (Q,1,H,W) mask logits -> (Q,C,h,w) memory entry."""
+        prob = F.interpolate(mask_logits.detach().sigmoid(), size=feats.shape[-2:], mode="area")
+        return feats + self.mask_in(prob)
+
+    def forward(self, feats: Tensor, pe: Tensor, bank: list[tuple[Tensor, int]], t: int) -> Tensor:
+        if not bank:
+            return feats
+        q, c, h, w = feats.shape
+        pos = pe.flatten(2).transpose(1, 2)  # (1,hw,C)
+        x = feats.flatten(2).transpose(1, 2)  # (Q,hw,C)
+        gaps = torch.tensor([t - t_m for _, t_m in bank], device=feats.device)
+        gap_enc = self.gap_proj(sinusoid(gaps, c))  # (M,C)
+        mem = torch.cat([m.flatten(2).transpose(1, 2) + pos + g for (m, _), g in zip(bank, gap_enc, strict=True)], 1)
+        x = self.norm1(x + self.attn(x + pos, mem, mem, need_weights=False)[0])
+        x = self.norm2(x + self.mlp(x))
+        return x.transpose(1, 2).reshape(q, c, h, w)
+
+
+class RegionEncoder(nn.Module):
+    """Visual prompts (point, scribble, box, mask), rasterised to a map, pool the frame's features and the
+    decoder's positional encoding into one LLM token (the `<region>` slot)."""
+
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.type_emb = nn.Embedding(len(PROMPT_TYPES), hidden)
+        self.mlp = nn.Sequential(nn.Linear(2 * dim, hidden), nn.GELU(), nn.Linear(hidden, hidden))
+
+    def forward(self, feats: Tensor, pe: Tensor, prompt_maps: Tensor, types: Tensor) -> Tensor:
+        w = F.interpolate(prompt_maps[:, None].float(), size=feats.shape[-2:], mode="area")  # (R,1,h,w)
+        w = w / w.sum((2, 3), keepdim=True).clamp_min(1e-6)
+        pooled = torch.cat([(feats * w).sum((2, 3)), (pe * w).sum((2, 3))], dim=1)
+        return self.mlp(pooled) + self.type_emb(types)
+
+
+def build_llm(cfg: TrainConfig, tokenizer: PreTrainedTokenizerBase) -> nn.Module:
+    """A random-init tiny Qwen2 for `tiny`, else the named hub id / local path, unchanged apart from
+    the embedding rows added for the special tokens; LoRA through peft when configured."""
+    c = cfg.llm
+    if c.name == "tiny":
+        config = Qwen2Config(
+            vocab_size=len(tokenizer),
+            hidden_size=c.hidden_size,
+            num_hidden_layers=c.num_layers,
+            num_attention_heads=c.num_heads,
+            num_key_value_heads=c.num_heads,
+            intermediate_size=c.intermediate_size,
+            max_position_embeddings=1024,
+            tie_word_embeddings=True,
+            pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            bos_token_id=None,
+        )
+        llm = AutoModelForCausalLM.from_config(config)
+    else:
+        llm = AutoModelForCausalLM.from_pretrained(c.name)
+        if llm.get_input_embeddings().num_embeddings < len(tokenizer):
+            llm.resize_token_embeddings(len(tokenizer))
+    if c.lora:
+        from peft import LoraConfig, get_peft_model
+
+        targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+        llm = get_peft_model(llm, LoraConfig(r=c.lora_r, lora_alpha=c.lora_alpha, target_modules=targets))
+    return llm
+
+
+class X2SamModel(nn.Module):
+    def __init__(self, cfg: TrainConfig, tokenizer: PreTrainedTokenizerBase):
+        super().__init__()
+        v, d = cfg.vision, cfg.decoder
+        dim = v.channels[-1]
+        self.image_size = v.image_size
+        self.grid = v.image_size // 2 ** len(v.channels)
+        self.llm_grid = v.llm_grid
+        self.dense_frames = cfg.data.dense_frames
+        self.seg_id = tokenizer.convert_tokens_to_ids(SEG)
+        self.region_id = tokenizer.convert_tokens_to_ids(REGION)
+
+        self.vision = VisionEncoder(v.channels)
+        self.llm = build_llm(cfg, tokenizer)
+        hidden = self.llm.config.hidden_size
+        self.projector = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, hidden))
+        self.projector_pos = nn.Parameter(torch.zeros(v.llm_grid**2, hidden))  # where each dense token is
+        self.projector_frame = nn.Parameter(torch.zeros(MAX_FRAMES, hidden))  # which frame a sparse token is
+        nn.init.normal_(self.projector_pos, std=0.02)
+        nn.init.normal_(self.projector_frame, std=0.02)
+        self.region = RegionEncoder(dim, hidden)
+        self.seg_proj = nn.Sequential(nn.Linear(hidden, hidden), nn.GELU(), nn.Linear(hidden, dim))
+        self.memory = MaskMemory(dim, d.heads, d.memory_size)
+        self.prompt_encoder = PromptEncoder(
+            embed_dim=dim,
+            image_embedding_size=(self.grid, self.grid),
+            input_image_size=(v.image_size, v.image_size),
+            mask_in_chans=16,
+        )
+        self.mask_decoder = MaskDecoder(
+            transformer_dim=dim,
+            transformer=TwoWayTransformer(depth=d.depth, embedding_dim=dim, num_heads=d.heads, mlp_dim=d.mlp_dim),
+            num_multimask_outputs=0,  # one [SEG] -> one mask: no ambiguity heads, no matching needed
+            iou_head_hidden_dim=dim,
+        )
+
+    # -- pieces -------------------------------------------------------------------------------------------
+
+    def visual_tokens(self, feats: Tensor) -> Tensor:
+        """(B,T,C,h,w) -> (B,P,hidden): llm_grid^2 tokens per dense frame, plus one sparse token per frame
+        for videos (VideoLISA's sparse-dense sampling)."""
+        b, t = feats.shape[:2]
+        dense_idx = torch.linspace(0, t - 1, min(self.dense_frames, t)).round().long().unique()
+        dense = F.adaptive_avg_pool2d(feats[:, dense_idx].flatten(0, 1), self.llm_grid)
+        dense = self.projector(dense.flatten(2).transpose(1, 2)) + self.projector_pos  # (B*D,g*g,H)
+        tokens = [dense.reshape(b, -1, dense.shape[-1])]
+        if t > 1:
+            sparse = self.projector(feats.mean((3, 4))) + self.projector_frame[:t]  # (B,T,H)
+            tokens.append(sparse)
+        return torch.cat(tokens, 1)
+
+    def embed(self, batch: dict[str, Tensor], feats: Tensor) -> tuple[Tensor, Tensor, int]:
+        """LLM input embeddings and attention mask: [visual prefix | text], `<region>` slots filled."""
+        ids = batch["input_ids"]
+        text = self.llm.get_input_embeddings()(ids)
+        if "region_maps" in batch and len(batch["region_maps"]):
+            r = batch["region_owner"]  # (R,2): sample, frame
+            region = self.region(feats[r[:, 0], r[:, 1]], self.pe(), batch["region_maps"], batch["region_types"])
+            slots = (ids == self.region_id)[..., None]
+            text = text.masked_scatter(slots, region.to(text.dtype))
+        prefix = self.visual_tokens(feats).to(text.dtype)
+        mask = torch.cat([batch["attention_mask"].new_ones(prefix.shape[:2]), batch["attention_mask"]], 1)
+        return torch.cat([prefix, text], 1), mask, prefix.shape[1]
+
+    def pe(self) -> Tensor:
+        return self.prompt_encoder.get_dense_pe()
+
+    def decode(self, seg: Tensor, feats: Tensor) -> Tensor:
+        """[SEG] prompts (Q,C) and their samples' frames (Q,T,C,h,w) -> mask logits (Q,T,S,S), frame by
+        frame with the Mask Memory bank."""
+        q, t = feats.shape[:2]
+        pe = self.pe()
+        dense = self.prompt_encoder.no_mask_embed.weight.reshape(1, -1, 1, 1).expand(q, -1, self.grid, self.grid)
+        bank: list[tuple[Tensor, int]] = []
+        out = []
+        for i in range(t):
+            x = self.memory(feats[:, i], pe, bank, i)
+            logits = self.mask_decoder(
+                image_embeddings=x,
+                image_pe=pe,
+                sparse_prompt_embeddings=seg[:, None],
+                dense_prompt_embeddings=dense,
+                multimask_output=False,
+                repeat_image=False,
+            )[0]
+            if logits.shape[-1] != self.image_size:
+                logits = F.interpolate(logits, size=(self.image_size,) * 2, mode="bilinear", align_corners=False)
+            out.append(logits[:, 0])
+            if t > 1:
+                bank = (bank + [(self.memory.encode(feats[:, i], logits), i)])[-self.memory.size :]
+        return torch.stack(out, 1)
+
+    # -- the whole model ----------------------------------------------------------------------------------
+
+    def forward(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+        """Teacher-forced pass: LM logits over the text positions and mask logits for every [SEG]."""
+        frames = batch["frames"]  # (B,T,3,S,S) uint8
+        b, t = frames.shape[:2]
+        feats = self.vision(frames.flatten(0, 1)).unflatten(0, (b, t))
+        embeds, mask, p = self.embed(batch, feats)
+        out = self.llm(inputs_embeds=embeds, attention_mask=mask, output_hidden_states=True)
+        hidden = out.hidden_states[-1][:, p:]
+        seg_pos = batch["input_ids"] == self.seg_id
+        owner = seg_pos.nonzero()[:, 0]
+        masks = self.decode(self.seg_proj(hidden[seg_pos]).float(), feats[owner].float())
+        return {"logits": out.logits[:, p:], "mask_logits": masks}
+
+    @torch.no_grad()
+    def generate(self, batch: dict[str, Tensor], max_new_tokens: int, eos_id: int) -> Tensor:
+        """Greedy continuation of `input_ids` (one sample, no padding); returns the full id sequence."""
+        ids = batch["input_ids"]
+        for _ in range(max_new_tokens):
+            step = {**batch, "input_ids": ids, "attention_mask": torch.ones_like(ids)}
+            frames = step["frames"]
+            feats = self.vision(frames.flatten(0, 1)).unflatten(0, frames.shape[:2])
+            embeds, mask, _ = self.embed(step, feats)
+            nxt = self.llm(inputs_embeds=embeds, attention_mask=mask).logits[:, -1].argmax(-1, keepdim=True)
+            ids = torch.cat([ids, nxt], 1)
+            if nxt.item() == eos_id:
+                break
+        return ids
+
+
+def configure_trainable(model: X2SamModel, cfg: TrainConfig) -> None:
+    """Freeze everything outside cfg.trainable (all parts if empty), and the encoder if freeze_vision.
+    LoRA's own freezing of the LLM base weights is kept."""
+    unknown = set(cfg.trainable) - set(PARTS)
+    if unknown:
+        raise ValueError(f"unknown trainable part(s) {sorted(unknown)}; known: {PARTS}")
+    for name, p in model.named_parameters():
+        part = name.split(".")[0]
+        if cfg.trainable and part not in cfg.trainable or cfg.freeze_vision and part == "vision":
+            p.requires_grad_(False)
+        elif cfg.llm.lora and part == "llm":
+            p.requires_grad_("lora_" in name)

@@ -1,0 +1,209 @@
+"""`groundmill train CONFIG [key=value ...] [--resume DIR|auto]`: CPU or one GPU in-process, several GPUs
+under torchrun (DDP). Checkpoints are safetensors (model) + a weights_only torch file (optimizer, RNG)
++ JSON (step, schedule, data position), enough for an exact resume.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import itertools
+import json
+import math
+import os
+import random
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from omegaconf import OmegaConf
+from safetensors.torch import load_model, save_model
+from torch.nn.parallel import DistributedDataParallel
+from tqdm import tqdm
+from transformers import PreTrainedTokenizerBase
+
+from groundmill.model.config import OptimConfig, TrainConfig, load_config, to_dict
+from groundmill.model.data import load_tokenizer, make_tokenizer, train_loader
+from groundmill.model.losses import total_loss
+from groundmill.model.modeling import X2SamModel, configure_trainable
+
+CKPT_DIR = "checkpoints"
+
+
+def setup_device(cfg: TrainConfig) -> tuple[int, int, torch.device]:
+    """(rank, world size, device); joins the torchrun process group when WORLD_SIZE > 1."""
+    torch.set_num_threads(cfg.threads)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    cuda = torch.cuda.is_available() if cfg.device == "auto" else cfg.device == "cuda"
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if cuda else "gloo")
+    rank = dist.get_rank() if world > 1 else 0
+    if cuda:
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local)
+        return rank, world, torch.device("cuda", local)
+    return rank, world, torch.device("cpu")
+
+
+def lr_at(step: int, total: int, o: OptimConfig) -> float:
+    """Linear warmup, then cosine down to min_lr_ratio * lr at `total`."""
+    if step < o.warmup_steps:
+        return o.lr * (step + 1) / o.warmup_steps
+    progress = min(1.0, (step - o.warmup_steps) / max(1, total - o.warmup_steps))
+    return o.lr * (o.min_lr_ratio + (1 - o.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def make_optimizer(model: torch.nn.Module, o: OptimConfig) -> torch.optim.AdamW:
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [
+        {"params": [p for p in params if p.ndim >= 2], "weight_decay": o.weight_decay},
+        {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},  # norms and biases
+    ]
+    return torch.optim.AdamW(groups, lr=o.lr, betas=(0.9, 0.95))
+
+
+def build_model(cfg: TrainConfig, tokenizer: PreTrainedTokenizerBase) -> X2SamModel:
+    torch.manual_seed(cfg.seed)
+    model = X2SamModel(cfg, tokenizer)
+    configure_trainable(model, cfg)
+    return model
+
+
+def save_checkpoint(path: Path, model: X2SamModel, optimizer: torch.optim.Optimizer, state: dict[str, Any],
+                    tokenizer: PreTrainedTokenizerBase, cfg: TrainConfig) -> None:  # fmt: skip
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.mkdir(parents=True, exist_ok=True)
+    save_model(model, str(tmp / "model.safetensors"))
+    rng = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        rng["cuda"] = torch.cuda.get_rng_state()
+    torch.save({"optimizer": optimizer.state_dict(), "rng": rng}, tmp / "train_state.pt")
+    (tmp / "state.json").write_text(json.dumps(state, indent=1))
+    OmegaConf.save(OmegaConf.create(to_dict(cfg)), tmp / "config.yaml")
+    tokenizer.save_pretrained(str(tmp))
+    if path.exists():
+        for f in path.iterdir():
+            f.unlink()
+        path.rmdir()
+    tmp.rename(path)  # a checkpoint dir either is complete or does not exist
+
+
+def load_checkpoint(path: Path, model: X2SamModel, optimizer: torch.optim.Optimizer | None = None) -> dict:
+    """Weights (and optimizer + RNG state when an optimizer is given) from a checkpoint; its state.json."""
+    load_model(model, str(path / "model.safetensors"))
+    if optimizer is not None:
+        saved = torch.load(path / "train_state.pt", weights_only=True)
+        optimizer.load_state_dict(saved["optimizer"])
+        torch.set_rng_state(saved["rng"]["torch"])
+        random.setstate(saved["rng"]["python"])
+        if "cuda" in saved["rng"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state(saved["rng"]["cuda"])
+    return json.loads((path / "state.json").read_text())
+
+
+def latest_checkpoint(out_dir: str | Path) -> Path | None:
+    found = sorted((Path(out_dir) / CKPT_DIR).glob("step-[0-9]*[0-9]"))
+    return found[-1] if found else None
+
+
+class MetricsLog:
+    """JSONL always; TensorBoard event files too when tensorboard is installed."""
+
+    def __init__(self, out_dir: Path):
+        self.file = open(out_dir / "metrics.jsonl", "a")  # noqa: SIM115 (closed in close())
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(str(out_dir / "tb"))
+        except ImportError:
+            self.tb = None
+
+    def write(self, step: int, values: dict[str, float]) -> None:
+        self.file.write(json.dumps({"step": step, **values}) + "\n")
+        self.file.flush()
+        if self.tb:
+            for k, v in values.items():
+                self.tb.add_scalar(f"train/{k}", v, step)
+
+    def close(self) -> None:
+        self.file.close()
+        if self.tb:
+            self.tb.close()
+
+
+def train(cfg: TrainConfig, resume: str | None = None) -> Path:
+    """Train to cfg.optim.max_steps (or the time budget); returns the final checkpoint dir."""
+    rank, world, device = setup_device(cfg)
+    out = Path(cfg.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    ckpt = latest_checkpoint(out) if resume == "auto" else Path(resume) if resume else None
+    tokenizer = load_tokenizer(ckpt) if ckpt else make_tokenizer(cfg)
+    model = build_model(cfg, tokenizer).to(device)
+    o = cfg.optim
+    optimizer = make_optimizer(model, o)
+    state = {"step": 0, "batches": 0, "total_steps": o.max_steps, "seconds": 0.0}
+    if ckpt:
+        state = load_checkpoint(ckpt, model, optimizer)
+    ddp = DistributedDataParallel(model, find_unused_parameters=True) if world > 1 else model
+    # Resuming replays the deterministic batch stream up to the saved position.
+    batches = iter(train_loader(cfg, tokenizer, o.max_steps * o.grad_accum))
+    for _ in itertools.islice(batches, state["batches"]):
+        pass
+    log = MetricsLog(out) if rank == 0 else None
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+    bar = tqdm(total=state["total_steps"], initial=state["step"], disable=rank != 0, mininterval=5, desc="train")
+    started = time.perf_counter() - state["seconds"]
+    while state["step"] < state["total_steps"]:
+        lr = lr_at(state["step"], state["total_steps"], o)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        sums: dict[str, float] = {}
+        for micro in range(o.grad_accum):
+            batch = {k: v.to(device, non_blocking=True) for k, v in next(batches).items()}
+            state["batches"] += 1
+            # DDP all-reduces gradients only on the last micro-batch.
+            sync = micro == o.grad_accum - 1 or world == 1
+            with autocast, contextlib.nullcontext() if sync else ddp.no_sync():
+                losses = total_loss(ddp(batch), batch, cfg.loss)
+                (losses["loss"] / o.grad_accum).backward()
+            for k, v in losses.items():
+                sums[k] = sums.get(k, 0.0) + v.item() / o.grad_accum
+        torch.nn.utils.clip_grad_norm_(model.parameters(), o.clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        state["step"] += 1
+        state["seconds"] = time.perf_counter() - started
+        if o.max_seconds > 0 and state["step"] == min(50, o.max_steps):
+            # Fit the schedule into the time budget, once the step time is known.
+            fit = int(o.max_seconds / (state["seconds"] / state["step"]))
+            state["total_steps"] = max(state["step"], min(o.max_steps, fit))
+            bar.total = state["total_steps"]
+        bar.update(1)
+        if log and (state["step"] % cfg.log_every == 0 or state["step"] == state["total_steps"]):
+            log.write(state["step"], {**sums, "lr": lr, "seconds": round(state["seconds"], 2)})
+            bar.set_postfix(loss=f"{sums['loss']:.3f}")
+        if rank == 0 and (state["step"] % cfg.ckpt_every == 0 or state["step"] == state["total_steps"]):
+            save_checkpoint(out / CKPT_DIR / f"step-{state['step']:07d}", model, optimizer, state, tokenizer, cfg)
+    bar.close()
+    if log:
+        log.close()
+    if world > 1:
+        dist.barrier()
+    return out / CKPT_DIR / f"step-{state['step']:07d}"
+
+
+def main(argv: list[str] | None = None) -> Path:
+    p = argparse.ArgumentParser(prog="groundmill train", description="Train the X2SAM-style model on shards.")
+    p.add_argument("config", help="YAML config (see manifests/train_tiny.yaml)")
+    p.add_argument("overrides", nargs="*", help="key.sub=value overrides")
+    p.add_argument("--resume", help="checkpoint dir, or 'auto' for the latest under out_dir")
+    a = p.parse_args(argv)
+    path = train(load_config(a.config, a.overrides), a.resume)
+    print(f"checkpoint: {path}")
+    return path
+
+
+if __name__ == "__main__":
+    main()
