@@ -78,7 +78,10 @@ def load(sample: dict[str, Any], size: int) -> tuple[dict, list[np.ndarray]]:
         frames = decode_video(data)
     else:
         frames = [np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))]
-    frames = [f if f.shape[:2] == (size, size) else np.asarray(Image.fromarray(f).resize((size, size))) for f in frames]
+    frames = [
+        f if f.shape[:2] == (size, size) else np.asarray(Image.fromarray(f).resize((size, size)))
+        for f in frames
+    ]
     return record, frames
 
 
@@ -244,7 +247,9 @@ def prompt_sample(record: dict, rng: random.Random, size: int, task: str) -> dic
     target = masks[i]
     if task == "vgd":
         label = objects[i]["labels"][0] if objects[i]["labels"] else None
-        target = np.logical_or.reduce([m for o, m in zip(objects, masks, strict=True) if o["labels"][:1] == [label]])
+        target = np.logical_or.reduce(
+            [m for o, m in zip(objects, masks, strict=True) if o["labels"][:1] == [label]]
+        )
     return {"task": task, "question": QUESTIONS[task].format(REGION), "answer": ANSWER, "masks": [[target]],
             "region": (draw_prompt(masks[i], kind, rng), PROMPT_TYPES.index(kind), 0)}  # fmt: skip
 
@@ -406,7 +411,10 @@ def eval_records(sources: list[SourceConfig], size: int) -> Iterator[tuple[dict,
     """Every sample of the sources once, in shard order, split by node and worker."""
     for source in sources:
         ds = wds.WebDataset(
-            shard_urls(source.path), shardshuffle=False, nodesplitter=wds.split_by_node, workersplitter=wds.split_by_worker
+            shard_urls(source.path),
+            shardshuffle=False,
+            nodesplitter=wds.split_by_node,
+            workersplitter=wds.split_by_worker,
         )
         for sample in ds:
             yield load(sample, size)

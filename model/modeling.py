@@ -36,7 +36,10 @@ class ResBlock(nn.Module):
     def __init__(self, dim: int):
         super().__init__()
         self.body = nn.Sequential(
-            nn.Conv2d(dim, dim, 3, padding=1), nn.GroupNorm(8, dim), nn.GELU(), nn.Conv2d(dim, dim, 3, padding=1)
+            nn.Conv2d(dim, dim, 3, padding=1),
+            nn.GroupNorm(8, dim),
+            nn.GELU(),
+            nn.Conv2d(dim, dim, 3, padding=1),
         )
         self.norm = nn.GroupNorm(8, dim)
 
@@ -75,7 +78,9 @@ class MaskMemory(nn.Module):
     def __init__(self, dim: int, heads: int, size: int):
         super().__init__()
         self.size = size
-        self.mask_in = nn.Sequential(nn.Conv2d(1, dim // 4, 3, padding=1), nn.GELU(), nn.Conv2d(dim // 4, dim, 1))
+        self.mask_in = nn.Sequential(
+            nn.Conv2d(1, dim // 4, 3, padding=1), nn.GELU(), nn.Conv2d(dim // 4, dim, 1)
+        )
         self.gap_proj = nn.Linear(dim, dim)
         self.attn = nn.MultiheadAttention(dim, heads, batch_first=True)
         self.norm1, self.norm2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
@@ -94,7 +99,9 @@ class MaskMemory(nn.Module):
         x = feats.flatten(2).transpose(1, 2)  # (Q,hw,C)
         gaps = torch.tensor([t - t_m for _, t_m in bank], device=feats.device)
         gap_enc = self.gap_proj(sinusoid(gaps, c))  # (M,C)
-        mem = torch.cat([m.flatten(2).transpose(1, 2) + pos + g for (m, _), g in zip(bank, gap_enc, strict=True)], 1)
+        mem = torch.cat(
+            [m.flatten(2).transpose(1, 2) + pos + g for (m, _), g in zip(bank, gap_enc, strict=True)], 1
+        )
         x = self.norm1(x + self.attn(x + pos, mem, mem, need_weights=False)[0])
         x = self.norm2(x + self.mlp(x))
         return x.transpose(1, 2).reshape(q, c, h, w)
@@ -178,7 +185,9 @@ class X2SamModel(nn.Module):
         )
         self.mask_decoder = MaskDecoder(
             transformer_dim=dim,
-            transformer=TwoWayTransformer(depth=d.depth, embedding_dim=dim, num_heads=d.heads, mlp_dim=d.mlp_dim),
+            transformer=TwoWayTransformer(
+                depth=d.depth, embedding_dim=dim, num_heads=d.heads, mlp_dim=d.mlp_dim
+            ),
             num_multimask_outputs=0,  # one [SEG] -> one mask: no ambiguity heads, no matching needed
             iou_head_hidden_dim=dim,
         )
@@ -204,7 +213,9 @@ class X2SamModel(nn.Module):
         text = self.llm.get_input_embeddings()(ids)
         if "region_maps" in batch and len(batch["region_maps"]):
             r = batch["region_owner"]  # (R,2): sample, frame
-            region = self.region(feats[r[:, 0], r[:, 1]], self.pe(), batch["region_maps"], batch["region_types"])
+            region = self.region(
+                feats[r[:, 0], r[:, 1]], self.pe(), batch["region_maps"], batch["region_types"]
+            )
             slots = (ids == self.region_id)[..., None]
             text = text.masked_scatter(slots, region.to(text.dtype))
         prefix = self.visual_tokens(feats).to(text.dtype)
@@ -219,7 +230,9 @@ class X2SamModel(nn.Module):
         frame with the Mask Memory bank."""
         q, t = feats.shape[:2]
         pe = self.pe()
-        dense = self.prompt_encoder.no_mask_embed.weight.reshape(1, -1, 1, 1).expand(q, -1, self.grid, self.grid)
+        dense = self.prompt_encoder.no_mask_embed.weight.reshape(1, -1, 1, 1).expand(
+            q, -1, self.grid, self.grid
+        )
         bank: list[tuple[Tensor, int]] = []
         out = []
         for i in range(t):
@@ -233,7 +246,9 @@ class X2SamModel(nn.Module):
                 repeat_image=False,
             )[0]
             if logits.shape[-1] != self.image_size:
-                logits = F.interpolate(logits, size=(self.image_size,) * 2, mode="bilinear", align_corners=False)
+                logits = F.interpolate(
+                    logits, size=(self.image_size,) * 2, mode="bilinear", align_corners=False
+                )
             out.append(logits[:, 0])
             if t > 1:
                 bank = (bank + [(self.memory.encode(feats[:, i], logits), i)])[-self.memory.size :]

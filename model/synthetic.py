@@ -119,7 +119,9 @@ def place(kinds: list[tuple[str, str]], rng: random.Random) -> list[Shape]:
         for colour, shape in kinds:
             for _ in range(100):
                 r = rng.uniform(6.5, 10.0)
-                s = Shape(colour, shape, rng.uniform(r + 1, SIZE - r - 1), rng.uniform(r + 1, SIZE - r - 1), r)
+                s = Shape(
+                    colour, shape, rng.uniform(r + 1, SIZE - r - 1), rng.uniform(r + 1, SIZE - r - 1), r
+                )
                 if all((s.cx - o.cx) ** 2 + (s.cy - o.cy) ** 2 > (s.r + o.r + 2) ** 2 for o in shapes):
                     shapes.append(s)
                     break
@@ -129,7 +131,9 @@ def place(kinds: list[tuple[str, str]], rng: random.Random) -> list[Shape]:
 
 def expression(target: Shape, scene: list[Shape], rng: random.Random) -> str:
     """'the red circle', sometimes with a true relation to another object ('... left of the blue square')."""
-    base = rng.choice(["the {c} {s}", "the {s} that is {c}", "{c} {s}"]).format(c=target.colour, s=target.shape)
+    base = rng.choice(["the {c} {s}", "the {s} that is {c}", "{c} {s}"]).format(
+        c=target.colour, s=target.shape
+    )
     if rng.random() < 0.5:
         others = [o for o in scene if o is not target and relation(target, o)]
         if others:
@@ -283,7 +287,10 @@ def write_split(out_dir: str | Path, images: int, videos: int, seed: int, per_sh
             if kind == "video":
                 media.update(fps=8.0, num_frames=len(fields["tracks"][0]["masklet"]))
             record: Record = new_record(
-                key, {"uri": f"synthetic://{seed}/{n}", "sha256": key, "bytes": len(data), "format": ext}, media, []
+                key,
+                {"uri": f"synthetic://{seed}/{n}", "sha256": key, "bytes": len(data), "format": ext},
+                media,
+                [],
             )
             record.update(fields)
             if kind == "image":

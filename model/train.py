@@ -153,7 +153,9 @@ def train(cfg: TrainConfig, resume: str | None = None) -> Path:
         pass
     log = MetricsLog(out) if rank == 0 else None
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
-    bar = tqdm(total=state["total_steps"], initial=state["step"], disable=rank != 0, mininterval=5, desc="train")
+    bar = tqdm(
+        total=state["total_steps"], initial=state["step"], disable=rank != 0, mininterval=5, desc="train"
+    )
     started = time.perf_counter() - state["seconds"]
     while state["step"] < state["total_steps"]:
         lr = lr_at(state["step"], state["total_steps"], o)
@@ -185,7 +187,9 @@ def train(cfg: TrainConfig, resume: str | None = None) -> Path:
             log.write(state["step"], {**sums, "lr": lr, "seconds": round(state["seconds"], 2)})
             bar.set_postfix(loss=f"{sums['loss']:.3f}")
         if rank == 0 and (state["step"] % cfg.ckpt_every == 0 or state["step"] == state["total_steps"]):
-            save_checkpoint(out / CKPT_DIR / f"step-{state['step']:07d}", model, optimizer, state, tokenizer, cfg)
+            save_checkpoint(
+                out / CKPT_DIR / f"step-{state['step']:07d}", model, optimizer, state, tokenizer, cfg
+            )
     bar.close()
     if log:
         log.close()

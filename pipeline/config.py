@@ -1,0 +1,175 @@
+"""Run manifests: typed config loaded with omegaconf, validated before any work starts.
+
+A manifest is YAML (loaded safely by omegaconf; no object construction) with the sections below.
+Unknown keys and wrong types fail at load time with the offending key's full path, including the
+per-stage ``params`` which each stage declares as a dataclass.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+
+class ConfigError(ValueError):
+    """A manifest or override is invalid; the message names the key."""
+
+
+@dataclass
+class ModelSpec:
+    # A hub id ("google/owlv2-base-patch16"), a local directory or file, or "tiny": the same model
+    # class built from a small config with random weights (offline tests, the demo).
+    id: str = "tiny"
+    revision: str | None = None
+    dtype: str = "float32"  # float32 | bfloat16 | float16
+    device: str = "auto"  # auto -> cuda when the actor has a GPU, else cpu
+
+    @property
+    def is_random(self) -> bool:
+        return self.id == "tiny"
+
+
+@dataclass
+class Resources:
+    num_cpus: float = 1.0
+    num_gpus: float = 0.0  # a fraction packs several actors on one GPU
+    batch_size: int = 4
+    min_actors: int = 1
+    max_actors: int = 1
+
+
+@dataclass
+class StageConfig:
+    type: str | None = None  # the stage class's registry name; defaults to this stage's key
+    enabled: bool = True
+    model: ModelSpec = field(default_factory=ModelSpec)
+    resources: Resources = field(default_factory=Resources)
+    # A mapping in the manifest; replaced by an instance of the stage's Params dataclass on validation.
+    params: Any = field(default_factory=dict)
+
+
+@dataclass
+class OutputConfig:
+    dir: str = "out/run"
+    shard_max_samples: int = 256
+    shard_max_mb: int = 512
+
+
+@dataclass
+class LimitsConfig:
+    max_file_mb: int = 1024
+    max_image_pixels: int = 100_000_000  # larger images are refused as decompression bombs
+    max_side: int = 4096  # longer sides are downscaled when normalising (recorded in the record)
+
+
+@dataclass
+class LoadConfig:
+    batch_size: int = 8  # inputs read, hashed and normalised per task
+    num_cpus: float = 1.0
+
+
+@dataclass
+class VideoConfig:
+    keyframes: int = 4  # dense keyframes the image stages annotate
+    sparse_frames: int = 16  # sparse context frames (timestamps recorded for trainers)
+    max_frames: int = 0  # 0: no cap on frames considered
+    stride: int = 1  # consider every n-th decoded frame
+
+
+@dataclass
+class RayConfig:
+    address: str | None = None  # None: start an embedded local Ray; "auto" or "host:port": join a cluster
+    num_cpus: int | None = None  # embedded Ray only
+    max_errored_blocks: int = 0  # per-sample errors never fail blocks; this guards infrastructure faults
+
+
+@dataclass
+class RunConfig:
+    name: str = "groundmill"
+    seed: int = 0
+
+
+@dataclass
+class Config:
+    run: RunConfig = field(default_factory=RunConfig)
+    inputs: list[str] = field(default_factory=list)  # folders, globs, .jsonl/.parquet lists, .tar shards
+    output: OutputConfig = field(default_factory=OutputConfig)
+    limits: LimitsConfig = field(default_factory=LimitsConfig)
+    load: LoadConfig = field(default_factory=LoadConfig)
+    video: VideoConfig = field(default_factory=VideoConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
+    stages: dict[str, StageConfig] = field(default_factory=dict)
+
+
+def _merge(base: DictConfig, other: Any, where: str) -> DictConfig:
+    try:
+        return OmegaConf.merge(base, other)
+    except OmegaConfBaseException as e:
+        raise ConfigError(f"{where}: key '{e.full_key}': {e.msg}") from None
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> Config:
+    """Manifest + dotted overrides -> validated Config (stage params included)."""
+    conf = OmegaConf.structured(Config)
+    if path is not None:
+        try:
+            raw = OmegaConf.load(path)
+        except OmegaConfBaseException as e:
+            raise ConfigError(f"{path}: {e}") from None
+        except OSError as e:
+            raise ConfigError(f"cannot read manifest {path}: {e.strerror}") from None
+        if not isinstance(raw, DictConfig):
+            raise ConfigError(f"{path}: a manifest must be a mapping, not {type(raw).__name__}")
+        conf = _merge(conf, raw, str(path))
+    if overrides:
+        bad = [o for o in overrides if "=" not in o]
+        if bad:
+            raise ConfigError(f"override {bad[0]!r} is not key=value")
+        conf = _merge(conf, OmegaConf.from_dotlist(overrides), "overrides")
+    cfg: Config = OmegaConf.to_object(conf)
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: Config) -> None:
+    from groundmill.stages import stage_class
+
+    if not cfg.inputs:
+        raise ConfigError("key 'inputs': no inputs given (set them in the manifest or with --input)")
+    if cfg.output.shard_max_samples < 1:
+        raise ConfigError("key 'output.shard_max_samples': must be >= 1")
+    for name, stage in cfg.stages.items():
+        where = f"stages.{name}"
+        try:
+            cls = stage_class(stage.type or name)
+        except KeyError as e:
+            raise ConfigError(f"key '{where}.type': {e.args[0]}") from None
+        r = stage.resources
+        if r.batch_size < 1 or r.min_actors < 1 or r.max_actors < r.min_actors:
+            raise ConfigError(
+                f"key '{where}.resources': need batch_size >= 1 and 1 <= min_actors <= max_actors"
+            )
+        if stage.model.dtype not in ("float32", "bfloat16", "float16"):
+            raise ConfigError(
+                f"key '{where}.model.dtype': {stage.model.dtype!r} is not float32/bfloat16/float16"
+            )
+        stage.params = stage_params(cls, stage.params, where)
+
+
+def stage_params(cls: type, params: dict[str, Any], where: str) -> Any:
+    """A stage's params dict -> an instance of its Params dataclass (unknown keys / bad types fail)."""
+    merged = _merge(OmegaConf.structured(cls.Params), params, where + ".params")
+    try:
+        return OmegaConf.to_object(merged)
+    except OmegaConfBaseException as e:
+        raise ConfigError(f"{where}.params: key '{e.full_key}': {e.msg}") from None
+
+
+def to_container(cfg: Config) -> dict[str, Any]:
+    """The resolved config as plain data, for the run record."""
+    return dataclasses.asdict(cfg)

@@ -1,0 +1,188 @@
+"""The Ray Data graph: inputs -> load -> stages -> shard sink, streamed with bounded memory.
+
+Model stages run as actor pools (`setup` once per actor); cheap CPU stages run as tasks. A stage
+that fails on a batch is retried one sample at a time, so only the sample that breaks it becomes an
+error row.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Iterable
+from typing import Any
+
+import pyarrow as pa
+import ray
+from ray.data import ActorPoolStrategy, Dataset, TaskPoolStrategy
+from ray.data.block import BlockAccessor
+from ray.data.datasource import Datasink
+
+from groundmill.pipeline.config import Config, StageConfig
+from groundmill.pipeline.load import load_batch
+from groundmill.pipeline.sink import ShardWriter
+from groundmill.schema import STATUS_ERROR, STATUS_OK, frame_records
+from groundmill.stages import stage_class
+from groundmill.stages.base import ROW_SCHEMA, STATUS_DUPLICATE, Sample, SampleError, Stage
+
+
+def build_stage(name: str, cfg: StageConfig, seed: int) -> Stage:
+    return stage_class(cfg.type or name)(cfg.params, cfg.model, cfg.resources, seed)
+
+
+def _fail(sample: Sample, stage: str, exc: BaseException) -> None:
+    sample.status = STATUS_ERROR
+    detail = str(exc) if isinstance(exc, SampleError) else f"{type(exc).__name__}: {exc}"
+    sample.error = f"{stage}: {detail}"[:2000]
+
+
+def run_stage(stage: Stage, name: str, samples: list[Sample]) -> None:
+    """Run one stage over the ok samples of a batch, isolating failures and timing each sample."""
+    todo = [s for s in samples if s.ok]
+    if not todo:
+        return
+    provenance = stage.provenance()
+    start = time.perf_counter()
+    try:
+        stage.process(todo)
+        per_sample = (time.perf_counter() - start) / len(todo)
+        for s in todo:
+            s.timings[name] = per_sample
+    except Exception as batch_error:
+        if len(todo) == 1:
+            _fail(todo[0], name, batch_error)
+        else:
+            for s in todo:  # find the sample(s) that break the batch; the others are annotated
+                one_start = time.perf_counter()
+                try:
+                    stage.process([s])
+                except Exception as e:
+                    _fail(s, name, e)
+                s.timings[name] = time.perf_counter() - one_start
+    for s in todo:
+        if s.ok:
+            s.record.setdefault("provenance", {})[name] = provenance
+
+
+def _samples(batch: pa.Table) -> list[Sample]:
+    return [Sample.from_row(row) for row in batch.to_pylist()]
+
+
+def _table(samples: list[Sample]) -> pa.Table:
+    return pa.Table.from_pylist([s.to_row() for s in samples], schema=ROW_SCHEMA)
+
+
+class StageActor:
+    """A Ray actor around one stage instance: the model loads once, then batches stream through."""
+
+    def __init__(self, name: str, cfg: StageConfig, seed: int):
+        self.name = name
+        self.stage = build_stage(name, cfg, seed)
+        self.stage.setup()
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        samples = _samples(batch)
+        run_stage(self.stage, self.name, samples)
+        return _table(samples)
+
+
+def stage_task(batch: pa.Table, name: str, cfg: StageConfig, seed: int) -> pa.Table:
+    """A model-free stage as a plain Ray task."""
+    stage = build_stage(name, cfg, seed)
+    samples = _samples(batch)
+    run_stage(stage, name, samples)
+    return _table(samples)
+
+
+def index_row(sample: Sample) -> dict[str, Any]:
+    record = sample.record
+    media = record.get("media", {})
+    status = STATUS_OK if sample.status in (STATUS_OK, STATUS_DUPLICATE) else STATUS_ERROR
+    num_objects = sum(len(f.get("objects", [])) for f in frame_records(record)) if media else 0
+    return {
+        "key": sample.key,
+        "uri": sample.uri,
+        "media_type": sample.media_type or None,
+        "bytes": record.get("source", {}).get("bytes"),
+        "width": media.get("width"),
+        "height": media.get("height"),
+        "status": status,
+        "error": sample.error or None,
+        "duplicate_of": sample.duplicate_of,
+        "num_objects": num_objects if status == STATUS_OK and media else None,
+        "timings": sample.timings,
+        "stats": sample.stats,
+    }
+
+
+class ShardSink(Datasink):
+    """Writes each write task's rows as WebDataset shards + index parts (see pipeline.sink)."""
+
+    def __init__(self, out_dir: str, max_samples: int, max_bytes: int, prefix: str):
+        self.out_dir = out_dir
+        self.max_samples = max_samples
+        self.max_bytes = max_bytes
+        self.prefix = prefix
+
+    @property
+    def min_rows_per_write(self) -> int:
+        return self.max_samples
+
+    def _writer(self) -> ShardWriter:
+        return ShardWriter(self.out_dir, name=f"{self.prefix}-{uuid.uuid4().hex[:12]}")
+
+    def write(self, blocks: Iterable[Any], ctx: Any) -> dict[str, int]:
+        writer = self._writer()
+        counts = {"samples": 0, "rows": 0, "shards": 0}
+        for block in blocks:
+            for row in BlockAccessor.for_block(block).to_arrow().to_pylist():
+                sample = Sample.from_row(row)
+                if sample.status == STATUS_OK:
+                    ext = sample.record["media"]["ext"]
+                    writer.add_sample(sample.key, sample.data, ext, sample.record, index_row(sample))
+                    counts["samples"] += 1
+                else:
+                    writer.add_row(index_row(sample))
+                counts["rows"] += 1
+                if writer.num_samples >= self.max_samples or writer.nbytes >= self.max_bytes:
+                    writer.commit()
+                    counts["shards"] += 1
+                    writer = self._writer()
+        if len(writer):
+            writer.commit()
+            counts["shards"] += 1
+        return counts
+
+
+def build_dataset(cfg: Config, uris: list[str], registry: Any) -> Dataset:
+    """The lazy Ray Data graph for `uris`; nothing runs until it is written."""
+    batch_size = cfg.load.batch_size
+    ds = ray.data.from_items([{"uri": u} for u in uris], override_num_blocks=max(1, len(uris) // batch_size))
+    ds = ds.map_batches(
+        load_batch,
+        batch_format="pyarrow",
+        batch_size=batch_size,
+        fn_kwargs={"limits": cfg.limits, "video": cfg.video, "registry": registry},
+        num_cpus=cfg.load.num_cpus,
+    )
+    for name, stage_cfg in cfg.stages.items():
+        if not stage_cfg.enabled:
+            continue
+        r = stage_cfg.resources
+        common = {"batch_format": "pyarrow", "batch_size": r.batch_size, "num_cpus": r.num_cpus}
+        if stage_class(stage_cfg.type or name).uses_model:
+            ds = ds.map_batches(
+                StageActor,
+                fn_constructor_args=(name, stage_cfg, cfg.run.seed),
+                compute=ActorPoolStrategy(min_size=r.min_actors, max_size=r.max_actors),
+                num_gpus=r.num_gpus,
+                **common,
+            )
+        else:
+            ds = ds.map_batches(
+                stage_task,
+                fn_kwargs={"name": name, "cfg": stage_cfg, "seed": cfg.run.seed},
+                compute=TaskPoolStrategy(size=r.max_actors) if r.max_actors > 1 else None,
+                **common,
+            )
+    return ds

@@ -1,0 +1,138 @@
+"""One run: resume state, Ray start-up, the graph, and the run record (run.json).
+
+Resume is by construction: an input whose URI has a committed index row is done. A rerun of a
+killed run removes uncommitted files, skips what is done and annotates the rest; a rerun of a
+finished run finds nothing pending and returns without starting Ray.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import platform
+import re
+import sys
+import time
+from datetime import UTC, datetime
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from groundmill import __version__
+from groundmill.pipeline.config import Config, to_container
+from groundmill.pipeline.sink import clean_uncommitted, read_index
+from groundmill.pipeline.sources import list_inputs
+
+log = logging.getLogger("groundmill")
+
+RUN_RECORD = "run.json"
+_PACKAGES = (
+    "torch", "torchvision", "transformers", "ray", "open-clip-torch", "sam2", "spacy",
+    "webdataset", "pyarrow", "omegaconf", "pycocotools", "av", "pillow", "numpy",
+)  # fmt: skip
+
+
+def package_versions() -> dict[str, str | None]:
+    versions: dict[str, str | None] = {"groundmill": __version__, "python": platform.python_version()}
+    for name in _PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    return versions
+
+
+def stage_provenance(cfg: Config) -> dict[str, dict[str, Any]]:
+    """Per enabled stage: its class, model, whether the weights are random, prompt hashes."""
+    from groundmill.pipeline.graph import build_stage
+
+    info = {}
+    for name, stage_cfg in cfg.stages.items():
+        if stage_cfg.enabled:
+            stage = build_stage(name, stage_cfg, cfg.run.seed)
+            info[name] = {"type": stage_cfg.type or name, **stage.provenance()}
+    return info
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=2, default=str))
+    os.replace(tmp, path)
+
+
+def init_ray(cfg: Config) -> None:
+    import ray
+
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    if ray.is_initialized():
+        return
+    address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, log_to_driver=True)
+    else:
+        ray.init(num_cpus=cfg.ray.num_cpus, include_dashboard=False, log_to_driver=True)
+
+
+def run_pipeline(cfg: Config) -> dict[str, Any]:
+    """Annotate every pending input of `cfg`; returns the run record."""
+    out = Path(cfg.output.dir)
+    out.mkdir(parents=True, exist_ok=True)
+    removed = clean_uncommitted(out)
+    if removed:
+        log.info("removed %d uncommitted file(s) left by an interrupted run", len(removed))
+
+    uris = list_inputs(cfg.inputs)
+    index = read_index(out, columns=["uri", "key", "shard"])
+    done = set(index.column("uri").to_pylist())
+    pending = [u for u in uris if u not in done]
+
+    record_path = out / RUN_RECORD
+    previous = json.loads(record_path.read_text()) if record_path.exists() else {}
+    record: dict[str, Any] = {
+        "groundmill_version": __version__,
+        "config": to_container(cfg),
+        "stages": stage_provenance(cfg),
+        "versions": package_versions(),
+        "command": sys.argv,
+        "inputs": len(uris),
+        "attempts": previous.get("attempts", []),
+    }
+    record["random_weight_models"] = [n for n, s in record["stages"].items() if s.get("random_weights")]
+    attempt = {"started": datetime.now(UTC).isoformat(), "pending": len(pending), "already_done": len(done)}
+    record["attempts"].append(attempt)
+    record["status"] = "running"
+    _write_json(record_path, record)
+    if record["random_weight_models"]:
+        log.warning(
+            "stages %s use RANDOM weights: their annotations are not real (see run.json)",
+            ", ".join(record["random_weight_models"]),
+        )
+
+    if pending:
+        import ray
+
+        from groundmill.pipeline.graph import ShardSink, build_dataset
+        from groundmill.pipeline.load import KeyRegistry
+
+        start = time.perf_counter()
+        init_ray(cfg)
+        ctx = ray.data.DataContext.get_current()
+        ctx.max_errored_blocks = cfg.ray.max_errored_blocks
+        committed = {
+            k: u
+            for k, u, s in zip(*(index.column(c).to_pylist() for c in ("key", "uri", "shard")), strict=True)
+            if s
+        }
+        registry = KeyRegistry.remote(committed)
+        prefix = f"{re.sub(r'[^A-Za-z0-9_-]', '-', cfg.run.name)}-{len(record['attempts']):03d}"
+        sink = ShardSink(str(out), cfg.output.shard_max_samples, cfg.output.shard_max_mb * 2**20, prefix)
+        build_dataset(cfg, pending, registry).write_datasink(sink)
+        attempt["seconds"] = round(time.perf_counter() - start, 3)
+    else:
+        log.info("nothing to do: all %d inputs are already in %s", len(uris), out)
+    attempt["finished"] = datetime.now(UTC).isoformat()
+    record["status"] = "complete"
+    _write_json(record_path, record)
+    return record

@@ -1,0 +1,162 @@
+"""Exactly-once output: WebDataset tar shards plus a Parquet index, committed atomically.
+
+Layout of an output directory::
+
+    shards/<name>.tar        samples: {key}.{jpg|png|mp4|...} and {key}.json, adjacent
+    index/<name>.parquet     one row per input handled by that shard's writer (errors included)
+    run.json                 the run record
+
+A shard is committed in two atomic steps: the tar is written to a temp file and renamed, then the
+index part is written to a temp file and renamed. The index part is the commit marker: a tar
+without its index part is an orphan from a killed run, removed on the next start (its inputs are
+not in the index, so they are redone). Rerunning therefore never loses or duplicates a sample.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import tarfile
+import uuid
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import webdataset as wds
+
+from groundmill.schema import INDEX_SCHEMA, Record, is_valid_key
+
+SHARDS_DIR = "shards"
+INDEX_DIR = "index"
+TMP_SUFFIX = ".tmp"
+
+
+def _atomic_write(path: Path, write: Any) -> None:
+    """Write through `write(fileobj)` into a temp file beside `path`, fsync, then rename over it."""
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}{TMP_SUFFIX}")
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def index_table(rows: list[dict[str, Any]]) -> pa.Table:
+    """Rows (dicts with any subset of INDEX_SCHEMA's fields) -> a table of exactly that schema."""
+    columns = {}
+    for field in INDEX_SCHEMA:
+        values = [row.get(field.name) for row in rows]
+        if pa.types.is_map(field.type):
+            values = [list(v.items()) if v is not None else None for v in values]
+        columns[field.name] = pa.array(values, type=field.type)
+    return pa.table(columns, schema=INDEX_SCHEMA)
+
+
+class ShardWriter:
+    """Collects one shard's samples and index rows in memory, then commits them atomically.
+
+    Memory is bounded by the shard size the caller chooses (`max_samples` in the pipeline).
+    """
+
+    def __init__(self, out_dir: str | os.PathLike, name: str | None = None):
+        self.out_dir = Path(out_dir)
+        self.name = name or uuid.uuid4().hex
+        self._tar = io.BytesIO()
+        self._writer = wds.TarWriter(self._tar, encoder=False)
+        self._rows: list[dict[str, Any]] = []
+        self.num_samples = 0
+
+    @property
+    def shard_file(self) -> str:
+        return f"{SHARDS_DIR}/{self.name}.tar"
+
+    @property
+    def nbytes(self) -> int:
+        return self._tar.tell()
+
+    def add_sample(self, key: str, media: bytes, media_ext: str, record: Record, row: dict[str, Any]) -> None:
+        if not is_valid_key(key):
+            raise ValueError(f"sample key {key!r} is not a lowercase hex content hash")
+        body = json.dumps(record, ensure_ascii=False, separators=(",", ":")).encode()
+        self._writer.write({"__key__": key, media_ext: media, "json": body})
+        self._rows.append({**row, "key": key, "shard": self.shard_file})
+        self.num_samples += 1
+
+    def add_row(self, row: dict[str, Any]) -> None:
+        """An index row with no sample in this shard: an error, or a duplicate of another input."""
+        self._rows.append({**row, "shard": None})
+
+    def __len__(self) -> int:
+        return len(self._rows)
+
+    def commit(self) -> None:
+        if not self._rows:
+            return
+        (self.out_dir / SHARDS_DIR).mkdir(parents=True, exist_ok=True)
+        (self.out_dir / INDEX_DIR).mkdir(parents=True, exist_ok=True)
+        if self.num_samples:
+            self._writer.close()
+            data = self._tar.getbuffer()
+            _atomic_write(self.out_dir / self.shard_file, lambda f: f.write(data))
+        table = index_table(self._rows)
+        _atomic_write(self.out_dir / INDEX_DIR / f"{self.name}.parquet", lambda f: pq.write_table(table, f))
+
+
+def read_index(out_dir: str | os.PathLike, columns: list[str] | None = None) -> pa.Table:
+    """All committed index parts of an output directory as one table (empty if none)."""
+    parts = sorted((Path(out_dir) / INDEX_DIR).glob("*.parquet"))
+    if not parts:
+        return INDEX_SCHEMA.empty_table().select(columns or INDEX_SCHEMA.names)
+    return pa.concat_tables(pq.read_table(p, columns=columns, schema=INDEX_SCHEMA) for p in parts)
+
+
+def clean_uncommitted(out_dir: str | os.PathLike) -> list[Path]:
+    """Remove temp files and orphan tars (no index part) left by a killed run; return what was removed."""
+    out = Path(out_dir)
+    committed = {p.stem for p in (out / INDEX_DIR).glob("*.parquet")}
+    removed = []
+    for folder in (out / SHARDS_DIR, out / INDEX_DIR):
+        for p in folder.glob(f".*{TMP_SUFFIX}"):
+            p.unlink(missing_ok=True)
+            removed.append(p)
+    for tar in (out / SHARDS_DIR).glob("*.tar"):
+        if tar.stem not in committed:
+            tar.unlink(missing_ok=True)
+            removed.append(tar)
+    return removed
+
+
+def safe_members(tar: tarfile.TarFile) -> Iterable[tarfile.TarInfo]:
+    """Members of a tar, refusing absolute paths, `..`, links and anything that is not a plain file."""
+    for member in tar:
+        name = member.name
+        if name.startswith("/") or ".." in Path(name).parts or "\\" in name:
+            raise ValueError(f"unsafe member path {name!r} in {tar.name}")
+        if not member.isfile():
+            raise ValueError(f"member {name!r} in {tar.name} is not a regular file")
+        yield member
+
+
+def iter_shard(path: str | os.PathLike) -> Iterable[tuple[str, dict[str, bytes]]]:
+    """(key, {ext: bytes}) per sample of one tar, members checked; a sample's files must be adjacent."""
+    with tarfile.open(path, "r") as tar:
+        key, files = None, {}
+        for member in safe_members(tar):
+            base = Path(member.name).name
+            k, _, ext = base.partition(".")
+            if k != key:
+                if key is not None:
+                    yield key, files
+                key, files = k, {}
+            if ext in files:
+                raise ValueError(f"{path}: member {member.name!r} repeats sample {k!r}")
+            files[ext] = tar.extractfile(member).read()
+        if key is not None:
+            yield key, files

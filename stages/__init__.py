@@ -1,0 +1,19 @@
+"""Stage registry: manifest stage names -> stage classes (imported on first use)."""
+
+from __future__ import annotations
+
+import importlib
+
+# name -> "module:Class" under groundmill.stages. Keep heavy imports (torch models) inside setup().
+REGISTRY: dict[str, str] = {
+    "tagging": "tagging:ClipTagging",
+}
+
+
+def stage_class(name: str) -> type:
+    try:
+        target = REGISTRY[name]
+    except KeyError:
+        raise KeyError(f"unknown stage {name!r}; known stages: {', '.join(sorted(REGISTRY))}") from None
+    module, cls = target.split(":")
+    return getattr(importlib.import_module(f"groundmill.stages.{module}"), cls)

@@ -1,0 +1,163 @@
+"""What every stage is: one class per step, with declared resources, a `setup` that loads its model
+once per actor, and a batch call that annotates samples in place.
+
+A stage never sees Ray. `pipeline.graph` wraps it in an actor (model stages) or a task (cheap CPU
+work), turns Ray blocks into :class:`Sample` objects, isolates per-sample failures into error rows,
+and times each call.
+"""
+
+from __future__ import annotations
+
+import json
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from functools import cached_property
+from typing import Any, ClassVar
+
+import pyarrow as pa
+from PIL import Image
+
+from groundmill.pipeline.config import ModelSpec, Resources
+from groundmill.pipeline.media import decode_rgb
+from groundmill.schema import STATUS_OK, FrameRecord, Record, frame_records
+
+# Between stages a row carries the stored media and the record as JSON, so a block is plain Arrow.
+ROW_SCHEMA = pa.schema(
+    [
+        ("uri", pa.string()),
+        ("key", pa.string()),
+        ("media_type", pa.string()),
+        ("data", pa.binary()),
+        ("frames", pa.list_(pa.binary())),
+        ("record", pa.string()),
+        ("status", pa.string()),
+        ("error", pa.string()),
+        ("timings", pa.string()),
+        ("stats", pa.string()),
+        ("duplicate_of", pa.string()),
+    ]
+)
+STATUS_DUPLICATE = "duplicate"  # internal: the index row says "ok" with duplicate_of set
+
+
+class SampleError(Exception):
+    """Raised by a stage for one sample that cannot be annotated; the sample becomes an error row."""
+
+
+@dataclass
+class View:
+    """One image a stage annotates: an image sample, or one keyframe of a video."""
+
+    data: bytes
+    record: FrameRecord  # where the stage writes (the record itself, or a keyframe sub-record)
+
+    @cached_property
+    def image(self) -> Image.Image:
+        return decode_rgb(self.data)
+
+
+@dataclass
+class Sample:
+    """One row flowing through the pipeline; :data:`ROW_SCHEMA` is its Arrow form between stages."""
+
+    uri: str
+    key: str
+    media_type: str
+    data: bytes
+    frames: list[bytes]  # video keyframes (JPEG), aligned with record["keyframes"]
+    record: Record
+    status: str = STATUS_OK
+    error: str = ""
+    timings: dict[str, float] = field(default_factory=dict)
+    stats: dict[str, float] = field(default_factory=dict)
+    duplicate_of: str | None = None  # set (with status "duplicate") when another input has this content
+
+    @property
+    def ok(self) -> bool:
+        return self.status == STATUS_OK
+
+    def views(self) -> list[View]:
+        if self.media_type == "video":
+            return [View(f, r) for f, r in zip(self.frames, frame_records(self.record), strict=True)]
+        return [View(self.data, self.record)]
+
+    @classmethod
+    def from_row(cls, row: dict[str, Any]) -> Sample:
+        return cls(
+            uri=row["uri"],
+            key=row["key"],
+            media_type=row["media_type"],
+            data=row["data"],
+            frames=list(row["frames"]),
+            record=json.loads(row["record"]),
+            status=row["status"],
+            error=row["error"],
+            timings=json.loads(row["timings"]),
+            stats=json.loads(row["stats"]),
+            duplicate_of=row["duplicate_of"],
+        )
+
+    def to_row(self) -> dict[str, Any]:
+        return {
+            "uri": self.uri,
+            "key": self.key,
+            "media_type": self.media_type,
+            "data": self.data,
+            "frames": self.frames,
+            "record": json.dumps(self.record),
+            "status": self.status,
+            "error": self.error,
+            "timings": json.dumps(self.timings),
+            "stats": json.dumps(self.stats),
+            "duplicate_of": self.duplicate_of,
+        }
+
+
+class Stage(ABC):
+    """Base class of a pipeline step.
+
+    Subclasses set `name`, `provides` (record fields they write), `requires` (fields that must
+    already be there), nest a `Params` dataclass (validated from the manifest), and implement
+    `process`. Model stages load their model in `setup`, which runs once per actor.
+    """
+
+    name: ClassVar[str]
+    provides: ClassVar[tuple[str, ...]] = ()
+    requires: ClassVar[tuple[str, ...]] = ()
+    uses_model: ClassVar[bool] = True  # False: cheap CPU logic, run as Ray tasks instead of actors
+
+    @dataclass
+    class Params:
+        pass
+
+    def __init__(
+        self,
+        params: Any = None,
+        model: ModelSpec | None = None,
+        resources: Resources | None = None,
+        seed: int = 0,
+    ):
+        self.params = params if params is not None else self.Params()
+        self.seed = seed
+        self.model_spec = model or ModelSpec()
+        self.resources = resources or Resources()
+
+    def setup(self) -> None:  # noqa: B027 - stages without a model have nothing to load
+        """Load models; called once per actor before the first batch."""
+
+    @abstractmethod
+    def process(self, samples: list[Sample]) -> None:
+        """Annotate `samples` in place (all have status ok). Raise SampleError for a bad sample."""
+
+    def provenance(self) -> dict[str, Any]:
+        """What produced this stage's output: recorded in every record and in run.json."""
+        info: dict[str, Any] = {}
+        if self.uses_model:
+            info["model"] = self.model_spec.id
+            info["random_weights"] = self.model_spec.is_random
+        return info
+
+
+def views_of(samples: list[Sample]) -> list[View]:
+    """All images of a batch, flattened, so a model stage batches keyframes and images together."""
+    return [v for s in samples for v in s.views()]
