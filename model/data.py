@@ -183,15 +183,24 @@ def _objects_with_masks(frame: dict) -> list[dict]:
     return [o for o in frame.get("objects", []) if o.get("segmentation")]
 
 
-def referring_sample(record: dict, rng: random.Random, size: int) -> dict | None:
+def referring_targets(record: dict, size: int) -> list[tuple[str, np.ndarray]]:
+    """(expression, target mask) for every referring expression whose object has a mask."""
     by_id = {o["id"]: o for o in _objects_with_masks(record)}
     refs = [r for r in record.get("referring_expressions", []) if r.get("object_id") in by_id]
-    if not refs:
+    return [(r["expression"], mask_at(by_id[r["object_id"]]["segmentation"], size)) for r in refs]
+
+
+def referring_sample(record: dict, rng: random.Random, size: int) -> dict | None:
+    targets = referring_targets(record, size)
+    if not targets:
         return None
-    ref = rng.choice(refs)
-    mask = mask_at(by_id[ref["object_id"]]["segmentation"], size)
-    return {"task": "referring", "question": QUESTIONS["referring"].format(ref["expression"]), "answer": ANSWER,
-            "masks": [[mask]]}  # fmt: skip
+    expr, mask = rng.choice(targets)
+    return {
+        "task": "referring",
+        "question": QUESTIONS["referring"].format(expr),
+        "answer": ANSWER,
+        "masks": [[mask]],
+    }
 
 
 def gcg_phrases(record: dict, size: int) -> tuple[str, list[tuple[int, int]], list[np.ndarray]] | None:
@@ -263,29 +272,36 @@ def sample_frames(available: list[int], t: int, rng: random.Random) -> list[int]
     return [available[min(int(offset + i * stride), len(available) - 1)] for i in range(t)]
 
 
-def video_sample(record: dict, frames: list[np.ndarray], rng: random.Random, cfg: DataConfig, size: int,
-                 task: str) -> dict | None:  # fmt: skip
+def video_targets(record: dict, task: str, rng: random.Random) -> list[tuple[str, dict]]:
+    """(text, track) pairs: each expression (object- or video-level, picked by rng) for video_referring,
+    each track with a `<region>` slot for video_object."""
     tracks = {tr["track_id"]: tr for tr in record.get("tracks", []) if tr.get("masklet")}
-    if task == "video_referring":
-        exprs = [e for e in record.get("expressions", []) if e.get("track_id") in tracks]
-        if not exprs:
+    if task == "video_object":
+        return [(REGION, tracks[k]) for k in sorted(tracks)]
+    out = []
+    for e in record.get("expressions", []):
+        texts = [e[k] for k in ("object_level", "video_level") if e.get(k)]
+        if e.get("track_id") in tracks and texts:
+            out.append((rng.choice(texts), tracks[e["track_id"]]))
+    return out
+
+
+def video_sample(record: dict, frames: list[np.ndarray], rng: random.Random, size: int, task: str,
+                 num_frames: int, target: tuple[str, dict] | None = None) -> dict | None:  # fmt: skip
+    """One video task sample over `num_frames` frames of one track (a random one unless `target`)."""
+    if target is None:
+        targets = video_targets(record, task, rng)
+        if not targets:
             return None
-        e = rng.choice(exprs)
-        text = rng.choice([e[k] for k in ("object_level", "video_level") if e.get(k)] or [None])
-        if text is None:
-            return None
-        track = tracks[e["track_id"]]
-    else:
-        if not tracks:
-            return None
-        track, text = tracks[rng.choice(sorted(tracks))], REGION
+        target = rng.choice(targets)
+    text, track = target
     available = sorted(int(k) for k in track["masklet"] if int(k) < len(frames))
     if not available:
         return None
-    idx = sample_frames(available, cfg.video_frames, rng)
+    idx = sample_frames(available, num_frames, rng)
     masks = [mask_at(track["masklet"][str(i)], size) for i in idx]
     sample = {"task": task, "question": QUESTIONS[task].format(text), "answer": ANSWER, "masks": [masks],
-              "frames": [frames[i] for i in idx]}  # fmt: skip
+              "frames": [frames[i] for i in idx], "frame_index": idx}  # fmt: skip
     if task == "video_object":
         if not masks[0].any():
             return None
@@ -297,7 +313,7 @@ def video_sample(record: dict, frames: list[np.ndarray], rng: random.Random, cfg
 def make_sample(record: dict, frames: list[np.ndarray], task: str, rng: random.Random, cfg: DataConfig,
                 size: int) -> dict | None:  # fmt: skip
     if task in VIDEO_TASKS:
-        return video_sample(record, frames, rng, cfg, size, task)
+        return video_sample(record, frames, rng, size, task, cfg.video_frames)
     builder = {"referring": referring_sample, "gcg": gcg_sample}.get(task)
     sample = builder(record, rng, size) if builder else prompt_sample(record, rng, size, task)
     if sample is not None:

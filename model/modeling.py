@@ -272,12 +272,12 @@ class X2SamModel(nn.Module):
     @torch.no_grad()
     def generate(self, batch: dict[str, Tensor], max_new_tokens: int, eos_id: int) -> Tensor:
         """Greedy continuation of `input_ids` (one sample, no padding); returns the full id sequence."""
-        ids = batch["input_ids"]
+        frames, ids = batch["frames"], batch["input_ids"]
+        feats = self.vision(frames.flatten(0, 1)).unflatten(0, frames.shape[:2])
         for _ in range(max_new_tokens):
-            step = {**batch, "input_ids": ids, "attention_mask": torch.ones_like(ids)}
-            frames = step["frames"]
-            feats = self.vision(frames.flatten(0, 1)).unflatten(0, frames.shape[:2])
-            embeds, mask, _ = self.embed(step, feats)
+            embeds, mask, _ = self.embed(
+                {**batch, "input_ids": ids, "attention_mask": torch.ones_like(ids)}, feats
+            )
             nxt = self.llm(inputs_embeds=embeds, attention_mask=mask).logits[:, -1].argmax(-1, keepdim=True)
             ids = torch.cat([ids, nxt], 1)
             if nxt.item() == eos_id:

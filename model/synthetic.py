@@ -3,7 +3,7 @@
 Images: >= 3 shapes drawn from 5 colours x 3 shapes on a noisy background, each with a true mask, a
 referring expression and a phrase of a grounded dense caption. Every scene has a "hard" target when
 possible: another object shares its colour and another shares its shape, so neither word alone picks it.
-Videos: 8+ frames of 3 shapes moving in straight lines (bouncing off the borders); in about half the
+Videos: 8+ frames of 3-4 shapes moving in straight lines (bouncing off the borders); in about half the
 videos two of them are aimed at each other so they overlap. Masks are the visible pixels (z-ordered).
 
 Run: ``python -m groundmill.model.synthetic OUT_DIR --images N --videos M --seed S``.
@@ -218,7 +218,7 @@ def motion_word(vx: float, vy: float) -> str:
 
 
 def make_video(rng: random.Random, num_frames: int = 8) -> tuple[bytes, dict]:
-    kinds = rng.sample([(c, s) for c in COLOURS for s in SHAPES], 3)
+    kinds = rng.sample([(c, s) for c in COLOURS for s in SHAPES], rng.randint(3, 4))
     shapes = [Shape(c, s, 0, 0, rng.uniform(6.5, 9.0)) for c, s in kinds]
     steps = num_frames - 1
     velocity = []
