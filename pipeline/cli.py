@@ -38,6 +38,11 @@ def _parser() -> argparse.ArgumentParser:
     inspect.add_argument("out_dir")
     inspect.add_argument("--json", action="store_true", help="print JSON for machines")
 
+    report = sub.add_parser("report", help="write a self-contained HTML report of an output directory")
+    report.add_argument("out_dir")
+    report.add_argument("--output", help="HTML file to write (default: OUT_DIR/report.html)")
+    report.add_argument("--max-samples", type=int, default=24, help="samples shown in the gallery")
+
     sample = sub.add_parser("sample", help="write the bundled demo inputs (real photos + a generated video)")
     sample.add_argument("dest")
 
@@ -61,6 +66,11 @@ def main(argv: list[str] | None = None) -> int:
 
             summary = summarize(args.out_dir)
             print(json.dumps(summary) if args.json else format_summary(summary))
+            return 0
+        if args.command == "report":
+            from groundmill.pipeline.report import write_report
+
+            print(write_report(args.out_dir, args.output, args.max_samples))
             return 0
         if args.command == "sample":
             from groundmill.pipeline.demo_data import write_demo_inputs
