@@ -83,7 +83,7 @@ class OptimConfig:
     min_lr_ratio: float = 0.05
     grad_accum: int = 1
     clip: float = 1.0
-    max_seconds: float = 0.0  # wall-clock budget; > 0 stops early and shortens the schedule to fit
+    max_seconds: float = 0.0  # wall-clock budget; > 0 stops there, the cosine schedule ending with it
 
 
 @dataclass

@@ -47,11 +47,15 @@ def setup_device(cfg: TrainConfig) -> tuple[int, int, torch.device]:
     return rank, world, torch.device("cpu")
 
 
-def lr_at(step: int, total: int, o: OptimConfig) -> float:
-    """Linear warmup, then cosine down to min_lr_ratio * lr at `total`."""
+def lr_at(step: int, o: OptimConfig, seconds: float = 0.0) -> float:
+    """Linear warmup, then cosine down to min_lr_ratio * lr at max_steps, or at max_seconds of wall
+    clock when that budget is set and comes first (a shared machine's speed is not known in advance)."""
     if step < o.warmup_steps:
         return o.lr * (step + 1) / o.warmup_steps
-    progress = min(1.0, (step - o.warmup_steps) / max(1, total - o.warmup_steps))
+    progress = (step - o.warmup_steps) / max(1, o.max_steps - o.warmup_steps)
+    if o.max_seconds > 0:
+        progress = max(progress, seconds / o.max_seconds)
+    progress = min(1.0, progress)
     return o.lr * (o.min_lr_ratio + (1 - o.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
@@ -143,7 +147,7 @@ def train(cfg: TrainConfig, resume: str | None = None) -> Path:
     model = build_model(cfg, tokenizer).to(device)
     o = cfg.optim
     optimizer = make_optimizer(model, o)
-    state = {"step": 0, "batches": 0, "total_steps": o.max_steps, "seconds": 0.0}
+    state = {"step": 0, "batches": 0, "seconds": 0.0}
     if ckpt:
         state = load_checkpoint(ckpt, model, optimizer)
     ddp = DistributedDataParallel(model, find_unused_parameters=True) if world > 1 else model
@@ -153,12 +157,11 @@ def train(cfg: TrainConfig, resume: str | None = None) -> Path:
         pass
     log = MetricsLog(out) if rank == 0 else None
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
-    bar = tqdm(
-        total=state["total_steps"], initial=state["step"], disable=rank != 0, mininterval=5, desc="train"
-    )
+    bar = tqdm(total=o.max_steps, initial=state["step"], disable=rank != 0, mininterval=5, desc="train")
     started = time.perf_counter() - state["seconds"]
-    while state["step"] < state["total_steps"]:
-        lr = lr_at(state["step"], state["total_steps"], o)
+    done = state["step"] >= o.max_steps
+    while not done:
+        lr = lr_at(state["step"], o, state["seconds"])
         for group in optimizer.param_groups:
             group["lr"] = lr
         sums: dict[str, float] = {}
@@ -177,16 +180,16 @@ def train(cfg: TrainConfig, resume: str | None = None) -> Path:
         optimizer.zero_grad(set_to_none=True)
         state["step"] += 1
         state["seconds"] = time.perf_counter() - started
-        if o.max_seconds > 0 and state["step"] == min(50, o.max_steps):
-            # Fit the schedule into the time budget, once the step time is known.
-            fit = int(o.max_seconds / (state["seconds"] / state["step"]))
-            state["total_steps"] = max(state["step"], min(o.max_steps, fit))
-            bar.total = state["total_steps"]
+        done = state["step"] >= o.max_steps or 0 < o.max_seconds <= state["seconds"]
+        if world > 1:  # every rank stops at the same step, whatever its own clock says
+            flag = torch.tensor(float(done), device=device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            done = bool(flag.item())
         bar.update(1)
-        if log and (state["step"] % cfg.log_every == 0 or state["step"] == state["total_steps"]):
+        if log and (state["step"] % cfg.log_every == 0 or done):
             log.write(state["step"], {**sums, "lr": lr, "seconds": round(state["seconds"], 2)})
             bar.set_postfix(loss=f"{sums['loss']:.3f}")
-        if rank == 0 and (state["step"] % cfg.ckpt_every == 0 or state["step"] == state["total_steps"]):
+        if rank == 0 and (state["step"] % cfg.ckpt_every == 0 or done):
             save_checkpoint(
                 out / CKPT_DIR / f"step-{state['step']:07d}", model, optimizer, state, tokenizer, cfg
             )

@@ -1,0 +1,169 @@
+"""The trainer: config validation, loss falls, exact resume, engine-format shards, eval end to end."""
+
+import io
+import json
+
+import av
+import numpy as np
+import pytest
+from PIL import Image
+
+from groundmill.model.config import load_config
+from groundmill.model.data import TaskBatches, make_tokenizer
+from groundmill.model.eval import evaluate
+from groundmill.model.synthetic import write_split
+from groundmill.model.train import main as train_main
+from groundmill.model.train import train
+from groundmill.pipeline.sink import ShardWriter
+from groundmill.schema import content_key, encode_mask, mask_bbox, new_record
+
+# Small and quick: batches of 4 images / 2 videos of 4 frames.
+FAST = [
+    "data.batch_size=4",
+    "data.video_batch_size=2",
+    "data.video_frames=4",
+    "optim.warmup_steps=5",
+    "log_every=1",
+    "threads=2",
+]
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    root = tmp_path_factory.mktemp("shards")
+    write_split(root / "train", images=40, videos=8, seed=5)
+    write_split(root / "val", images=6, videos=2, seed=6)
+    return root
+
+
+def config(shards, out, *extra):
+    return load_config(
+        None,
+        [
+            f"out_dir={out}",
+            f"data.train=[{{path: {shards / 'train'}}}]",
+            f"data.val=[{{path: {shards / 'val'}}}]",
+        ]
+        + FAST
+        + list(extra),
+    )
+
+
+def losses(out):
+    return {r["step"]: r["loss"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())}
+
+
+def test_unknown_config_key_is_named():
+    with pytest.raises(Exception, match="lrr"):
+        load_config(None, ["optim.lrr=1"])
+
+
+def test_loss_falls(shards, tmp_path):
+    train(config(shards, tmp_path, "optim.max_steps=30", "optim.lr=2e-3", "data.tasks={referring: 1.0}"))
+    log = losses(tmp_path)
+    first, last = np.mean([log[s] for s in range(1, 6)]), np.mean([log[s] for s in range(26, 31)])
+    assert last < 0.7 * first
+
+
+def test_resume_gives_the_same_next_step_loss(shards, tmp_path):
+    extra = ["optim.max_steps=4", "ckpt_every=2"]
+    train(config(shards, tmp_path / "full", *extra))
+    resumed = tmp_path / "resumed"
+    ckpt = tmp_path / "full" / "checkpoints" / "step-0000002"
+    train_main([str(ckpt / "config.yaml"), f"out_dir={resumed}", "--resume", str(ckpt)])
+    full, again = losses(tmp_path / "full"), losses(resumed)
+    assert set(again) == {3, 4}
+    assert again[3] == full[3] and again[4] == full[4]
+
+
+def engine_like_output(out):
+    """Shards the way the engine writes them: a JPEG larger than the model's input and a video whose
+    masklet covers only some frames, with a referring expression, a dense caption and no GCG form."""
+    rng = np.random.default_rng(0)
+    w = ShardWriter(out, name="engine-00000")
+    img = rng.integers(0, 255, (90, 120, 3), dtype=np.uint8)
+    masks = [np.zeros((90, 120), bool) for _ in range(2)]
+    masks[0][10:40, 10:50] = True
+    masks[1][50:80, 60:110] = True
+    buf = io.BytesIO()
+    Image.fromarray(img).save(buf, format="JPEG")
+    key = content_key(buf.getvalue())
+    rec = new_record(key, {"uri": "a.jpg", "sha256": key, "bytes": 1, "format": "jpeg"},
+                     {"type": "image", "ext": "jpg", "width": 120, "height": 90}, [])  # fmt: skip
+    rles = [encode_mask(m) for m in masks]
+    rec["objects"] = [
+        {
+            "id": i,
+            "bbox": mask_bbox(r),
+            "labels": [lab],
+            "attributes": [],
+            "score": 0.9,
+            "detectors": ["owlv2"],
+            "segmentation": r,
+            "segmentation_source": "SAM2",
+        }  # fmt: skip
+        for i, (r, lab) in enumerate(zip(rles, ["dog", "frisbee"], strict=True))
+    ]
+    rec["referring_expressions"] = [{"object_id": 1, "expression": "the frisbee in the air", "source": "llm"}]
+    caption = "A dog jumps for a frisbee."
+    rec["dense_caption"] = {"caption": caption, "details": [
+        {"phrase": "A dog", "tokens_positive": [0, 5], "ids": [0], "bbox": [rec["objects"][0]["bbox"]]},
+        {"phrase": "a frisbee", "tokens_positive": [16, 25], "ids": [1], "bbox": [rec["objects"][1]["bbox"]]},
+    ]}  # fmt: skip
+    w.add_sample(key, buf.getvalue(), "jpg", rec, {"uri": "a.jpg", "status": "ok", "media_type": "image"})
+
+    vbuf = io.BytesIO()
+    with av.open(vbuf, mode="w", format="mp4") as c:
+        s = c.add_stream("mpeg4", rate=10)
+        s.width, s.height, s.pix_fmt = 96, 80, "yuv420p"
+        for _ in range(12):
+            frame = rng.integers(0, 255, (80, 96, 3), dtype=np.uint8)
+            c.mux(s.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
+        c.mux(s.encode())
+    vkey = content_key(vbuf.getvalue())
+    vrec = new_record(vkey, {"uri": "v.mp4", "sha256": vkey, "bytes": 1, "format": "mp4"},
+                      {"type": "video", "ext": "mp4", "width": 96, "height": 80, "fps": 10.0, "num_frames": 12}, [])  # fmt: skip
+    m = np.zeros((80, 96), bool)
+    m[20:50, 30:70] = True
+    vrec["tracks"] = [{"track_id": 7, "labels": ["car"], "masklet": {str(i): encode_mask(m) for i in (0, 3, 6, 9)},
+                       "first_frame": 0, "last_frame": 9, "consistency": 0.8}]  # fmt: skip
+    vrec["expressions"] = [
+        {"track_id": 7, "object_level": "the red car", "video_level": "the car driving away"}
+    ]
+    w.add_sample(vkey, vbuf.getvalue(), "mp4", vrec, {"uri": "v.mp4", "status": "ok", "media_type": "video"})
+    w.add_row({"uri": "broken.jpg", "status": "error", "error": "decode"})
+    w.commit()
+
+
+def test_trainer_reads_engine_shards(tmp_path):
+    engine_like_output(tmp_path / "engine")
+    cfg = load_config(
+        None,
+        [
+            f"out_dir={tmp_path / 'run'}",
+            f"data.train=[{{path: {tmp_path / 'engine'}}}]",
+            *FAST,
+            "data.batch_size=2",
+            "data.video_batch_size=1",
+            "optim.max_steps=3",
+        ],  # fmt: skip
+    )
+    tok = make_tokenizer(cfg)
+    assert tok.tokenize("the frisbee in the air") == ["the", "frisbee", "in", "the", "air"]
+    seen = set()
+    for batch, _ in zip(TaskBatches(cfg, tok), range(12), strict=False):
+        assert batch["frames"].shape[-2:] == (64, 64)
+        assert batch["masks"].shape[0] == (batch["input_ids"] == tok.convert_tokens_to_ids("[SEG]")).sum()
+        seen.add(batch["frames"].shape[1])
+    assert seen == {1, 4}  # image and video batches
+    train(cfg)
+    assert (tmp_path / "run" / "checkpoints" / "step-0000003" / "model.safetensors").exists()
+
+
+def test_eval_reports_every_task(shards, tmp_path):
+    ckpt = train(config(shards, tmp_path, "optim.max_steps=2"))
+    results = evaluate(config(shards, tmp_path), ckpt, gcg_limit=2)
+    for task in ("referring", "interactive", "vgd", "gcg", "video_referring", "video_object"):
+        assert task in results
+    assert 0 <= results["referring"]["cIoU"] <= 1 and 0 <= results["video_referring"]["J&F"] <= 1
+    assert {"AP50", "mIoU", "recall"} <= set(results["gcg"])
