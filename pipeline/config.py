@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
@@ -119,7 +120,7 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
     if path is not None:
         try:
             raw = OmegaConf.load(path)
-        except OmegaConfBaseException as e:
+        except (OmegaConfBaseException, yaml.YAMLError) as e:
             raise ConfigError(f"{path}: {e}") from None
         except OSError as e:
             raise ConfigError(f"cannot read manifest {path}: {e.strerror}") from None

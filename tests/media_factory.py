@@ -1,0 +1,116 @@
+"""Builders of odd, broken and hostile input files for the bad-input tests (real file formats)."""
+
+from __future__ import annotations
+
+import io
+import zlib
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from groundmill.pipeline.demo_data import write_shapes_video
+
+
+def _save(im: Image.Image, fmt: str, **kw) -> bytes:
+    buf = io.BytesIO()
+    im.save(buf, format=fmt, **kw)
+    return buf.getvalue()
+
+
+def gradient(width: int = 96, height: int = 64) -> np.ndarray:
+    x = np.linspace(0, 255, width, dtype=np.float32)[None, :].repeat(height, 0)
+    y = np.linspace(0, 255, height, dtype=np.float32)[:, None].repeat(width, 1)
+    return np.stack([x, y, 255 - x], axis=-1).astype(np.uint8)
+
+
+def rgb_jpeg(seed: int = 0) -> bytes:
+    arr = gradient()
+    arr[:8, :8] = (seed * 37) % 256  # distinct content -> distinct key
+    return _save(Image.fromarray(arr), "JPEG", quality=95)
+
+
+def cmyk_jpeg() -> bytes:
+    return _save(Image.fromarray(gradient()).convert("CMYK"), "JPEG", quality=95)
+
+
+def gray16_png() -> bytes:
+    arr = (np.linspace(0, 65535, 96 * 64).reshape(64, 96)).astype(np.uint16)
+    return _save(Image.fromarray(arr), "PNG")  # uint16 -> mode I;16
+
+
+def grayscale_png() -> bytes:
+    return _save(Image.fromarray(gradient()).convert("L"), "PNG")
+
+
+def rgba_png() -> bytes:
+    im = Image.fromarray(gradient()).convert("RGBA")
+    im.putalpha(128)
+    return _save(im, "PNG")
+
+
+def exif_rotated_jpeg(orientation: int = 6) -> bytes:
+    """A 96x64 stored image whose EXIF says 'rotate 90 CW': upright it is 64x96."""
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    return _save(Image.fromarray(gradient()), "JPEG", exif=exif.tobytes())
+
+
+def very_wide_png() -> bytes:
+    return _save(Image.fromarray(gradient(6000, 20)), "PNG")
+
+
+def truncated_jpeg() -> bytes:
+    data = rgb_jpeg(99)
+    return data[: len(data) // 2]
+
+
+def corrupt_png() -> bytes:
+    """A valid PNG header and chunk layout whose compressed pixel data is garbage."""
+    data = bytearray(grayscale_png())
+    start = data.index(b"IDAT") + 8
+    data[start : start + 64] = bytes(range(64))
+    return bytes(data)
+
+
+def decompression_bomb_png(side: int = 30_000) -> bytes:
+    """A valid PNG header claiming side x side pixels (900 MP) in a few hundred bytes."""
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return len(body).to_bytes(4, "big") + kind + body + zlib.crc32(kind + body).to_bytes(4, "big")
+
+    ihdr = side.to_bytes(4, "big") * 2 + bytes([8, 0, 0, 0, 0])  # 8-bit grayscale
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", ihdr)
+        + chunk(b"IDAT", zlib.compress(b"\x00" * 64))
+        + chunk(b"IEND", b"")
+    )
+
+
+def write_inputs(folder: Path) -> dict[str, str]:
+    """A folder of every kind of input; returns {file name: expected status}."""
+    folder.mkdir(parents=True, exist_ok=True)
+    files = {
+        "good_a.jpg": (rgb_jpeg(1), "ok"),
+        "good_b.jpg": (rgb_jpeg(2), "ok"),
+        "copy_of_a.jpg": (rgb_jpeg(1), "ok"),  # duplicate content: annotated once
+        "cmyk.jpg": (cmyk_jpeg(), "ok"),
+        "gray16.png": (gray16_png(), "ok"),
+        "gray.png": (grayscale_png(), "ok"),
+        "rgba.png": (rgba_png(), "ok"),
+        "rotated.jpg": (exif_rotated_jpeg(), "ok"),
+        "wide.png": (very_wide_png(), "ok"),
+        "empty.jpg": (b"", "error"),
+        "truncated.jpg": (truncated_jpeg(), "error"),
+        "corrupt.png": (corrupt_png(), "error"),
+        "notes.txt": (b"this is not an image", "error"),
+        "bomb.png": (decompression_bomb_png(), "error"),
+        "broken.mp4": (b"\x00\x00\x00\x18ftypmp42" + b"\x00" * 200, "error"),
+    }
+    for name, (data, _) in files.items():
+        (folder / name).write_bytes(data)
+    write_shapes_video(folder / "clip.mp4", num_frames=12, size=(96, 64))
+    expected = {name: status for name, (_, status) in files.items()}
+    expected["clip.mp4"] = "ok"
+    return expected

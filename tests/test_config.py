@@ -1,0 +1,54 @@
+import pytest
+
+from groundmill.pipeline.config import ConfigError, load_config
+from groundmill.stages.tagging import ClipTagging
+
+
+def _manifest(tmp_path, text: str):
+    path = tmp_path / "m.yaml"
+    path.write_text(text)
+    return path
+
+
+BASE = "inputs: [x]\nstages:\n  tagging:\n    params: {top_k: 3}\n"
+
+
+def test_valid_manifest_builds_typed_stage_params(tmp_path):
+    cfg = load_config(_manifest(tmp_path, BASE), ["stages.tagging.params.min_score=0.5", "output.dir=/tmp/o"])
+    params = cfg.stages["tagging"].params
+    assert isinstance(params, ClipTagging.Params)
+    assert (params.top_k, params.min_score, cfg.output.dir) == (3, 0.5, "/tmp/o")
+
+
+@pytest.mark.parametrize(
+    ("text", "overrides", "key"),
+    [
+        ("inputs: [x]\nouput: {dir: o}\n", [], "ouput"),
+        ("inputs: [x]\noutput: {shard_max_samples: many}\n", [], "output.shard_max_samples"),
+        (BASE, ["stages.tagging.params.top_kk=2"], "stages.tagging.params"),
+        (BASE, ["stages.tagging.params.top_k=lots"], "top_k"),
+        (BASE, ["stages.tagging.resources.batch_sizes=2"], "batch_sizes"),
+        ("inputs: [x]\nstages:\n  tagger: {}\n", [], "stages.tagger.type"),
+        ("inputs: []\n", [], "inputs"),
+        (BASE, ["stages.tagging.model.dtype=int4"], "stages.tagging.model.dtype"),
+    ],
+)
+def test_bad_config_fails_naming_the_key(tmp_path, text, overrides, key):
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        load_config(_manifest(tmp_path, text), overrides)
+
+
+def test_yaml_cannot_construct_python_objects(tmp_path):
+    path = _manifest(tmp_path, "inputs: !!python/object/apply:os.system ['echo pwned']\n")
+    with pytest.raises(ConfigError):
+        load_config(path)
+
+
+def test_override_must_be_key_value(tmp_path):
+    with pytest.raises(ConfigError, match="key=value"):
+        load_config(_manifest(tmp_path, BASE), ["justakey"])
+
+
+def test_demo_manifest_is_valid():
+    cfg = load_config("manifests/demo.yaml")
+    assert cfg.stages and cfg.inputs

@@ -1,0 +1,87 @@
+import io
+import json
+import tarfile
+
+import pyarrow.parquet as pq
+import pytest
+import webdataset as wds
+
+from groundmill.pipeline.sink import (
+    INDEX_DIR,
+    SHARDS_DIR,
+    ShardWriter,
+    clean_uncommitted,
+    iter_shard,
+    read_index,
+)
+from groundmill.schema import INDEX_SCHEMA, content_key
+
+
+def _record(key):
+    return {
+        "schema_version": 1,
+        "key": key,
+        "media": {"type": "image", "ext": "jpg", "width": 2, "height": 2},
+    }
+
+
+def test_shard_round_trips_through_webdataset(tmp_path):
+    writer = ShardWriter(tmp_path, name="s0")
+    keys = [content_key(bytes([i])) for i in range(3)]
+    for i, key in enumerate(keys):
+        writer.add_sample(key, b"jpegbytes%d" % i, "jpg", _record(key), {"uri": f"u{i}", "status": "ok"})
+    writer.add_row({"uri": "bad", "status": "error", "error": "load: empty file"})
+    writer.commit()
+
+    samples = list(wds.WebDataset(str(tmp_path / SHARDS_DIR / "s0.tar"), shardshuffle=False))
+    assert [s["__key__"] for s in samples] == keys
+    assert json.loads(samples[1]["json"])["key"] == keys[1] and samples[1]["jpg"] == b"jpegbytes1"
+    index = pq.read_table(tmp_path / INDEX_DIR / "s0.parquet")
+    assert index.schema.equals(INDEX_SCHEMA)
+    rows = index.to_pylist()
+    assert [r["shard"] for r in rows] == ["shards/s0.tar"] * 3 + [None]
+    assert rows[-1]["error"] == "load: empty file"
+
+
+def test_keys_with_dots_are_refused(tmp_path):
+    with pytest.raises(ValueError, match="content hash"):
+        ShardWriter(tmp_path).add_sample("abc.def", b"x", "jpg", {}, {})
+
+
+def test_uncommitted_files_are_cleaned_and_committed_ones_kept(tmp_path):
+    writer = ShardWriter(tmp_path, name="done")
+    key = content_key(b"a")
+    writer.add_sample(key, b"x", "jpg", _record(key), {"uri": "a", "status": "ok"})
+    writer.commit()
+    (tmp_path / SHARDS_DIR / "orphan.tar").write_bytes(b"killed before its index part")
+    (tmp_path / SHARDS_DIR / ".x.tar.1234.tmp").write_bytes(b"partial")
+    removed = {p.name for p in clean_uncommitted(tmp_path)}
+    assert removed == {"orphan.tar", ".x.tar.1234.tmp"}
+    assert (tmp_path / SHARDS_DIR / "done.tar").exists()
+    assert read_index(tmp_path).num_rows == 1
+
+
+def test_failed_commit_leaves_nothing_visible(tmp_path, monkeypatch):
+    writer = ShardWriter(tmp_path, name="s")
+    key = content_key(b"a")
+    writer.add_sample(key, b"x", "jpg", _record(key), {"uri": "a", "status": "ok"})
+
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(pq, "write_table", disk_full)
+    with pytest.raises(OSError, match="No space"):
+        writer.commit()
+    clean_uncommitted(tmp_path)
+    assert list((tmp_path / SHARDS_DIR).iterdir()) == [] and list((tmp_path / INDEX_DIR).iterdir()) == []
+
+
+@pytest.mark.parametrize("name", ["../evil.jpg", "/etc/passwd.jpg", "a/../../b.json"])
+def test_unsafe_tar_members_are_refused(tmp_path, name):
+    path = tmp_path / "evil.tar"
+    with tarfile.open(path, "w") as tar:
+        member = tarfile.TarInfo(name)  # added by hand: tar.add() would strip a leading "/"
+        member.size = 1
+        tar.addfile(member, io.BytesIO(b"x"))
+    with pytest.raises(ValueError, match="unsafe member"):
+        list(iter_shard(path))
