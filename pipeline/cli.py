@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
             for path in write_demo_inputs(args.dest):
                 print(path)
             return 0
-    except (ConfigError, SourceError, FileNotFoundError) as e:
+    except (ConfigError, SourceError, OSError) as e:  # OSError: unreadable input, unwritable or full output
         print(f"groundmill: error: {e}", file=sys.stderr)
         return 2
     return 1

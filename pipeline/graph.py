@@ -26,8 +26,8 @@ from groundmill.stages import stage_class
 from groundmill.stages.base import ROW_SCHEMA, STATUS_DUPLICATE, Sample, SampleError, Stage
 
 
-def build_stage(name: str, cfg: StageConfig, seed: int) -> Stage:
-    return stage_class(cfg.type or name)(cfg.params, cfg.model, cfg.resources, seed)
+def build_stage(name: str, cfg: StageConfig, seed: int, cls: type[Stage] | None = None) -> Stage:
+    return (cls or stage_class(cfg.type or name))(cfg.params, cfg.model, cfg.resources, seed)
 
 
 def _fail(sample: Sample, stage: str, exc: BaseException) -> None:
@@ -75,9 +75,9 @@ def _table(samples: list[Sample]) -> pa.Table:
 class StageActor:
     """A Ray actor around one stage instance: the model loads once, then batches stream through."""
 
-    def __init__(self, name: str, cfg: StageConfig, seed: int):
+    def __init__(self, name: str, cfg: StageConfig, seed: int, cls: type[Stage]):
         self.name = name
-        self.stage = build_stage(name, cfg, seed)
+        self.stage = build_stage(name, cfg, seed, cls)
         self.stage.setup()
 
     def __call__(self, batch: pa.Table) -> pa.Table:
@@ -86,9 +86,9 @@ class StageActor:
         return _table(samples)
 
 
-def stage_task(batch: pa.Table, name: str, cfg: StageConfig, seed: int) -> pa.Table:
+def stage_task(batch: pa.Table, name: str, cfg: StageConfig, seed: int, cls: type[Stage]) -> pa.Table:
     """A model-free stage as a plain Ray task."""
-    stage = build_stage(name, cfg, seed)
+    stage = build_stage(name, cfg, seed, cls)
     samples = _samples(batch)
     run_stage(stage, name, samples)
     return _table(samples)
@@ -170,10 +170,12 @@ def build_dataset(cfg: Config, uris: list[str], registry: Any) -> Dataset:
             continue
         r = stage_cfg.resources
         common = {"batch_format": "pyarrow", "batch_size": r.batch_size, "num_cpus": r.num_cpus}
-        if stage_class(stage_cfg.type or name).uses_model:
+        # Resolved here and shipped to the workers, whose own registry lacks stages registered at runtime.
+        cls = stage_class(stage_cfg.type or name)
+        if cls.uses_model:
             ds = ds.map_batches(
                 StageActor,
-                fn_constructor_args=(name, stage_cfg, cfg.run.seed),
+                fn_constructor_args=(name, stage_cfg, cfg.run.seed, cls),
                 compute=ActorPoolStrategy(min_size=r.min_actors, max_size=r.max_actors),
                 num_gpus=r.num_gpus,
                 **common,
@@ -181,7 +183,7 @@ def build_dataset(cfg: Config, uris: list[str], registry: Any) -> Dataset:
         else:
             ds = ds.map_batches(
                 stage_task,
-                fn_kwargs={"name": name, "cfg": stage_cfg, "seed": cfg.run.seed},
+                fn_kwargs={"name": name, "cfg": stage_cfg, "seed": cfg.run.seed, "cls": cls},
                 compute=TaskPoolStrategy(size=r.max_actors) if r.max_actors > 1 else None,
                 **common,
             )

@@ -101,12 +101,18 @@ class ShardWriter:
             return
         (self.out_dir / SHARDS_DIR).mkdir(parents=True, exist_ok=True)
         (self.out_dir / INDEX_DIR).mkdir(parents=True, exist_ok=True)
+        tar_path = self.out_dir / self.shard_file
         if self.num_samples:
             self._writer.close()
             data = self._tar.getbuffer()
-            _atomic_write(self.out_dir / self.shard_file, lambda f: f.write(data))
+            _atomic_write(tar_path, lambda f: f.write(data))
         table = index_table(self._rows)
-        _atomic_write(self.out_dir / INDEX_DIR / f"{self.name}.parquet", lambda f: pq.write_table(table, f))
+        index_path = self.out_dir / INDEX_DIR / f"{self.name}.parquet"
+        try:
+            _atomic_write(index_path, lambda f: pq.write_table(table, f))
+        except BaseException:
+            tar_path.unlink(missing_ok=True)  # not committed: leave no tar that readers could mistake for one
+            raise
 
 
 def read_index(out_dir: str | os.PathLike, columns: list[str] | None = None) -> pa.Table:

@@ -1,0 +1,108 @@
+"""TEST DOUBLES: stages that fail on purpose, for the fault-injection tests (never registered in the
+package). `use_doubles` makes the registry lookup find them; the graph ships the resolved class to
+the Ray workers, which import this module by name (the driver's working directory is on their path).
+
+`python -m tests.fault_doubles ARGS` is `groundmill ARGS` with the doubles registered, for tests
+that run (and kill) the pipeline in a subprocess.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import groundmill.pipeline.graph
+import groundmill.stages
+from groundmill.stages.base import Sample, SampleError, Stage
+
+
+class RaiseOnUriDouble(Stage):
+    """Raises a plain exception (a stage bug) for any sample whose URI contains `marker`."""
+
+    name = "raise_on_uri"
+    provides = ("fault_double",)
+
+    @dataclass
+    class Params:
+        marker: str = "broken"
+
+    def process(self, samples: list[Sample]) -> None:
+        for s in samples:
+            if self.params.marker in s.uri:
+                raise RuntimeError(f"injected failure on {Path(s.uri).name}")
+            s.record["fault_double"] = "seen"
+
+
+class RaiseOnUriTaskDouble(RaiseOnUriDouble):
+    """The same, run as a Ray task (a model-free stage) instead of an actor."""
+
+    uses_model = False
+
+
+class CrashOnceDouble(Stage):
+    """SIGKILLs its own actor process on its first batch (as an OOM kill would); `marker` (a file)
+    makes the restarted actor go on normally."""
+
+    name = "crash_once"
+    provides = ("fault_double",)
+
+    @dataclass
+    class Params:
+        marker: str = ""
+
+    def process(self, samples: list[Sample]) -> None:
+        marker = Path(self.params.marker)
+        if not marker.exists():
+            marker.write_text(str(os.getpid()))
+            os.kill(os.getpid(), signal.SIGKILL)
+        for s in samples:
+            s.record["fault_double"] = "survived"
+
+
+class SlowDouble(Stage):
+    """Sleeps per sample, so a test can kill the driver while shards are still being written."""
+
+    name = "slow"
+    provides = ("fault_double",)
+
+    @dataclass
+    class Params:
+        seconds: float = 0.2
+
+    def process(self, samples: list[Sample]) -> None:
+        for s in samples:
+            time.sleep(self.params.seconds)
+            if not s.key:
+                raise SampleError("sample without key")
+            s.record["fault_double"] = "slow"
+
+
+DOUBLES: dict[str, type[Stage]] = {
+    "raise_on_uri": RaiseOnUriDouble,
+    "raise_on_uri_task": RaiseOnUriTaskDouble,
+    "crash_once": CrashOnceDouble,
+    "slow": SlowDouble,
+}
+
+
+def use_doubles(setattr_: Callable[[object, str, object], None] = setattr) -> None:
+    """Make `stage_class` find DOUBLES too (pass pytest's `monkeypatch.setattr` to undo it after a test)."""
+    original = groundmill.stages.stage_class
+
+    def stage_class(name: str) -> type:
+        return DOUBLES[name] if name in DOUBLES else original(name)
+
+    setattr_(groundmill.stages, "stage_class", stage_class)
+    setattr_(groundmill.pipeline.graph, "stage_class", stage_class)
+
+
+if __name__ == "__main__":
+    from groundmill.pipeline.cli import main
+
+    use_doubles()
+    sys.exit(main(sys.argv[1:]))

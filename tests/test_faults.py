@@ -1,0 +1,192 @@
+"""Fault injection through real Ray: a stage that raises, a model actor killed mid-run, the driver
+killed mid-run, a full disk and a read-only output. The stages that fail on purpose are test doubles
+(tests/fault_doubles.py)."""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from groundmill.pipeline.cli import main
+from groundmill.pipeline.config import load_config
+from groundmill.pipeline.run import run_pipeline
+from groundmill.pipeline.sink import INDEX_DIR, SHARDS_DIR, ShardWriter, iter_shard, read_index
+from tests.fault_doubles import use_doubles
+from tests.media_factory import rgb_jpeg
+
+pytestmark = pytest.mark.slow
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture()
+def doubles(monkeypatch):
+    use_doubles(monkeypatch.setattr)
+
+
+def _inputs(folder: Path, n: int) -> list[str]:
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i in range(n):
+        path = folder / f"img{i:02d}.jpg"
+        path.write_bytes(rgb_jpeg(seed=i + 1))
+        paths.append(str(path))
+    return paths
+
+
+def _manifest(tmp_path: Path, inputs: Path, out: Path, stage: str, params: str, shard: int = 2) -> Path:
+    manifest = tmp_path / "m.yaml"
+    manifest.write_text(
+        f"run: {{name: faults}}\ninputs: [{inputs}]\n"
+        f"output: {{dir: {out}, shard_max_samples: {shard}}}\n"
+        "load: {batch_size: 2}\nray: {num_cpus: 2}\n"
+        f"stages:\n  {stage}:\n    resources: {{batch_size: 2}}\n    params: {params}\n"
+    )
+    return manifest
+
+
+def assert_exactly_once(out: Path, uris: list[str]) -> list[dict]:
+    """Every input has exactly one index row; every ok key is in exactly one tar, exactly once, and
+    every visible tar is committed (has its index part); no temp files are left."""
+    rows = read_index(out).to_pylist()
+    assert Counter(r["uri"] for r in rows) == Counter(uris)
+    tar_keys = Counter(key for tar in (out / SHARDS_DIR).glob("*.tar") for key, _ in iter_shard(tar))
+    ok_keys = [r["key"] for r in rows if r["status"] == "ok" and r["shard"]]
+    assert tar_keys == Counter(ok_keys)
+    committed = {p.stem for p in (out / INDEX_DIR).glob("*.parquet")}
+    assert {p.stem for p in (out / SHARDS_DIR).glob("*.tar")} <= committed
+    assert not list(out.rglob("*.tmp"))
+    return rows
+
+
+@pytest.mark.parametrize("stage", ["raise_on_uri", "raise_on_uri_task"])
+def test_stage_raising_on_one_sample_makes_one_error_row(tmp_path, ray_local, doubles, stage):
+    uris = _inputs(tmp_path / "in", 6)
+    cfg = load_config(_manifest(tmp_path, tmp_path / "in", tmp_path / "out", stage, "{marker: img03}"))
+    run_pipeline(cfg)
+    rows = assert_exactly_once(tmp_path / "out", uris)
+    bad = [r for r in rows if r["status"] == "error"]
+    assert [Path(r["uri"]).name for r in bad] == ["img03.jpg"]
+    assert bad[0]["error"] == f"{stage}: RuntimeError: injected failure on img03.jpg"
+    records = [files for tar in (tmp_path / "out" / SHARDS_DIR).glob("*.tar") for _, files in iter_shard(tar)]
+    assert len(records) == 5 and all(b'"fault_double":"seen"' in f["json"] for f in records)
+
+
+def test_killed_model_actor_is_restarted_and_the_run_completes(tmp_path, ray_local, doubles):
+    uris = _inputs(tmp_path / "in", 6)
+    marker = tmp_path / "crashed"
+    cfg = load_config(
+        _manifest(tmp_path, tmp_path / "in", tmp_path / "out", "crash_once", f"{{marker: {marker}}}")
+    )
+    run_pipeline(cfg)
+    assert marker.exists(), "the actor never crashed: the test did not test anything"
+    rows = assert_exactly_once(tmp_path / "out", uris)
+    assert all(r["status"] == "ok" for r in rows)
+
+
+def test_killed_driver_then_rerun_loses_and_duplicates_nothing(tmp_path, ray_local, doubles):
+    uris = _inputs(tmp_path / "in", 16)
+    out = tmp_path / "out"
+    manifest = _manifest(tmp_path, tmp_path / "in", out, "slow", "{seconds: 0.3}")
+    env = {**os.environ, "RAY_DATA_DISABLE_PROGRESS_BARS": "1"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tests.fault_doubles", "run", str(manifest)],
+        cwd=REPO, env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 120
+        while not list((out / INDEX_DIR).glob("*.parquet")) and proc.poll() is None:
+            assert time.monotonic() < deadline, "no shard committed within 120 s"
+            time.sleep(0.05)
+        os.kill(proc.pid, signal.SIGKILL)  # the driver, mid-run
+        proc.wait()
+    finally:
+        with contextlib.suppress(ProcessLookupError):  # then its embedded Ray, so nothing outlives the test
+            os.killpg(proc.pid, signal.SIGKILL)
+    done_before = len(read_index(out))
+    assert 0 < done_before < len(uris), f"the kill was not mid-run ({done_before} of {len(uris)} done)"
+
+    run_pipeline(load_config(manifest))
+    rows = assert_exactly_once(out, uris)
+    assert all(r["status"] == "ok" for r in rows)
+
+
+def _mount_tmpfs(path: Path, options: str) -> None:
+    path.mkdir(parents=True, exist_ok=True)
+    result = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(path)], capture_output=True)
+    if result.returncode:
+        pytest.skip(f"cannot mount a tmpfs here (needs root): {result.stderr.decode().strip()}")
+
+
+def _noise_png(path: Path, seed: int, side: int = 300) -> None:
+    pixels = np.random.default_rng(seed).integers(0, 256, (side, side, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(path)  # incompressible: ~270 KB each
+
+
+def test_full_disk_fails_clearly_and_leaves_no_partial_shard(tmp_path, ray_local, doubles):
+    (tmp_path / "in").mkdir()
+    for i in range(6):
+        _noise_png(tmp_path / "in" / f"noise{i}.png", i)
+    out = tmp_path / "small_disk"
+    _mount_tmpfs(out, "size=1m")
+    try:
+        cfg = load_config(_manifest(tmp_path, tmp_path / "in", out, "raise_on_uri", "{marker: none}"))
+        with pytest.raises(OSError, match="No space left on device"):
+            run_pipeline(cfg)
+        committed = {p.stem for p in (out / INDEX_DIR).glob("*.parquet")}
+        assert {p.stem for p in (out / SHARDS_DIR).glob("*.tar")} <= committed
+        assert not [p for p in out.rglob("*") if p.name.endswith(".tmp")]
+        for part in (out / INDEX_DIR).glob("*.parquet"):
+            pq.read_table(part)  # every visible index part is whole
+    finally:
+        subprocess.run(["umount", "-l", str(out)], check=False)
+
+
+def test_read_only_output_is_a_clear_cli_error(tmp_path, capsys, doubles):
+    _inputs(tmp_path / "in", 2)
+    out = tmp_path / "read_only"
+    _mount_tmpfs(out, "size=1m,ro")
+    try:
+        manifest = _manifest(tmp_path, tmp_path / "in", out / "run", "raise_on_uri", "{marker: none}")
+        assert main(["run", str(manifest)]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("groundmill: error:") and "Read-only file system" in err
+        assert "Traceback" not in err
+    finally:
+        subprocess.run(["umount", "-l", str(out)], check=False)
+
+
+@pytest.mark.parametrize("fail_at", ["tar", "index"])
+def test_shard_commit_on_a_full_disk_leaves_nothing_visible(tmp_path, monkeypatch, fail_at):
+    """The same without a mount: the disk fills while writing the tar, or later while writing its
+    index part (the tar must then be withdrawn: a tar without its index part is not committed)."""
+    import groundmill.pipeline.sink as sink
+
+    real_fsync = os.fsync
+    writes = {"n": 0}
+
+    def fsync_on_full_disk(fd: int) -> None:
+        writes["n"] += 1  # 1st fsync: the tar; 2nd: the index part
+        if (fail_at == "tar" and writes["n"] == 1) or (fail_at == "index" and writes["n"] == 2):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        real_fsync(fd)
+
+    monkeypatch.setattr(sink.os, "fsync", fsync_on_full_disk)
+    writer = ShardWriter(tmp_path, name="full")
+    data = rgb_jpeg(seed=3)
+    key = "ab" * 12
+    writer.add_sample(key, data, "jpg", {"key": key}, {"uri": "x.jpg", "status": "ok"})
+    with pytest.raises(OSError, match="No space left on device"):
+        writer.commit()
+    assert [p.name for p in tmp_path.rglob("*") if p.is_file()] == []
