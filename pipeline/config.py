@@ -78,8 +78,14 @@ class LoadConfig:
 class VideoConfig:
     keyframes: int = 4  # dense keyframes the image stages annotate
     sparse_frames: int = 16  # sparse context frames (timestamps recorded for trainers)
-    max_frames: int = 0  # 0: no cap on frames considered
-    stride: int = 1  # consider every n-th decoded frame
+    fps: float = 0.0  # > 0: consider at most this many frames per second (by timestamp); 0: all
+    stride: int = 1  # then consider every n-th of those
+    max_frames: int = 0  # then at most this many (0: no cap); tracking covers exactly these frames
+
+    def __post_init__(self) -> None:
+        for key, ok in (("fps", self.fps >= 0), ("stride", self.stride >= 1), ("max_frames", self.max_frames >= 0)):
+            if not ok:
+                raise ConfigError(f"key 'video.{key}': {getattr(self, key)!r} is out of range")
 
 
 @dataclass

@@ -6,6 +6,7 @@ earlier input, or an error with its reason.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -14,7 +15,7 @@ import pyarrow as pa
 import ray
 
 from groundmill.pipeline.config import LimitsConfig, VideoConfig
-from groundmill.pipeline.media import MediaError, is_video_uri, normalise_image, probe_video
+from groundmill.pipeline.media import FrameSampling, MediaError, is_video_uri, normalise_image, probe_video
 from groundmill.pipeline.sources import read_uri
 from groundmill.schema import STATUS_ERROR, FrameRecord, Record, Source, content_key, new_record
 from groundmill.stages.base import ROW_SCHEMA, STATUS_DUPLICATE, Sample
@@ -55,14 +56,13 @@ def _normalise(uri: str, key: str, raw: bytes, limits: LimitsConfig, video: Vide
     source = Source(uri=uri, sha256=key, bytes=len(raw), format="")
     if is_video_uri(uri):
         ext = uri.rsplit(".", 1)[-1].lower()
-        v = probe_video(
-            raw, ext, keyframes=video.keyframes, sparse_frames=video.sparse_frames,
-            stride=video.stride, max_frames=video.max_frames,
-        )  # fmt: skip
+        sampling = FrameSampling(fps=video.fps, stride=video.stride, max_frames=video.max_frames)
+        v = probe_video(raw, ext, keyframes=video.keyframes, sparse_frames=video.sparse_frames, sampling=sampling)
         source["format"] = ext
         media = {
             "type": "video", "ext": ext, "width": v.width, "height": v.height, "fps": v.fps,
             "num_frames": v.num_frames, "duration_s": round(v.duration_s, 4), "rotation": v.rotation,
+            "sampling": {**dataclasses.asdict(sampling), "num_sampled": v.num_sampled},
         }  # fmt: skip
         record = new_record(key, source, media, [f"rotation-{v.rotation}"] if v.rotation else [])
         record["keyframes"] = [

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import io
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import PurePosixPath
 
@@ -40,9 +41,10 @@ class VideoSample:
     width: int
     height: int
     fps: float
-    num_frames: int
+    num_frames: int  # decoded frames (up to the last one sampling kept)
+    num_sampled: int  # frames sampling kept
     duration_s: float
-    rotation: int
+    rotation: int  # clockwise display rotation; frames and sizes here are upright
     keyframe_indices: list[int]  # dense frames the image stages annotate
     keyframe_times: list[float]
     keyframes: list[bytes]  # JPEG bytes of those frames, upright
@@ -128,37 +130,59 @@ def _evenly_spaced(n: int, k: int) -> list[int]:
     return sorted({round(i * (n - 1) / (k - 1)) for i in range(k)}) if k > 1 else [n // 2]
 
 
-def _rotation(stream: av.video.stream.VideoStream) -> int:
-    """Display rotation in degrees from the stream's side data or legacy metadata (0 if none)."""
-    rotate = stream.metadata.get("rotate")
-    return int(rotate) % 360 if rotate else 0
+@dataclass(frozen=True)
+class FrameSampling:
+    """Which decoded frames a run considers; the same rule for keyframe sampling and for tracking."""
+
+    fps: float = 0.0  # > 0: at most one frame per 1/fps seconds of timestamps (variable frame rate safe)
+    stride: int = 1  # then every n-th of those
+    max_frames: int = 0  # then at most this many (0: no cap)
 
 
-def _frames(data: bytes, stride: int, max_frames: int):
-    """(index, time_s, av.VideoFrame) of the considered frames, decoded one at a time."""
+def frame_rotation(frame: av.VideoFrame) -> int:
+    """Clockwise display rotation in degrees (0, 90, 180 or 270) from the frame's display matrix."""
+    return round(-frame.rotation / 90) * 90 % 360  # PyAV reports the counter-clockwise angle
+
+
+def upright(frame: av.VideoFrame, rotation: int) -> Image.Image:
+    """The frame as displayed: `rotation` is the clockwise display rotation."""
+    im = frame.to_image()
+    return im.rotate(-rotation, expand=True) if rotation else im
+
+
+def sampled_frames(data: bytes, sampling: FrameSampling) -> Iterator[tuple[int, float, av.VideoFrame]]:
+    """(frame_index, time_s, frame) of the frames `sampling` keeps, decoded one at a time.
+
+    frame_index counts every decoded frame in presentation order (the index trainers decode to);
+    time_s comes from the frame's own timestamp, so variable frame rates are sampled by time.
+    """
+    if sampling.stride < 1 or sampling.fps < 0 or sampling.max_frames < 0:
+        raise ValueError(f"bad frame sampling {sampling}")
     with av.open(io.BytesIO(data), mode="r") as container:
         if not container.streams.video:
             raise MediaError("no video stream")
         stream = container.streams.video[0]
         stream.thread_type = "AUTO"
-        index = 0
-        for i, frame in enumerate(container.decode(stream)):
-            if i % stride:
+        rate = float(stream.average_rate or 1)
+        last_slot, candidates, kept = None, 0, 0
+        for index, frame in enumerate(container.decode(stream)):
+            t = float(frame.time) if frame.time is not None else index / rate
+            if sampling.fps > 0:
+                slot = int(t * sampling.fps + 1e-6)  # one frame per 1/fps-second slot
+                if slot == last_slot:
+                    continue
+                last_slot = slot
+            candidates += 1
+            if (candidates - 1) % sampling.stride:
                 continue
-            if max_frames and index >= max_frames:
+            if sampling.max_frames and kept >= sampling.max_frames:
                 break
-            t = float(frame.time) if frame.time is not None else index / float(stream.average_rate or 1)
+            kept += 1
             yield index, t, frame
-            index += 1
-
-
-def _upright(frame: av.VideoFrame, rotation: int) -> Image.Image:
-    im = frame.to_image()
-    return im.rotate(-rotation, expand=True) if rotation else im
 
 
 def probe_video(
-    data: bytes, ext: str, *, keyframes: int, sparse_frames: int, stride: int = 1, max_frames: int = 0
+    data: bytes, ext: str, *, keyframes: int, sparse_frames: int, sampling: FrameSampling = FrameSampling()
 ) -> VideoSample:
     """Probe a video and sample its dense keyframes (JPEG) and sparse frame times, in bounded memory.
 
@@ -173,21 +197,26 @@ def probe_video(
             stream = container.streams.video[0]
             width, height = stream.codec_context.width, stream.codec_context.height
             fps = float(stream.average_rate or 0.0)
-            rotation = _rotation(stream)
-        times = [t for _, t, _ in _frames(data, stride, max_frames)]
-        n = len(times)
+        considered: list[tuple[int, float]] = []
+        rotation, decoded = 0, 0
+        for index, t, frame in sampled_frames(data, sampling):
+            if not considered:
+                rotation = frame_rotation(frame)
+            considered.append((index, t))
+            decoded = index + 1
+        n = len(considered)
         if n == 0:
             raise MediaError("video has no decodable frames")
-        dense = _evenly_spaced(n, keyframes)
-        sparse = _evenly_spaced(n, sparse_frames)
-        wanted = set(dense)
+        dense = [considered[i] for i in _evenly_spaced(n, keyframes)]
+        sparse = [considered[i] for i in _evenly_spaced(n, sparse_frames)]
+        wanted = {index for index, _ in dense}
         images = []
-        for index, _, frame in _frames(data, stride, max_frames):
+        for index, _, frame in sampled_frames(data, sampling):
             if index in wanted:
                 buf = io.BytesIO()
-                _upright(frame, rotation).save(buf, format="JPEG", quality=92)
+                upright(frame, rotation).save(buf, format="JPEG", quality=92)
                 images.append(buf.getvalue())
-            if index >= dense[-1]:
+            if index >= dense[-1][0]:
                 break
     except MediaError:
         raise
@@ -195,20 +224,22 @@ def probe_video(
         raise MediaError(f"unreadable video: {e}") from None
     if rotation in (90, 270):
         width, height = height, width
+    times = [t for _, t in considered]
     return VideoSample(
         data=data,
         ext=ext,
         width=width,
         height=height,
         fps=fps,
-        num_frames=n,
+        num_frames=decoded,
+        num_sampled=n,
         duration_s=times[-1] - times[0] + (1.0 / fps if fps else 0.0),
         rotation=rotation,
-        keyframe_indices=dense,
-        keyframe_times=[times[i] for i in dense],
+        keyframe_indices=[i for i, _ in dense],
+        keyframe_times=[t for _, t in dense],
         keyframes=images,
-        sparse_indices=sparse,
-        sparse_times=[times[i] for i in sparse],
+        sparse_indices=[i for i, _ in sparse],
+        sparse_times=[t for _, t in sparse],
     )
 
 
