@@ -127,8 +127,11 @@ class FrameRecord(TypedDict, total=False):
     relationships: dict[str, Any]  # {"grounding": [Grounding], "relations": [...]}
     scene_graph: dict[str, Any]
     dense_caption: DenseCaption
-    referring_expressions: list[dict[str, Any]]
+    referring_expressions: list[dict[str, Any]]  # {object_id, expression, source: template|llm, ...}
     additional_context: str
+    # LLM stage -> {prompt_id, template_hash, prompt_hash, backend, attempts, finish_reason, tokens}
+    generations: dict[str, dict[str, Any]]
+    llm_drops: list[dict[str, Any]]  # LLM outputs dropped after retries: {stage, reason, attempts, prompt_id, ...}
 
 
 class Media(TypedDict, total=False):

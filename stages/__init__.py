@@ -7,6 +7,12 @@ import importlib
 # name -> "module:Class" under groundmill.stages. Keep heavy imports (torch models) inside setup().
 REGISTRY: dict[str, str] = {
     "tagging": "tagging:ClipTagging",
+    "scene_graph": "scene_graph:SceneGraph",
+    "dense_caption": "dense_caption:DenseCaptioning",
+    "verification": "verification:Verification",
+    "refexp": "refexp:ReferringExpressions",
+    "extra_context": "extra_context:ExtraContext",
+    "gcg": "gcg:GCGExport",
 }
 
 
