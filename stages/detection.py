@@ -1,0 +1,219 @@
+"""Open-vocabulary detection through transformers: OWLv2 and Grounding DINO, queried with the image's
+tags plus configured classes.
+
+One stage class, one detector per manifest entry (`params.detector`), so each detector has its own
+model id, resources and actor pool; each writes its filtered boxes to `record["detections"][stage]`
+and the `voting` stage merges them. Per-model score threshold and NMS follow GranD (score >= 0.1,
+IoU 0.9 by default).
+
+`tiny` builds the same model classes from small configs with random weights and real offline
+tokenizers (see `stages.tokenizers`): CLIP BPE for OWLv2, bert-base-uncased WordPiece for
+Grounding DINO.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from groundmill.stages.base import Sample, Stage, views_of
+from groundmill.stages.boxes import Detection, decode_boxes, filter_detections
+from groundmill.stages.models import device_for, dtype_for, local_path, seeded
+from groundmill.stages.tokenizers import bert_wordpiece_tokenizer, clip_bpe_tokenizer
+
+TINY_IMAGE_SIZE = 224
+
+
+def detection_queries(
+    tags: list[dict[str, Any]], classes: list[str], use_tags: bool, max_queries: int
+) -> list[str]:
+    """Tag labels (best first) then configured classes, deduplicated, at most `max_queries`."""
+    words = [t["label"] for t in tags] if use_tags else []
+    return list(dict.fromkeys(w.strip().lower() for w in words + classes if w.strip()))[:max_queries]
+
+
+def grounding_prompt(queries: list[str]) -> tuple[str, list[tuple[int, int]]]:
+    """Grounding DINO's text prompt (`"cat. dog."`) and each query's character span in it."""
+    spans, parts, pos = [], [], 0
+    for q in queries:
+        spans.append((pos, pos + len(q)))
+        parts.append(q + ".")
+        pos += len(q) + 2  # the query, its full stop and the separating space
+    return " ".join(parts), spans
+
+
+def query_token_scores(
+    token_probs: np.ndarray, offsets: list[tuple[int, int]], spans: list[tuple[int, int]]
+) -> np.ndarray:
+    """(N, T) per-token probabilities -> (N, Q) per-query scores: the best token inside each query's span."""
+    scores = np.zeros((token_probs.shape[0], len(spans)), dtype=np.float64)
+    for q, (qs, qe) in enumerate(spans):
+        tokens = [
+            t for t, (s, e) in enumerate(offsets[: token_probs.shape[1]]) if e > s and s >= qs and e <= qe
+        ]
+        if tokens:
+            scores[:, q] = token_probs[:, tokens].max(axis=1)
+    return scores
+
+
+class _Owlv2:
+    """OWLv2: one query set per image; boxes are relative to the image padded to a square."""
+
+    def __init__(self, spec: Any, device: torch.device, dtype: torch.dtype, seed: int):
+        from transformers import Owlv2Config, Owlv2ForObjectDetection, Owlv2ImageProcessor, Owlv2Processor
+
+        if spec.is_random:
+            tokenizer = clip_bpe_tokenizer()
+            seeded(seed, "owlv2")
+            text = {"vocab_size": len(tokenizer), "max_position_embeddings": 16}
+            text |= {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id}
+            config = Owlv2Config(
+                text_config=text | _tiny_encoder() | {"pad_token_id": tokenizer.pad_token_id},
+                vision_config=_tiny_encoder() | {"image_size": TINY_IMAGE_SIZE, "patch_size": 16},
+                projection_dim=32,
+            )
+            self.model = Owlv2ForObjectDetection(config)
+            size = {"height": TINY_IMAGE_SIZE, "width": TINY_IMAGE_SIZE}
+            self.processor = Owlv2Processor(
+                image_processor=Owlv2ImageProcessor(size=size), tokenizer=tokenizer
+            )
+        else:
+            source = local_path(spec) or spec.id
+            self.model = Owlv2ForObjectDetection.from_pretrained(source, revision=spec.revision)
+            self.processor = Owlv2Processor.from_pretrained(source, revision=spec.revision)
+        self.model = self.model.to(device, dtype).eval()
+        self.device, self.dtype = device, dtype
+
+    @torch.inference_mode()
+    def detect(self, image: Image.Image, queries: list[str], template: str) -> list[Detection]:
+        inputs = self.processor(
+            text=[[template.format(q) for q in queries]],
+            images=[image],
+            return_tensors="pt",
+            padding="max_length",
+            truncation=True,
+            max_length=16,
+        ).to(self.device)
+        inputs["pixel_values"] = inputs["pixel_values"].to(self.dtype)
+        out = self.model(**inputs)
+        probs = out.logits[0].float().sigmoid().cpu().numpy()  # (patches, queries)
+        side = max(image.size)
+        return decode_boxes(out.pred_boxes[0].float().cpu().numpy(), probs, queries, (side, side), image.size)
+
+
+class _GroundingDino:
+    """Grounding DINO: queries joined into one prompt; a box's query is its best-scoring query token."""
+
+    def __init__(self, spec: Any, device: torch.device, dtype: torch.dtype, seed: int):
+        from transformers import (
+            GroundingDinoConfig,
+            GroundingDinoForObjectDetection,
+            GroundingDinoImageProcessor,
+            GroundingDinoProcessor,
+        )
+
+        if spec.is_random:
+            tokenizer = bert_wordpiece_tokenizer()
+            seeded(seed, "grounding_dino")
+            config = GroundingDinoConfig(
+                backbone_config={
+                    "model_type": "swin",
+                    "embed_dim": 16,
+                    "depths": [1, 1, 1, 1],
+                    "num_heads": [1, 1, 1, 1],
+                    "window_size": 4,
+                    "image_size": TINY_IMAGE_SIZE,
+                    "out_features": ["stage2", "stage3", "stage4"],
+                },
+                text_config={"model_type": "bert", "vocab_size": tokenizer.vocab_size} | _tiny_encoder(),
+                d_model=32,
+                encoder_layers=1,
+                decoder_layers=2,  # transformers' Grounding DINO needs at least two
+                encoder_attention_heads=2,
+                decoder_attention_heads=2,
+                encoder_ffn_dim=64,
+                decoder_ffn_dim=64,
+                num_queries=50,
+                num_feature_levels=3,
+                encoder_n_points=2,
+                decoder_n_points=2,
+                max_text_len=64,
+            )
+            self.model = GroundingDinoForObjectDetection(config)
+            size = {"shortest_edge": TINY_IMAGE_SIZE, "longest_edge": TINY_IMAGE_SIZE * 4 // 3}
+            image_processor = GroundingDinoImageProcessor(size=size)
+            self.processor = GroundingDinoProcessor(image_processor=image_processor, tokenizer=tokenizer)
+        else:
+            source = local_path(spec) or spec.id
+            self.model = GroundingDinoForObjectDetection.from_pretrained(source, revision=spec.revision)
+            self.processor = GroundingDinoProcessor.from_pretrained(source, revision=spec.revision)
+        self.model = self.model.to(device, dtype).eval()
+        self.device, self.dtype = device, dtype
+
+    @torch.inference_mode()
+    def detect(self, image: Image.Image, queries: list[str], template: str) -> list[Detection]:
+        prompt, spans = grounding_prompt(queries)
+        max_len = self.model.config.max_text_len
+        offsets = self.processor.tokenizer(
+            prompt, return_offsets_mapping=True, truncation=True, max_length=max_len
+        )
+        inputs = self.processor(
+            images=[image], text=[prompt], return_tensors="pt", truncation=True, max_length=max_len
+        ).to(self.device)
+        inputs["pixel_values"] = inputs["pixel_values"].to(self.dtype)
+        out = self.model(**inputs)
+        token_probs = out.logits[0].float().sigmoid().cpu().numpy()  # (boxes, max_text_len)
+        scores = query_token_scores(token_probs, offsets["offset_mapping"], spans)
+        return decode_boxes(out.pred_boxes[0].float().cpu().numpy(), scores, queries, image.size, image.size)
+
+
+def _tiny_encoder() -> dict[str, int]:
+    return {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2}
+
+
+DETECTORS = {"owlv2": _Owlv2, "grounding_dino": _GroundingDino}
+
+
+class OpenVocabDetection(Stage):
+    name = "detection"
+    provides = ("detections",)
+    requires = ("tags",)
+
+    @dataclass
+    class Params:
+        detector: str = "owlv2"  # owlv2 | grounding_dino: which model class `model.id` is
+        classes: list[str] = field(default_factory=list)  # always queried, after the tags
+        use_tags: bool = True
+        max_queries: int = 16
+        query_template: str = "a photo of a {}"  # OWLv2's text query form; Grounding DINO uses bare words
+        score_threshold: float = 0.1  # this model's threshold (GranD: 0.1 .. 0.6 by model)
+        nms_iou: float = 0.9
+        max_boxes: int = 50
+
+    def setup(self) -> None:
+        if self.params.detector not in DETECTORS:
+            raise ValueError(f"params.detector: {self.params.detector!r} is not one of {sorted(DETECTORS)}")
+        device = device_for(self.model_spec, self.resources)
+        dtype = dtype_for(self.model_spec, device)
+        self.detector = DETECTORS[self.params.detector](self.model_spec, device, dtype, self.seed)
+
+    def process(self, samples: list[Sample]) -> None:
+        p = self.params
+        for view in views_of(samples):
+            queries = detection_queries(view.record.get("tags", []), p.classes, p.use_tags, p.max_queries)
+            dets = self.detector.detect(view.image, queries, p.query_template) if queries else []
+            kept = filter_detections(dets, p.score_threshold, p.nms_iou, p.max_boxes)
+            # keyed by detector: the voting stage needs to know which model proposed each box
+            view.record.setdefault("detections", {})[p.detector] = kept
+
+    def provenance(self) -> dict[str, Any]:
+        p = self.params
+        return super().provenance() | {
+            "detector": p.detector,
+            "score_threshold": p.score_threshold,
+            "nms_iou": p.nms_iou,
+        }
