@@ -120,6 +120,8 @@ class FrameRecord(TypedDict, total=False):
     time_s: float
     landmark: Landmark
     tags: list[Tag]
+    # Raw per-model boxes before voting: detection stage name -> [{bbox (xyxy), label, score}]
+    detections: dict[str, list[dict[str, Any]]]
     objects: list[Object]
     floating_objects: list[Object]
     floating_attributes: list[dict[str, Any]]

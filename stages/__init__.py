@@ -7,6 +7,14 @@ import importlib
 # name -> "module:Class" under groundmill.stages. Keep heavy imports (torch models) inside setup().
 REGISTRY: dict[str, str] = {
     "tagging": "tagging:ClipTagging",
+    "landmark": "landmark:ClipLandmark",
+    "detection": "detection:OpenVocabDetection",
+    "voting": "voting:BoxVoting",
+    "masks": "masks:Sam2Masks",
+    "depth": "depth:Depth",
+    "attributes": "attributes:ClipAttributes",
+    "captions": "captions:ShortCaptions",
+    "grounding": "grounding:PhraseGrounding",
     "scene_graph": "scene_graph:SceneGraph",
     "dense_caption": "dense_caption:DenseCaptioning",
     "verification": "verification:Verification",
