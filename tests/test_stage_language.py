@@ -1,0 +1,176 @@
+"""Verification (real spaCy + MiniLM), GCG export and referring expressions on hand-built records."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from groundmill.schema import check_record, decode_mask, encode_mask
+from groundmill.stages.base import Sample
+from groundmill.stages.gcg import GCGExport
+from groundmill.stages.llm import FINISH_LENGTH, FINISH_STOP, Generation
+from groundmill.stages.refexp import ExpressionSpec, ReferringExpressions, keeps_meaning, unique_expression
+from groundmill.stages.scene_graph import build_scene_graph
+from groundmill.stages.verification import Verification
+from tests.test_llm_logic import ScriptedBackend
+
+H, W = 60, 80
+
+
+def obj(i, label, bbox, attributes=(), mask=True):
+    o = {
+        "id": i,
+        "bbox": bbox,
+        "labels": [label],
+        "attributes": list(attributes),
+        "score": 0.9,
+        "detectors": [],
+    }
+    if mask:
+        m = np.zeros((H, W), bool)
+        x0, y0, x1, y1 = (int(v) for v in bbox)
+        m[y0:y1, x0:x1] = True
+        o["segmentation"] = encode_mask(m)
+    return o
+
+
+def image_sample(objects, caption=None):
+    record = {"key": "k" * 24, "media": {"type": "image", "ext": "jpg", "width": W, "height": H},
+              "objects": objects, "provenance": {}}  # fmt: skip
+    record["scene_graph"] = build_scene_graph(record, W, H)
+    if caption is not None:
+        record["dense_caption"] = {"caption": caption, "details": []}
+    return Sample(uri="x", key=record["key"], media_type="image", data=b"", frames=[], record=record)
+
+
+SCENE = [
+    obj(1, "dog", [5, 30, 25, 50], ["brown"]),
+    obj(2, "bench", [30, 30, 70, 55], ["wooden"]),
+    obj(3, "car", [50, 2, 78, 20], ["red"], mask=False),
+]
+
+
+@pytest.fixture(scope="module")
+def verifier():
+    stage = Verification(Verification.Params(max_hallucination_rate=0.3))
+    stage.setup()
+    return stage
+
+
+def test_verification_grounds_phrases_with_exact_spans(verifier):
+    s = image_sample(SCENE, "A brown dog sits near a wooden bench. A red car is parked in the background.")
+    verifier.process([s])
+    dense = s.record["dense_caption"]
+    v = dense["verification"]
+    assert v["noun_phrases"] == 3 and v["grounded"] == 3 and v["hallucination_rate"] == 0 and v["accepted"]
+    assert [(d["phrase"], d["ids"]) for d in dense["details"]] == [("A brown dog", [1]), ("a wooden bench", [2]),
+                                                                   ("A red car", [3])]  # fmt: skip
+    assert check_record(s.record) == []
+    assert s.stats["verification.hallucination_rate"] == 0.0 and s.stats["verification.rejected"] == 0.0
+
+
+def test_verification_embedding_match_and_hallucinations(verifier):
+    s = image_sample(SCENE, "A puppy is sleeping by a bench. A giraffe and an elephant are watching it.")
+    verifier.process([s])
+    v = s.record["dense_caption"]["verification"]
+    assert v["hallucinated"] == ["A giraffe", "an elephant"]  # "A puppy" grounds to the dog by embedding
+    assert v["noun_phrases"] == 4 and v["hallucination_rate"] == 0.5 and not v["accepted"]
+    assert s.record["dense_caption"]["details"] == []  # a rejected caption is not grounded
+    assert s.stats["verification.rejected"] == 1.0
+
+
+def test_verification_prefers_objects_whose_attributes_the_phrase_names(verifier):
+    objects = [obj(1, "car", [0, 0, 20, 20], ["red"]), obj(2, "car", [30, 0, 50, 20], ["blue"])]
+    s = image_sample(objects, "A blue car is next to a car.")
+    verifier.process([s])
+    assert [d["ids"] for d in s.record["dense_caption"]["details"]] == [[2], [1, 2]]
+
+
+def test_verification_regenerates_a_hallucinated_caption(verifier):
+    s = image_sample(SCENE, "A giraffe eats a banana.")
+    verifier.params.regenerate_attempts = 1
+    captioner_prompt = None
+    try:
+        from groundmill.stages.dense_caption import DenseCaptioning
+
+        captioner = DenseCaptioning(verifier.params)
+        captioner_prompt = captioner.prompts_for_frames([(s, s.record)])[0][2].messages
+        script = {str(captioner_prompt): [Generation("A brown dog sits on a bench.", FINISH_STOP)]}
+        captioner.backend = _KeyedByText(script)
+        verifier.captioner = captioner
+        verifier.process([s])
+    finally:
+        verifier.params.regenerate_attempts = 0
+    dense = s.record["dense_caption"]
+    assert dense["caption"] == "A brown dog sits on a bench."
+    assert dense["verification"]["accepted"] and dense["verification"]["regenerated"] == 1
+    assert s.record["generations"]["dense_caption"]["prompt_id"] == "dense_caption@v1"
+
+
+class _KeyedByText(ScriptedBackend):
+    """Test double keyed by the prompt's text form (chat prompts are lists)."""
+
+    def generate(self, prompts, params):
+        return super().generate([str(p) for p in prompts], params)
+
+
+def test_dense_caption_drop_is_recorded_with_reason():
+    from groundmill.stages.dense_caption import DenseCaptioning
+
+    s = image_sample(SCENE)
+    stage = DenseCaptioning(DenseCaptioning.Params(attempts=2))
+    prompt = stage.prompts_for_frames([(s, s.record)])[0][2].messages
+    stage.backend = _KeyedByText({str(prompt): [Generation("A dog", FINISH_LENGTH)] * 2})
+    stage.process([s])
+    assert "dense_caption" not in s.record
+    drop = s.record["llm_drops"][0]
+    assert drop["stage"] == "dense_caption" and drop["attempts"] == 2 and "did not stop" in drop["reason"]
+    assert drop["prompt_id"] == "dense_caption@v1" and len(drop["prompt_hash"]) == 16
+    assert s.stats["dense_caption.dropped"] == 1.0
+
+
+def test_gcg_export_maps_every_phrase_to_masks():
+    s = image_sample(SCENE, "A brown dog sits near a wooden bench. A red car is parked.")
+    s.record["dense_caption"]["details"] = [
+        {"phrase": "A brown dog", "tokens_positive": [0, 11], "ids": [1], "bbox": []},
+        {"phrase": "a wooden bench", "tokens_positive": [22, 36], "ids": [2], "bbox": []},
+        {"phrase": "A red car", "tokens_positive": [38, 47], "ids": [3], "bbox": []},  # no mask: left out
+    ]
+    s.record["dense_caption"]["verification"] = {"accepted": True}
+    GCGExport().process([s])
+    gcg = s.record["gcg"]
+    assert gcg["file_name"] == f"{s.key}.jpg" and set(gcg["groundings"]) == {"A brown dog", "a wooden bench"}
+    for phrase, g in gcg["groundings"].items():
+        start, end = g["token_positives"]
+        assert gcg["caption"][start:end] == phrase
+        assert g["rle_masks"] and all(decode_mask(m).shape == (H, W) for m in g["rle_masks"])
+    rejected = image_sample(SCENE, "A dog.")
+    rejected.record["dense_caption"]["verification"] = {"accepted": False}
+    GCGExport().process([rejected])
+    assert "gcg" not in rejected.record
+
+
+def test_referring_expressions_single_out_their_object():
+    objects = [
+        obj(1, "dog", [0, 30, 10, 40], ["brown"]),
+        obj(2, "dog", [20, 30, 30, 40], ["black"]),
+        obj(3, "dog", [40, 30, 50, 40], ["black"]),
+        obj(4, "bench", [60, 30, 79, 59]),
+    ]
+    s = image_sample(objects)
+    ReferringExpressions().process([s])
+    got = {e["object_id"]: e["expression"] for e in s.record["referring_expressions"]}
+    assert got[1] == "the brown dog" and got[4] == "the bench"
+    assert got[2] == "the leftmost black dog" or got[2].startswith("the black dog ")
+    assert got[2] != got[3]
+    nodes, rels = s.record["scene_graph"]["objects"], s.record["scene_graph"]["relations"]
+    twins = [dict(n, id=k, attributes=[]) for k, n in enumerate([nodes[0], nodes[0]])]
+    assert unique_expression(twins[0], twins, []) is None  # identical objects cannot be told apart
+    assert all(e["source"] == "template" for e in s.record["referring_expressions"])
+    assert rels is not None
+
+
+def test_paraphrase_must_keep_distinguishing_words():
+    spec = ExpressionSpec("dog", ("black",), ("left of", "bench"))
+    assert keeps_meaning("the black dog to the left of the bench", spec)
+    assert not keeps_meaning("the dog near the bench", spec)
