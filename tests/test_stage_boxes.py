@@ -1,0 +1,138 @@
+"""Pure box logic of detection, voting and masks, on hand-built detections with known answers."""
+
+import numpy as np
+import pytest
+
+from groundmill.stages.boxes import (
+    box_agrees,
+    box_iou,
+    clip_mask_to_box,
+    decode_boxes,
+    filter_detections,
+    mask_dice,
+    mask_within_box,
+    nms,
+    threshold,
+    vote,
+)
+from groundmill.stages.detection import detection_queries, grounding_prompt, query_token_scores
+
+
+def det(box, score, label="cat"):
+    return {"bbox": list(box), "label": label, "score": score}
+
+
+def test_box_iou_known_values():
+    iou = box_iou([[0, 0, 10, 10]], [[0, 0, 10, 10], [5, 0, 15, 10], [20, 20, 30, 30], [0, 0, 0, 0]])
+    np.testing.assert_allclose(iou[0], [1.0, 50 / 150, 0.0, 0.0])
+
+
+def test_mask_dice():
+    a = np.zeros((4, 4), bool)
+    b = np.zeros((4, 4), bool)
+    a[:2] = True  # 8 px
+    b[1:3] = True  # 8 px, 4 shared
+    assert mask_dice(a, b) == pytest.approx(0.5)
+    assert mask_dice(np.zeros((2, 2), bool), np.zeros((2, 2), bool)) == 0.0
+
+
+def test_threshold_and_nms_keep_best_of_overlapping_boxes():
+    dets = [
+        det([0, 0, 100, 100], 0.5),
+        det([1, 1, 100, 100], 0.9),  # IoU 0.98 with the first: suppresses it
+        det([0, 0, 100, 80], 0.8),  # IoU 0.79: kept at 0.9
+        det([200, 200, 220, 220], 0.05),  # below threshold
+    ]
+    assert [d["score"] for d in nms(dets, 0.9)] == [0.9, 0.8, 0.05]
+    assert [d["score"] for d in threshold(dets, 0.1)] == [0.5, 0.9, 0.8]
+    assert [d["score"] for d in filter_detections(dets, 0.1, 0.9, max_boxes=10)] == [0.9, 0.8]
+    assert [d["score"] for d in filter_detections(dets, 0.1, 0.5, max_boxes=10)] == [0.9]
+    assert [d["score"] for d in filter_detections(dets, 0.0, 0.9, max_boxes=1)] == [0.9]
+
+
+def test_decode_boxes_scales_clips_and_labels():
+    boxes = np.array([[0.5, 0.5, 0.2, 0.4], [0.95, 0.5, 0.2, 0.2], [0.5, 0.5, 0.001, 0.5]])
+    scores = np.array([[0.1, 0.7], [0.6, 0.2], [0.9, 0.9]])
+    dets = decode_boxes(boxes, scores, ["cat", "dog"], scale_wh=(200, 200), image_wh=(200, 100))
+    assert len(dets) == 2  # the 0.2-px-wide box is dropped
+    assert dets[0] == {"bbox": [80.0, 60.0, 120.0, 100.0], "label": "dog", "score": 0.7}  # clipped at y=100
+    assert dets[1]["bbox"] == [170.0, 80.0, 200.0, 100.0] and dets[1]["label"] == "cat"
+
+
+def test_vote_needs_a_second_model():
+    per_model = {
+        "owl": [det([0, 0, 100, 100], 0.9, "cat"), det([300, 300, 350, 350], 0.4, "lamp")],
+        "gdino": [det([5, 5, 100, 100], 0.6, "kitten"), det([0, 200, 50, 260], 0.7, "dog")],
+    }
+    objects, floating = vote(per_model)
+    assert len(objects) == 1
+    assert objects[0]["bbox"] == [0, 0, 100, 100] and objects[0]["score"] == 0.9
+    assert objects[0]["labels"] == ["cat", "kitten"] and objects[0]["detectors"] == ["gdino", "owl"]
+    assert [f["labels"] for f in floating] == [["dog"], ["lamp"]]  # best score first
+    assert [o["id"] for o in objects + floating] == [0, 1, 2]
+
+
+def test_vote_iou_below_threshold_floats_and_same_model_never_agrees():
+    per_model = {
+        "owl": [det([0, 0, 100, 100], 0.9), det([0, 0, 100, 100], 0.8)],
+        "gdino": [det([0, 0, 100, 60], 0.7)],
+    }
+    objects, floating = vote(per_model, min_iou=0.65)  # IoU 0.6 with gdino; owl's twin is the same model
+    assert objects == [] and len(floating) == 3
+    objects, _ = vote(per_model, min_iou=0.6)
+    assert len(objects) == 1 and objects[0]["detectors"] == ["gdino", "owl"]
+
+
+def test_vote_each_detection_joins_one_object():
+    per_model = {
+        "owl": [det([0, 0, 10, 10], 0.9), det([0, 0, 10, 10.5], 0.8)],
+        "gdino": [det([0, 0, 10, 10], 0.5)],
+    }
+    objects, floating = vote(per_model)
+    assert len(objects) == 1 and len(floating) == 1 and floating[0]["score"] == 0.8
+
+
+def test_vote_mask_dice_can_veto_box_agreement():
+    per_model = {"a": [det([0, 0, 10, 10], 0.9)], "b": [det([0, 0, 10, 10], 0.8)]}
+    left, right = np.zeros((10, 10), bool), np.zeros((10, 10), bool)
+    left[:, :5], right[:, 5:] = True, True
+    objects, floating = vote(per_model, masks={"a": [left], "b": [right]})
+    assert objects == [] and len(floating) == 2
+    objects, _ = vote(per_model, masks={"a": [left], "b": [left]})
+    assert len(objects) == 1
+    objects, _ = vote(per_model, masks={"a": [left], "b": [None]})  # no mask on one side: boxes decide
+    assert len(objects) == 1
+
+
+def test_box_agrees_with_tolerance():
+    box = [10, 10, 110, 60]
+    assert box_agrees([12, 11, 105, 60], box, tolerance=0.1)
+    assert not box_agrees([30, 11, 105, 60], box, tolerance=0.1)  # left edge 20 px off (> 10 + 1)
+    assert not box_agrees([0, 0, 0, 0], box, tolerance=0.5)  # empty mask
+
+
+def test_clip_mask_to_box_and_within():
+    mask = np.ones((20, 30), bool)
+    clipped = clip_mask_to_box(mask, [2.5, 3.2, 10.1, 8.0])
+    ys, xs = np.nonzero(clipped)
+    assert (xs.min(), xs.max(), ys.min(), ys.max()) == (2, 10, 3, 7)
+    assert mask_within_box([2, 3, 11, 8], [2.5, 3.2, 10.1, 8.0])
+    assert not mask_within_box([2, 3, 12, 8], [2.5, 3.2, 10.1, 8.0])
+    assert mask_within_box([0, 0, 0, 0], [5, 5, 6, 6])
+
+
+def test_grounding_prompt_spans_and_token_scores():
+    prompt, spans = grounding_prompt(["cat", "traffic light"])
+    assert prompt == "cat. traffic light."
+    assert [prompt[s:e] for s, e in spans] == ["cat", "traffic light"]
+    # tokens: [CLS] cat . traffic light . [SEP]  (offsets as a fast tokenizer reports them)
+    offsets = [(0, 0), (0, 3), (3, 4), (5, 12), (13, 18), (18, 19), (0, 0)]
+    probs = np.array([[0.9, 0.2, 0.9, 0.1, 0.3, 0.9, 0.9, 0.0]])  # one more column than tokens (padding)
+    np.testing.assert_allclose(query_token_scores(probs, offsets, spans), [[0.2, 0.3]])
+
+
+def test_detection_queries():
+    tags = [{"label": "Cat", "score": 0.5}, {"label": "sofa", "score": 0.2}]
+    assert detection_queries(tags, ["person", "cat"], True, 10) == ["cat", "sofa", "person"]
+    assert detection_queries(tags, ["person"], False, 10) == ["person"]
+    assert detection_queries(tags, ["person"], True, 2) == ["cat", "sofa"]

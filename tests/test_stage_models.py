@@ -1,0 +1,206 @@
+"""The GranD image stages with their real model classes (tiny configs, random weights), run in order
+on two images and a two-keyframe video sample, without Ray."""
+
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from groundmill.pipeline.config import ModelSpec, Resources, stage_params
+from groundmill.schema import check_record, decode_mask, mask_bbox, new_record
+from groundmill.stages import stage_class
+from groundmill.stages.base import Sample
+from groundmill.stages.boxes import mask_within_box
+from groundmill.stages.depth import LAYERS
+from groundmill.stages.vocab_groups import load_groups
+
+MINILM = "sentence-transformers/all-MiniLM-L6-v2"
+# (stage, params, model id): the order of the demo manifest
+PLAN = [
+    ("tagging", {"top_k": 4, "min_score": 0.0}, "tiny"),
+    ("landmark", {}, "tiny"),
+    (
+        "detection",
+        {"detector": "owlv2", "score_threshold": 0.05, "max_boxes": 4, "classes": ["person"]},
+        "tiny",
+    ),
+    ("detection", {"detector": "grounding_dino", "score_threshold": 0.05, "max_boxes": 4}, "tiny"),
+    ("voting", {"min_iou": 0.05}, "tiny"),
+    ("masks", {}, "tiny"),
+    ("depth", {}, "tiny"),
+    ("attributes", {"min_attribute_prob": 0.0}, "tiny"),
+    ("captions", {"num_captions": 2, "generation": {"max_new_tokens": 8}}, "tiny"),
+    ("grounding", {"min_similarity": -1.0}, MINILM),  # real MiniLM; accept any similarity: exercise spans
+]
+
+
+def png(seed: int, size=(96, 72)) -> bytes:
+    rng = np.random.default_rng(seed)
+    arr = rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)
+    arr[10:50, 20:60] = (200, 30, 30)  # a red block
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def image_sample(seed: int, size=(96, 72)) -> Sample:
+    data = png(seed, size)
+    key = f"{seed:016x}"
+    media = {"type": "image", "ext": "png", "width": size[0], "height": size[1]}
+    record = new_record(key, {"uri": key, "sha256": "", "bytes": len(data), "format": "PNG"}, media, [])
+    return Sample(uri=key, key=key, media_type="image", data=data, frames=[], record=record)
+
+
+def video_sample() -> Sample:
+    frames = [png(10), png(11)]
+    media = {"type": "video", "ext": "mp4", "width": 96, "height": 72}
+    record = new_record("f" * 16, {"uri": "v", "sha256": "", "bytes": 0, "format": "mp4"}, media, [])
+    record["keyframes"] = [{"frame_index": 0, "time_s": 0.0}, {"frame_index": 5, "time_s": 0.2}]
+    return Sample(uri="v", key="f" * 16, media_type="video", data=b"", frames=frames, record=record)
+
+
+def build(name, params, model_id):
+    cls = stage_class(name)
+    return cls(stage_params(cls, params, name), ModelSpec(id=model_id), Resources(), seed=0)
+
+
+@pytest.fixture(scope="module")
+def annotated():
+    samples = [image_sample(1), image_sample(2, (64, 80)), video_sample()]
+    stages = {}
+    for name, params, model_id in PLAN:
+        stage = build(name, params, model_id)
+        stage.setup()
+        stage.process(samples)
+        stages[name + params.get("detector", "")] = stage
+    return samples, stages
+
+
+def frames(samples):
+    return [(s, v) for s in samples for v in s.views()]
+
+
+def objects_of(view):
+    return view.record.get("objects", []) + view.record.get("floating_objects", [])
+
+
+def test_landmark_is_a_two_level_choice(annotated):
+    hierarchy = load_groups("scene_categories")
+    for _, view in frames(annotated[0]):
+        lm = view.record["landmark"]
+        assert lm["fine"] in hierarchy[lm["category"]] and 0 < lm["score"] <= 1
+
+
+def test_detectors_query_tags_and_classes_with_boxes_in_the_image(annotated):
+    for _, view in frames(annotated[0]):
+        tags = {t["label"] for t in view.record["tags"]}
+        queries = {"owlv2": tags | {"person"}, "grounding_dino": tags}  # only OWLv2 has extra classes
+        dets = view.record["detections"]
+        assert set(dets) == {"owlv2", "grounding_dino"}
+        assert 0 < len(dets["owlv2"]) <= 4 and len(dets["grounding_dino"]) <= 4
+        w, h = view.image.size
+        for model, boxes in dets.items():
+            for d in boxes:
+                x0, y0, x1, y1 = d["bbox"]
+                assert 0 <= x0 < x1 <= w and 0 <= y0 < y1 <= h and d["score"] >= 0.05
+                assert d["label"] in queries[model]
+
+
+def test_voting_splits_all_detections(annotated):
+    for _, view in frames(annotated[0]):
+        objs = objects_of(view)
+        n_dets = sum(len(v) for v in view.record["detections"].values())
+        merged = sum(len(o["detectors"]) for o in objs)
+        assert merged == n_dets  # every detection ends in exactly one object or floating object
+        assert sorted(o["id"] for o in objs) == list(range(len(objs)))
+        assert all(len(o["detectors"]) >= 2 for o in view.record["objects"])
+        assert all(len(o["detectors"]) == 1 for o in view.record["floating_objects"])
+    assert any(view.record["objects"] for _, view in frames(annotated[0]))  # min_iou 0.05 finds agreement
+
+
+def test_masks_depth_attributes_on_every_object(annotated):
+    vocab = {v for values in load_groups("attributes").values() for v in values}
+    n = 0
+    for _, view in frames(annotated[0]):
+        w, h = view.image.size
+        for obj in objects_of(view):
+            n += 1
+            mask = decode_mask(obj["segmentation"])
+            assert mask.shape == (h, w) and obj["segmentation_source"] == "SAM2"
+            assert mask_within_box(mask_bbox(obj["segmentation"]), obj["bbox"])
+            assert isinstance(obj["mask_in_box"], bool) and 0 <= obj["predicted_iou"] <= 1.5
+            assert 0.0 <= obj["depth"] <= 1.0 and obj["depth_layer"] in LAYERS
+            assert 1 <= len(obj["labels"]) <= 3 and set(obj["attributes"]) <= vocab
+            assert len(obj["attributes"]) == 3  # min prob 0: one value per group
+    assert n > 0
+
+
+def test_captions_are_reproducible_per_image(annotated):
+    samples, stages = annotated
+    before = [v.record["captions"] for _, v in frames(samples)]
+    assert all(1 <= len(c) <= 2 and all(x["model"] == "tiny" for x in c) for c in before)
+    stages["captions"].process(samples[::-1])  # another batch order: same captions per image
+    assert [v.record["captions"] for _, v in frames(samples)] == before
+
+
+def test_grounding_spans_index_captions_exactly(annotated):
+    samples, stages = annotated
+    total = 0
+    for s in samples:
+        assert check_record(s.record) == []
+    for _, view in frames(samples):
+        ids = {o["id"] for o in objects_of(view)}
+        for g in view.record["relationships"]["grounding"]:
+            s, e = g["tokens_positive"]
+            assert view.record["captions"][g["caption_index"]]["text"][s:e] == g["phrase"]
+            assert set(g["object_ids"]) <= ids and g["object_ids"]
+            total += 1
+    assert total > 0
+    assert stages["grounding"].provenance()["random_weights"] is False
+    assert stages["masks"].provenance()["random_weights"] is True
+
+
+def test_sam2_local_checkpoint_loads_the_same_weights(tmp_path, annotated):
+    """A directory with a hydra config and a `{"model": state_dict}` .pt loads (weights_only) unchanged."""
+    import shutil
+
+    import sam2
+    import torch
+
+    from groundmill.stages.sam2_models import (
+        TINY_CONFIG,
+        TINY_IMAGE_SIZE,
+        load_image_predictor,
+        predict_boxes,
+    )
+
+    tiny = annotated[1]["masks"].predictor
+    assert tiny._bb_feat_sizes[-1] == (TINY_IMAGE_SIZE // 16,) * 2
+    torch.save({"model": tiny.model.state_dict()}, tmp_path / "weights.pt")
+    shutil.copy(f"{sam2.__path__[0]}/{TINY_CONFIG}", tmp_path / "model.yaml")
+    # a saved config states its own image size: the tiny one's, written into sam2's hiera-t file
+    text = (tmp_path / "model.yaml").read_text().replace("image_size: 1024", f"image_size: {TINY_IMAGE_SIZE}")
+    text = text.replace(
+        "feat_sizes: [64, 64]", f"feat_sizes: [{TINY_IMAGE_SIZE // 16}, {TINY_IMAGE_SIZE // 16}]"
+    )
+    (tmp_path / "model.yaml").write_text(text)
+    local = load_image_predictor(ModelSpec(id=str(tmp_path)), Resources())
+    image = Image.open(io.BytesIO(png(3)))
+    box = [[5, 5, 60, 50]]
+    m1, iou1 = predict_boxes(tiny, image, box)
+    m2, iou2 = predict_boxes(local, image, box)
+    assert np.array_equal(m1, m2) and np.allclose(iou1, iou2)
+
+
+def test_owlv2_local_directory_loads_like_a_hub_id(tmp_path, annotated):
+    det = annotated[1]["detectionowlv2"].detector
+    det.model.save_pretrained(tmp_path)
+    det.processor.save_pretrained(tmp_path)
+    local = build("detection", {"detector": "owlv2"}, str(tmp_path))
+    local.setup()
+    image = Image.open(io.BytesIO(png(4)))
+    assert local.detector.detect(image, ["cat", "dog"], "a photo of a {}") == det.detect(
+        image, ["cat", "dog"], "a photo of a {}"
+    )
+    assert local.provenance()["random_weights"] is False and local.provenance()["model"] == str(tmp_path)
