@@ -1,0 +1,201 @@
+"""The HTTP backend against real servers on loopback: `transformers serve` with the real SmolLM2
+(session fixture), and a small FastAPI app that is a test double for faults (garbage bodies, no
+stop, timeouts, 503s). Also the in-process transformers backend on the same real model.
+
+No `from __future__ import annotations` here: FastAPI must resolve the handler's `Request` annotation."""
+
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from groundmill.stages.llm import (
+    FINISH_ERROR,
+    FINISH_STOP,
+    LLMConfig,
+    SamplingParams,
+    generate_checked,
+    make_backend,
+    require_stop,
+)
+from groundmill.stages.llm.hf import converted_gguf, smollm2_gguf
+
+pytestmark = pytest.mark.slow
+PROMPT = [{"role": "user", "content": "Name one colour. Answer with one word."}]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_healthy(url: str, proc: subprocess.Popen | None, limit_s: float) -> None:
+    deadline = time.monotonic() + limit_s
+    while time.monotonic() < deadline:  # bounded: the fixture fails instead of hanging
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode}")
+        try:
+            if httpx.get(url, timeout=2).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.5)
+    raise TimeoutError(f"{url} not healthy after {limit_s}s")
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir() -> Path:
+    return converted_gguf(smollm2_gguf())
+
+
+@pytest.fixture(scope="session")
+def served_smollm2(smollm2_dir, tmp_path_factory):
+    """`transformers serve` on 127.0.0.1 serving the real SmolLM2 (converted once to safetensors)."""
+    port = free_port()
+    log = tmp_path_factory.mktemp("serve") / "serve.log"
+    exe = Path(sys.executable).with_name("transformers")
+    with log.open("w") as out:
+        proc = subprocess.Popen(
+            [str(exe), "serve", "--host", "127.0.0.1", "--port", str(port), str(smollm2_dir)],
+            stdout=out, stderr=subprocess.STDOUT, env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        )  # fmt: skip
+    try:
+        wait_healthy(f"http://127.0.0.1:{port}/health", proc, 240)
+        yield f"http://127.0.0.1:{port}/v1", str(smollm2_dir)
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+def test_http_backend_against_real_server(served_smollm2):
+    base_url, model = served_smollm2
+    backend = make_backend(
+        LLMConfig(backend="http", base_url=base_url, max_concurrency=2, timeout_s=120), model
+    )
+    backend.setup()
+    try:
+        gens = backend.generate([PROMPT, "Say hello."], SamplingParams(max_new_tokens=8, temperature=0.0))
+    finally:
+        backend.close()
+    assert len(gens) == 2
+    for g in gens:
+        assert g.finish_reason != FINISH_ERROR, g.error
+        assert g.text.strip() and 0 < g.tokens <= 8
+
+
+def test_transformers_backend_real_model_batches_with_left_padding(smollm2_dir):
+    backend = make_backend(LLMConfig(backend="transformers", batch_size=4), "smollm2")
+    backend.setup()
+    greedy = SamplingParams(max_new_tokens=6, temperature=0.0)
+    long_prompt = [
+        {"role": "user", "content": "Here is a long question about many things. " * 5 + "Say yes."}
+    ]
+    batched = backend.generate([PROMPT, long_prompt], greedy)
+    alone = backend.generate([PROMPT], greedy)
+    assert batched[0].text == alone[0].text  # padding the short prompt did not change its answer
+    assert all(g.tokens <= 6 and g.finish_reason in (FINISH_STOP, "length") for g in batched)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Fault server (test double for misbehaving endpoints): the requested model name picks the fault.
+
+
+@pytest.fixture(scope="module")
+def fault_server():
+    import uvicorn
+    from fastapi import FastAPI, Request
+    from fastapi.responses import JSONResponse, PlainTextResponse
+
+    app = FastAPI()
+    hits: dict[str, int] = {}
+
+    def completion(text: str, finish: str) -> dict:
+        return {"choices": [{"message": {"role": "assistant", "content": text}, "finish_reason": finish}],
+                "usage": {"completion_tokens": 3}}  # fmt: skip
+
+    @app.post("/v1/chat/completions")
+    async def chat(request: Request):
+        model = (await request.json())["model"]
+        hits[model] = hits.get(model, 0) + 1
+        if model == "garbage":
+            return PlainTextResponse("<html>oops", status_code=200)
+        if model == "wrong-shape":
+            return JSONResponse({"choices": []})
+        if model == "no-stop":
+            return JSONResponse(completion("A dog sat on", "length"))
+        if model == "slow":
+            await _sleep(3)
+            return JSONResponse(completion("late.", "stop"))
+        if model == "flaky" and hits[model] <= 2:
+            return PlainTextResponse("busy", status_code=503)
+        return JSONResponse(completion("A dog.", "stop"))
+
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started and time.monotonic() < deadline:
+        time.sleep(0.05)
+    yield f"http://127.0.0.1:{port}/v1", hits
+    server.should_exit = True
+    thread.join(timeout=10)
+
+
+async def _sleep(seconds: float) -> None:
+    import asyncio
+
+    await asyncio.sleep(seconds)
+
+
+def _backend(base_url: str, model: str, **kw):
+    backend = make_backend(LLMConfig(backend="http", base_url=base_url, **kw), model)
+    backend.setup()
+    return backend
+
+
+@pytest.mark.parametrize(
+    ("model", "reason"),
+    [("garbage", "not JSON"), ("wrong-shape", "malformed chat completion"), ("no-stop", "did not stop")],
+)
+def test_malformed_output_is_retried_then_recorded(fault_server, model, reason):
+    base_url, hits = fault_server
+    backend = _backend(base_url, model, request_retries=0)
+    before = hits.get(model, 0)
+    results = generate_checked(
+        backend, ["describe"], SamplingParams(max_new_tokens=8), require_stop, attempts=3
+    )
+    backend.close()
+    assert not results[0].ok and reason in results[0].reason and results[0].attempts == 3
+    assert hits[model] - before == 3  # one request per attempt: malformed bodies are not transport retries
+
+
+def test_timeouts_and_503_are_retried_with_a_bound(fault_server):
+    base_url, hits = fault_server
+    slow = _backend(base_url, "slow", timeout_s=0.5, request_retries=1)
+    gen = slow.generate(["x"], SamplingParams(max_new_tokens=4))[0]
+    slow.close()
+    assert gen.finish_reason == FINISH_ERROR and "timeout" in gen.error and "2 tries" in gen.error
+    flaky = _backend(base_url, "flaky", request_retries=2)
+    gen = flaky.generate(["x"], SamplingParams(max_new_tokens=4))[0]
+    flaky.close()
+    assert gen.finish_reason == FINISH_STOP and gen.text == "A dog." and hits["flaky"] == 3
+
+
+def test_concurrency_is_bounded_and_order_kept(fault_server):
+    base_url, _ = fault_server
+    backend = _backend(base_url, "ok", max_concurrency=3)
+    gens = backend.generate([f"p{i}" for i in range(7)], SamplingParams(max_new_tokens=4))
+    backend.close()
+    assert [g.text for g in gens] == ["A dog."] * 7
+    assert backend.pool._max_workers == 3
