@@ -174,3 +174,19 @@ def test_paraphrase_must_keep_distinguishing_words():
     spec = ExpressionSpec("dog", ("black",), ("left of", "bench"))
     assert keeps_meaning("the black dog to the left of the bench", spec)
     assert not keeps_meaning("the dog near the bench", spec)
+
+
+def test_checklist_pass_counts_claims_without_objects(verifier):
+    caption = "A brown dog sits near a wooden bench."
+    s = image_sample(SCENE, caption)
+    rendered = verifier.prompt.render(caption=caption).messages
+    answers = [Generation("not a list", FINISH_STOP), Generation('["dog", "bench", "frisbee"]', FINISH_STOP)]
+    verifier.params.checklist, verifier.backend = True, _KeyedByText({str(rendered): answers})
+    try:
+        verifier.process([s])
+    finally:
+        verifier.params.checklist, verifier.backend = False, None
+    checklist = s.record["dense_caption"]["verification"]["checklist"]
+    assert checklist["claims"] == ["dog", "bench", "frisbee"] and checklist["unmatched"] == ["frisbee"]
+    assert checklist["prompt_id"] == "verification_checklist@v1"
+    assert s.stats["verification.checklist_unmatched_rate"] == pytest.approx(1 / 3, abs=1e-3)
