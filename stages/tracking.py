@@ -12,7 +12,7 @@ frames; consecutive chunks share one frame. Per chunk:
 
 Only one chunk of frames and one predictor state are alive at a time (the state is rebuilt per chunk,
 with `offload_video_to_cpu` / `offload_state_to_cpu`), so memory does not grow with the video's length;
-the price is that an object found late is tracked backward only to the start of its chunk.
+the price is that an object found late is tracked backward only to the first frame of its chunk.
 """
 
 from __future__ import annotations
@@ -146,7 +146,8 @@ def track_video(
     for chunk in frame_chunks(frames, chunk_frames):
         chunks += 1
         images = [image for _, _, image in chunk]
-        carried = chunks > 1  # the first frame was already recorded with the previous chunk
+        carried = chunks > 1  # the first frame was already recorded with the previous chunk...
+        known = set(book.tracks)  # ...for the tracks known then; new ones are recorded there too
         active = book.active()
         results: FrameMasks = (
             propagator.propagate(images, {t.track_id: (0, t.last_visible) for t in active}) if active else {}
@@ -166,11 +167,10 @@ def track_video(
                 for frame, masks in propagator.propagate(images, prompts).items():
                     results.setdefault(frame, {}).update(masks)
         for local, (frame_index, time_s, _) in enumerate(chunk):
-            if carried and local == 0:
-                continue
             frame_times[str(frame_index)] = round(time_s, 4)
             for tid, mask in sorted(results.get(local, {}).items()):
-                book.observe(tid, frame_index, mask)
+                if not (carried and local == 0 and tid in known):
+                    book.observe(tid, frame_index, mask)
     return TrackingResult(book.records(min_frames), frame_times, len(frame_times), chunks)
 
 
@@ -210,7 +210,6 @@ class Sam2Tracking(Stage):
     def setup(self) -> None:
         from groundmill.stages.sam2_models import load_video_predictor
 
-        os.environ.setdefault("TQDM_DISABLE", "1")  # sam2 draws a progress bar per propagation
         self.propagator = Sam2Propagator(load_video_predictor(self.model_spec, self.resources, self.seed))
 
     def process(self, samples: list[Sample]) -> None:

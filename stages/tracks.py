@@ -229,7 +229,10 @@ def motion_phrases(stats: TrackStats) -> list[str]:
         phrases.append(f"stays in {_region(stats.start_xy)}")
     else:
         word = _DIRECTIONS[round(stats.direction_deg / 45) % 8]
-        phrases.append(f"moves {word}, from {_region(stats.start_xy)} to {_region(stats.end_xy)}")
+        start, end = _region(stats.start_xy), _region(stats.end_xy)
+        phrases.append(
+            f"moves {word} within {start}" if start == end else f"moves {word}, from {start} to {end}"
+        )
     if stats.size_ratio > GROWS_ABOVE:
         phrases.append("grows larger")
     elif stats.size_ratio < SHRINKS_BELOW:
