@@ -145,7 +145,8 @@ class Media(TypedDict, total=False):
     fps: float
     num_frames: int
     duration_s: float
-    rotation: int
+    rotation: int  # clockwise display rotation applied to every frame (sizes above are upright)
+    sampling: dict[str, Any]  # {fps, stride, max_frames, num_sampled}: which frames keyframes/tracks use
 
 
 class Source(TypedDict):
@@ -164,7 +165,9 @@ class Record(FrameRecord, total=False):
     keyframes: list[FrameRecord]  # video only
     sparse_frames: list[dict[str, Any]]  # video only: {frame_index, time_s} of sparse context frames
     tracks: list[dict[str, Any]]  # video only: {track_id, labels, masklet: {frame: RLE}, consistency, ...}
+    frame_times: dict[str, float]  # video only: time_s of every frame the tracker covered (masklet keys)
     expressions: list[dict[str, Any]]  # video only: Ref-SAV style per-track expressions
+    video_captions: list[Caption]  # video only: the template caption, then an LLM one if it kept every label
     gcg: dict[str, Any]  # GranD-f GCG form: {file_name, caption, groundings}
     provenance: dict[str, dict[str, Any]]  # stage -> {model, random_weights, version, prompt_hash, ...}
 

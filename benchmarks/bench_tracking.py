@@ -95,10 +95,19 @@ class PeakRss:
         return (self.peak - self.baseline) / 2**20
 
 
-def run_once(predictor: Any, video: Path, *, keyframes: int, chunk_frames: int) -> dict[str, float]:
+def run_once(
+    predictor: Any,
+    video: Path,
+    *,
+    chunk_frames: int,
+    detections: dict[int, list[Detection]] | None = None,
+    keyframes: int = 4,
+) -> dict[str, float]:
+    """Track one video (its shapes on `keyframes` keyframes unless `detections` are given)."""
     data = video.read_bytes()
-    v = probe_video(data, "mp4", keyframes=keyframes, sparse_frames=0, sampling=FrameSampling())
-    detections = shapes_detections(data, v.keyframe_indices)
+    if detections is None:
+        v = probe_video(data, "mp4", keyframes=keyframes, sparse_frames=0, sampling=FrameSampling())
+        detections = shapes_detections(data, v.keyframe_indices)
     frames = ((i, t, upright(f, 0)) for i, t, f in sampled_frames(data, FrameSampling()))
     with PeakRss() as rss:
         start = time.perf_counter()

@@ -21,6 +21,8 @@ REGISTRY: dict[str, str] = {
     "refexp": "refexp:ReferringExpressions",
     "extra_context": "extra_context:ExtraContext",
     "gcg": "gcg:GCGExport",
+    "tracking": "tracking:Sam2Tracking",
+    "video_expressions": "video_expressions:VideoExpressions",
 }
 
 

@@ -208,7 +208,8 @@ STILL_BELOW = 0.05  # travel under 5% of the frame diagonal reads as staying in 
 GROWS_ABOVE, SHRINKS_BELOW = 1.5, 1 / 1.5
 
 
-def _region(xy: tuple[float, float]) -> str:
+def region_name(xy: tuple[float, float]) -> str:
+    """Where a normalised point lies, in words: 'the top left', 'the centre', 'the bottom'."""
     col = "left" if xy[0] < 1 / 3 else "right" if xy[0] > 2 / 3 else "centre"
     row = "top" if xy[1] < 1 / 3 else "bottom" if xy[1] > 2 / 3 else "middle"
     if (row, col) == ("middle", "centre"):
@@ -224,12 +225,12 @@ def motion_phrases(stats: TrackStats) -> list[str]:
     """Plain phrases for how a track moves and changes, in time order of what they describe."""
     phrases = []
     if stats.enters:
-        phrases.append(f"enters the frame from {_region(stats.start_xy)}")
+        phrases.append(f"enters the frame from {region_name(stats.start_xy)}")
     if stats.displacement < STILL_BELOW:
-        phrases.append(f"stays in {_region(stats.start_xy)}")
+        phrases.append(f"stays in {region_name(stats.start_xy)}")
     else:
         word = _DIRECTIONS[round(stats.direction_deg / 45) % 8]
-        start, end = _region(stats.start_xy), _region(stats.end_xy)
+        start, end = region_name(stats.start_xy), region_name(stats.end_xy)
         phrases.append(
             f"moves {word} within {start}" if start == end else f"moves {word}, from {start} to {end}"
         )

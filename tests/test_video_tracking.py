@@ -25,6 +25,7 @@ from groundmill.pipeline.run import run_pipeline
 from groundmill.pipeline.sink import SHARDS_DIR, read_index
 from groundmill.schema import check_record, decode_mask, encode_mask
 from groundmill.stages.tracking import (
+    Detection,
     Sam2Propagator,
     Sam2Tracking,
     frame_chunks,
@@ -154,16 +155,20 @@ def test_sam2_stage_writes_masklets_of_the_frame_size_on_every_tracked_frame(tmp
 def test_tracking_memory_does_not_grow_with_video_length(tmp_path, tiny_sam2):
     """Peak RSS growth while tracking 4N frames stays within a few MB of N frames (640x480: holding the
     4N decoded frames alone would add about 3N x 0.9 MB)."""
-    n, size = 4, (640, 480)
-    long = write_shapes_video(tmp_path / "long.mp4", num_frames=4 * n, size=size, enter_at=None)
-    short = write_shapes_video(tmp_path / "short.mp4", num_frames=n, size=size, enter_at=None)
-    run_once(tiny_sam2, short, keyframes=1, chunk_frames=2)  # warm-up: allocator pools, lazy buffers
+    n, (w, h) = 4, (640, 480)
+    long = write_shapes_video(tmp_path / "long.mp4", num_frames=4 * n, size=(w, h), enter_at=None)
+    short = write_shapes_video(tmp_path / "short.mp4", num_frames=n, size=(w, h), enter_at=None)
+    # One large object on frame 0 (small shapes vanish at the test's 64-px model input; memory is the point).
+    mask = np.zeros((h, w), dtype=bool)
+    mask[h // 4 : 3 * h // 4, w // 4 : 3 * w // 4] = True
+    objects = {0: [Detection(mask, ["box"], {"frame_index": 0, "object_id": 0})]}
+    run_once(tiny_sam2, short, chunk_frames=2, detections=objects)  # warm-up: allocator pools, buffers
     # The long video first: any memory the allocator keeps from it would only help the short one.
-    grown_long = run_once(tiny_sam2, long, keyframes=1, chunk_frames=2)
-    grown_short = run_once(tiny_sam2, short, keyframes=1, chunk_frames=2)
+    grown_long = run_once(tiny_sam2, long, chunk_frames=2, detections=objects)
+    grown_short = run_once(tiny_sam2, short, chunk_frames=2, detections=objects)
     assert (grown_long["frames"], grown_short["frames"]) == (4 * n, n)
-    assert grown_long["tracks"] == 2
-    held_frames_mb = 3 * n * size[0] * size[1] * 3 / 2**20
+    assert grown_long["chunks"] == 4 * n - 1 and grown_long["tracks"] == 1
+    held_frames_mb = 3 * n * w * h * 3 / 2**20
     assert grown_long["peak_rss_growth_mb"] < grown_short["peak_rss_growth_mb"] + held_frames_mb / 3, (
         grown_long,
         grown_short,
