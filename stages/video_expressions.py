@@ -112,7 +112,9 @@ def build_expressions(record: Record, track: dict[str, Any], max_attributes: int
 
     phrases = motion_phrases(stats)
     video_level = f"the {label} that {join_phrases(phrases)}"
-    motion = tuple(w for w in MOTION_WORDS if any(w in p.split() for p in phrases))
+    # Only the verb parts carry motion ("moves right" of "moves right, from the top left to ...").
+    heads = [p.split(",")[0].split(" from ")[0].split(" within ")[0].split() for p in phrases]
+    motion = tuple(w for w in MOTION_WORDS if any(w in head for head in heads))
     return TrackExpressions(
         track_id=track["track_id"],
         label=label,
