@@ -170,6 +170,8 @@ def pipeline_once(argv: list[str]) -> None:
 def run_pipeline_measured(manifest: str, inputs: Path, work: Path, tag: str, overrides: list[str]) -> dict:
     out, result = work / f"out-{tag}", work / f"{tag}.json"
     shutil.rmtree(out, ignore_errors=True)
+    # Small shards: many commits, so the steady-state window (first to last commit) is well sampled.
+    overrides = ["output.shard_max_samples=2", *overrides]
     args = ["benchmarks.run", "_pipeline", manifest, "--input", str(inputs), "--output", str(out)]
     r = run_child([*args, "--json", str(result), *overrides], result)
     r["samples_per_s"] = r["inputs"] / r["seconds"]
