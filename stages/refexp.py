@@ -9,6 +9,7 @@ An optional LLM paraphrase must keep every distinguishing word, or the template 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,14 +19,14 @@ from groundmill.stages.llm.parsing import parse_phrase
 from groundmill.stages.llm.stage import LLMStage
 from groundmill.stages.scene_graph import area
 
-# position -> (key, pick max?) over same-label objects' boxes
-POSITIONS: dict[str, tuple[Any, bool]] = {
-    "leftmost": (lambda b: -(b[0] + b[2]), True),
-    "rightmost": (lambda b: b[0] + b[2], True),
-    "topmost": (lambda b: -(b[1] + b[3]), True),
-    "bottommost": (lambda b: b[1] + b[3], True),
-    "largest": (area, True),
-    "smallest": (lambda b: -area(b), True),
+# position word -> the box score its object maximises among objects with the same label
+POSITIONS: dict[str, Callable[[list[float]], float]] = {
+    "leftmost": lambda b: -(b[0] + b[2]),
+    "rightmost": lambda b: b[0] + b[2],
+    "topmost": lambda b: -(b[1] + b[3]),
+    "bottommost": lambda b: b[1] + b[3],
+    "largest": area,
+    "smallest": lambda b: -area(b),
 }
 
 
@@ -63,7 +64,7 @@ def fits(
         ):
             return False
     if spec.position:
-        key, _ = POSITIONS[spec.position]
+        key = POSITIONS[spec.position]
         same = [n for n in nodes if n["label"] == spec.label]
         best = max(key(n["bbox"]) for n in same)
         return key(node["bbox"]) == best and sum(key(n["bbox"]) == best for n in same) == 1
@@ -76,6 +77,9 @@ def candidates(
     label, attrs = node["label"], tuple(node["attributes"])
     labels = {n["id"]: n["label"] for n in nodes}
     rels = [(r["predicate"], labels[r["object"]]) for r in relations if r["subject"] == node["id"]]
+    rels.sort(
+        key=lambda rel: rel[1] == label
+    )  # "the cup on the table" reads better than "the cup near the cup"
     out = [ExpressionSpec(label)]
     out += [ExpressionSpec(label, (a,)) for a in attrs]
     if len(attrs) > 1:
