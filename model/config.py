@@ -44,6 +44,7 @@ class DecoderConfig:
     heads: int = 4
     mlp_dim: int = 256
     memory_size: int = 4  # Mask Memory FIFO length (past frames), X2SAM's num_maskmem
+    seg_tokens: int = 2  # sparse prompt tokens each [SEG] hidden state is projected to
 
 
 @dataclass
