@@ -82,7 +82,26 @@ class SlowDouble(Stage):
             s.record["fault_double"] = "slow"
 
 
+class HandBuiltObjectsDouble(Stage):
+    """Writes two fixed objects into every image, standing in for detection + voting, so the real
+    language stages after it have something to describe without vision models."""
+
+    name = "hand_built_objects"
+    provides = ("objects",)
+    uses_model = False
+
+    def process(self, samples: list[Sample]) -> None:
+        for s in samples:
+            s.record["objects"] = [
+                {"id": 0, "bbox": [4, 4, 40, 40], "labels": ["dog"], "attributes": ["brown"], "score": 0.9,
+                 "detectors": ["double"]},
+                {"id": 1, "bbox": [50, 10, 90, 60], "labels": ["ball"], "attributes": ["red"], "score": 0.8,
+                 "detectors": ["double"]},
+            ]  # fmt: skip
+
+
 DOUBLES: dict[str, type[Stage]] = {
+    "hand_built_objects": HandBuiltObjectsDouble,
     "raise_on_uri": RaiseOnUriDouble,
     "raise_on_uri_task": RaiseOnUriTaskDouble,
     "crash_once": CrashOnceDouble,

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import json
 import os
 import signal
 import subprocess
@@ -25,6 +26,7 @@ from groundmill.pipeline.run import run_pipeline
 from groundmill.pipeline.sink import INDEX_DIR, SHARDS_DIR, ShardWriter, iter_shard, read_index
 from tests.fault_doubles import use_doubles
 from tests.media_factory import rgb_jpeg
+from tests.test_llm_http import fault_server  # noqa: F401  (the LLM engineer's misbehaving-endpoint double)
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]
@@ -190,3 +192,33 @@ def test_shard_commit_on_a_full_disk_leaves_nothing_visible(tmp_path, monkeypatc
     with pytest.raises(OSError, match="No space left on device"):
         writer.commit()
     assert [p.name for p in tmp_path.rglob("*") if p.is_file()] == []
+
+
+@pytest.mark.parametrize(("fault", "reason"), [("garbage", "not JSON"), ("slow", "")])
+def test_llm_endpoint_garbage_or_timeout_is_retried_then_recorded(
+    tmp_path, ray_local, doubles, request, fault, reason
+):
+    """A misbehaving OpenAI-compatible endpoint: each prompt is retried `attempts` times, then the
+    drop is recorded (record `llm_drops`, index stats); every input still gets exactly one row."""
+    base_url, hits = request.getfixturevalue("fault_server")
+    uris = _inputs(tmp_path / "in", 3)
+    manifest = tmp_path / "m.yaml"
+    manifest.write_text(
+        f"inputs: [{tmp_path / 'in'}]\noutput: {{dir: {tmp_path / 'out'}}}\nload: {{batch_size: 3}}\n"
+        "stages:\n  hand_built_objects: {}\n  scene_graph: {}\n"
+        f"  dense_caption:\n    model: {{id: {fault}}}\n    resources: {{batch_size: 3}}\n"
+        "    params: {attempts: 2, max_new_tokens: 8, "
+        f"llm: {{backend: http, base_url: '{base_url}', timeout_s: 0.5, request_retries: 1}}}}\n"
+    )
+    before = hits.get(fault, 0)
+    run_pipeline(load_config(manifest))
+    rows = assert_exactly_once(tmp_path / "out", uris)
+    assert all(r["status"] == "ok" and dict(r["stats"])["dense_caption.dropped"] == 1.0 for r in rows)
+    for tar in (tmp_path / "out" / SHARDS_DIR).glob("*.tar"):
+        for _, files in iter_shard(tar):
+            record = json.loads(files["json"])
+            assert "dense_caption" not in record
+            [drop] = record["llm_drops"]
+            assert drop["stage"] == "dense_caption" and drop["attempts"] == 2 and reason in drop["reason"]
+    # garbage: one request per attempt; a timeout: each attempt also retried once at the transport level.
+    assert hits[fault] - before == 3 * 2 * (1 if fault == "garbage" else 2)
