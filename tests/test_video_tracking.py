@@ -201,7 +201,7 @@ def test_tracking_stage_in_the_pipeline_writes_video_records(tmp_path, ray_local
     run_pipeline(load_config(manifest))
     rows = {Path(r["uri"]).name: r for r in read_index(tmp_path / "out").to_pylist()}
     assert rows["broken.mp4"]["status"] == "error" and rows["clip.mp4"]["status"] == "ok"
-    assert "tracking" in rows["clip.mp4"]["timings"]
+    assert "tracking" in dict(rows["clip.mp4"]["timings"])
     tars = [str(p) for p in (tmp_path / "out" / SHARDS_DIR).glob("*.tar")]
     (sample,) = list(wds.WebDataset(tars, shardshuffle=False))
     record = json.loads(sample["json"])
