@@ -21,7 +21,7 @@ from groundmill.model.train import train
 TINY = Path(__file__).resolve().parent.parent / "manifests" / "train_tiny.yaml"
 
 
-def main(argv: list[str] | None = None) -> dict:
+def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="groundmill bench-train", description=__doc__.splitlines()[0])
     p.add_argument("--out", default="out/bench_train")
     p.add_argument("--config", default=str(TINY))
@@ -67,7 +67,6 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"referring cIoU {summary['ciou']:.3f} (baseline {summary['baseline_ciou']:.3f})")
     print(f"video J&F {summary['jf']:.3f} (baseline {summary['baseline_jf']:.3f})")
     print(json.dumps(summary))
-    return summary
 
 
 if __name__ == "__main__":

@@ -216,7 +216,7 @@ def evaluate_gcg(model: X2SamModel, items: list[tuple[dict, dict]], tok: PreTrai
     }
 
 
-def main(argv: list[str] | None = None) -> dict:
+def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="groundmill eval", description="Evaluate a checkpoint on val shards.")
     p.add_argument("config")
     p.add_argument("checkpoint")
@@ -224,7 +224,6 @@ def main(argv: list[str] | None = None) -> dict:
     a = p.parse_args(argv)
     results = evaluate(load_config(a.config, a.overrides), a.checkpoint)
     print(json.dumps(results, indent=1))
-    return results
 
 
 if __name__ == "__main__":

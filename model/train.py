@@ -201,7 +201,7 @@ def train(cfg: TrainConfig, resume: str | None = None) -> Path:
     return out / CKPT_DIR / f"step-{state['step']:07d}"
 
 
-def main(argv: list[str] | None = None) -> Path:
+def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="groundmill train", description="Train the X2SAM-style model on shards.")
     p.add_argument("config", help="YAML config (see manifests/train_tiny.yaml)")
     p.add_argument("overrides", nargs="*", help="key.sub=value overrides")
@@ -209,7 +209,6 @@ def main(argv: list[str] | None = None) -> Path:
     a = p.parse_args(argv)
     path = train(load_config(a.config, a.overrides), a.resume)
     print(f"checkpoint: {path}")
-    return path
 
 
 if __name__ == "__main__":
