@@ -60,55 +60,73 @@ def query_token_scores(
     return scores
 
 
-class _Owlv2:
-    """OWLv2: one query set per image; boxes are relative to the image padded to a square."""
+class _Detector:
+    """A transformers detector and its processor: pretrained (hub id or local path) or `tiny`."""
+
+    model_class: str  # transformers class names, imported on use
+    processor_class: str
 
     def __init__(self, spec: Any, device: torch.device, dtype: torch.dtype, seed: int):
-        from transformers import Owlv2Config, Owlv2ForObjectDetection, Owlv2ImageProcessor, Owlv2Processor
+        import transformers
 
         if spec.is_random:
-            tokenizer = clip_bpe_tokenizer()
-            seeded(seed, "owlv2")
-            text = {"vocab_size": len(tokenizer), "max_position_embeddings": 16}
-            text |= {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id}
-            config = Owlv2Config(
-                text_config=text | _tiny_encoder() | {"pad_token_id": tokenizer.pad_token_id},
-                vision_config=_tiny_encoder() | {"image_size": TINY_IMAGE_SIZE, "patch_size": 16},
-                projection_dim=32,
-            )
-            self.model = Owlv2ForObjectDetection(config)
-            size = {"height": TINY_IMAGE_SIZE, "width": TINY_IMAGE_SIZE}
-            self.processor = Owlv2Processor(
-                image_processor=Owlv2ImageProcessor(size=size), tokenizer=tokenizer
-            )
+            seeded(seed, self.model_class)
+            self.model, self.processor = self.tiny()
         else:
             source = local_path(spec) or spec.id
-            self.model = Owlv2ForObjectDetection.from_pretrained(source, revision=spec.revision)
-            self.processor = Owlv2Processor.from_pretrained(source, revision=spec.revision)
+            model_cls = getattr(transformers, self.model_class)
+            self.model = model_cls.from_pretrained(source, revision=spec.revision)
+            processor_cls = getattr(transformers, self.processor_class)
+            self.processor = processor_cls.from_pretrained(source, revision=spec.revision)
         self.model = self.model.to(device, dtype).eval()
         self.device, self.dtype = device, dtype
 
+    def tiny(self) -> tuple[Any, Any]:
+        raise NotImplementedError
+
+    def inputs(self, **kwargs: Any) -> Any:
+        inputs = self.processor(return_tensors="pt", **kwargs).to(self.device)
+        inputs["pixel_values"] = inputs["pixel_values"].to(self.dtype)
+        return inputs
+
+
+class _Owlv2(_Detector):
+    """OWLv2: one query set per image; boxes are relative to the image padded to a square."""
+
+    model_class, processor_class = "Owlv2ForObjectDetection", "Owlv2Processor"
+
+    def tiny(self) -> tuple[Any, Any]:
+        from transformers import Owlv2Config, Owlv2ForObjectDetection, Owlv2ImageProcessor, Owlv2Processor
+
+        tokenizer = clip_bpe_tokenizer()
+        text = {"vocab_size": len(tokenizer), "max_position_embeddings": 16}
+        text |= {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id}
+        config = Owlv2Config(
+            text_config=text | _tiny_encoder() | {"pad_token_id": tokenizer.pad_token_id},
+            vision_config=_tiny_encoder() | {"image_size": TINY_IMAGE_SIZE, "patch_size": 16},
+            projection_dim=32,
+        )
+        size = {"height": TINY_IMAGE_SIZE, "width": TINY_IMAGE_SIZE}
+        processor = Owlv2Processor(image_processor=Owlv2ImageProcessor(size=size), tokenizer=tokenizer)
+        return Owlv2ForObjectDetection(config), processor
+
     @torch.inference_mode()
     def detect(self, image: Image.Image, queries: list[str], template: str) -> list[Detection]:
-        inputs = self.processor(
-            text=[[template.format(q) for q in queries]],
-            images=[image],
-            return_tensors="pt",
-            padding="max_length",
-            truncation=True,
-            max_length=16,
-        ).to(self.device)
-        inputs["pixel_values"] = inputs["pixel_values"].to(self.dtype)
+        text = [[template.format(q) for q in queries]]
+        inputs = self.inputs(text=text, images=[image], padding="max_length", truncation=True, max_length=16)
         out = self.model(**inputs)
         probs = out.logits[0].float().sigmoid().cpu().numpy()  # (patches, queries)
         side = max(image.size)
         return decode_boxes(out.pred_boxes[0].float().cpu().numpy(), probs, queries, (side, side), image.size)
 
 
-class _GroundingDino:
-    """Grounding DINO: queries joined into one prompt; a box's query is its best-scoring query token."""
+class _GroundingDino(_Detector):
+    """Grounding DINO: queries joined into one prompt; a box's query is its best-scoring query token.
+    The query template is OWL's sentence form and is not used: Grounding DINO takes bare words."""
 
-    def __init__(self, spec: Any, device: torch.device, dtype: torch.dtype, seed: int):
+    model_class, processor_class = "GroundingDinoForObjectDetection", "GroundingDinoProcessor"
+
+    def tiny(self) -> tuple[Any, Any]:
         from transformers import (
             GroundingDinoConfig,
             GroundingDinoForObjectDetection,
@@ -116,43 +134,36 @@ class _GroundingDino:
             GroundingDinoProcessor,
         )
 
-        if spec.is_random:
-            tokenizer = bert_wordpiece_tokenizer()
-            seeded(seed, "grounding_dino")
-            config = GroundingDinoConfig(
-                backbone_config={
-                    "model_type": "swin",
-                    "embed_dim": 16,
-                    "depths": [1, 1, 1, 1],
-                    "num_heads": [1, 1, 1, 1],
-                    "window_size": 4,
-                    "image_size": TINY_IMAGE_SIZE,
-                    "out_features": ["stage2", "stage3", "stage4"],
-                },
-                text_config={"model_type": "bert", "vocab_size": tokenizer.vocab_size} | _tiny_encoder(),
-                d_model=32,
-                encoder_layers=1,
-                decoder_layers=2,  # transformers' Grounding DINO needs at least two
-                encoder_attention_heads=2,
-                decoder_attention_heads=2,
-                encoder_ffn_dim=64,
-                decoder_ffn_dim=64,
-                num_queries=50,
-                num_feature_levels=3,
-                encoder_n_points=2,
-                decoder_n_points=2,
-                max_text_len=64,
-            )
-            self.model = GroundingDinoForObjectDetection(config)
-            size = {"shortest_edge": TINY_IMAGE_SIZE, "longest_edge": TINY_IMAGE_SIZE * 4 // 3}
-            image_processor = GroundingDinoImageProcessor(size=size)
-            self.processor = GroundingDinoProcessor(image_processor=image_processor, tokenizer=tokenizer)
-        else:
-            source = local_path(spec) or spec.id
-            self.model = GroundingDinoForObjectDetection.from_pretrained(source, revision=spec.revision)
-            self.processor = GroundingDinoProcessor.from_pretrained(source, revision=spec.revision)
-        self.model = self.model.to(device, dtype).eval()
-        self.device, self.dtype = device, dtype
+        tokenizer = bert_wordpiece_tokenizer()
+        config = GroundingDinoConfig(
+            backbone_config={
+                "model_type": "swin",
+                "embed_dim": 16,
+                "depths": [1, 1, 1, 1],
+                "num_heads": [1, 1, 1, 1],
+                "window_size": 4,
+                "image_size": TINY_IMAGE_SIZE,
+                "out_features": ["stage2", "stage3", "stage4"],
+            },
+            text_config={"model_type": "bert", "vocab_size": tokenizer.vocab_size} | _tiny_encoder(),
+            d_model=32,
+            encoder_layers=1,
+            decoder_layers=2,  # transformers' Grounding DINO needs at least two
+            encoder_attention_heads=2,
+            decoder_attention_heads=2,
+            encoder_ffn_dim=64,
+            decoder_ffn_dim=64,
+            num_queries=50,
+            num_feature_levels=3,
+            encoder_n_points=2,
+            decoder_n_points=2,
+            max_text_len=64,
+        )
+        size = {"shortest_edge": TINY_IMAGE_SIZE, "longest_edge": TINY_IMAGE_SIZE * 4 // 3}
+        processor = GroundingDinoProcessor(
+            image_processor=GroundingDinoImageProcessor(size=size), tokenizer=tokenizer
+        )
+        return GroundingDinoForObjectDetection(config), processor
 
     @torch.inference_mode()
     def detect(self, image: Image.Image, queries: list[str], template: str) -> list[Detection]:
@@ -161,11 +172,7 @@ class _GroundingDino:
         offsets = self.processor.tokenizer(
             prompt, return_offsets_mapping=True, truncation=True, max_length=max_len
         )
-        inputs = self.processor(
-            images=[image], text=[prompt], return_tensors="pt", truncation=True, max_length=max_len
-        ).to(self.device)
-        inputs["pixel_values"] = inputs["pixel_values"].to(self.dtype)
-        out = self.model(**inputs)
+        out = self.model(**self.inputs(images=[image], text=[prompt], truncation=True, max_length=max_len))
         token_probs = out.logits[0].float().sigmoid().cpu().numpy()  # (boxes, max_text_len)
         scores = query_token_scores(token_probs, offsets["offset_mapping"], spans)
         return decode_boxes(out.pred_boxes[0].float().cpu().numpy(), scores, queries, image.size, image.size)
