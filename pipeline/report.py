@@ -197,7 +197,10 @@ def sample_card(key: str, files: dict[str, bytes]) -> str:
         objects = _objects(record)
         uri = data_uri(_thumb(overlay(decode_rgb(data), objects, _masks(objects))))
         body = frame_caption_html(record)
-        kind = f"image {media['width']}x{media['height']}, {len(record.get('objects', []))} objects"
+        kind = (
+            f"image {media['width']}x{media['height']}, {len(record.get('objects', []))} objects, "
+            f"{len(record.get('floating_objects', []))} floating"
+        )
     img = f'<img src="{uri}" alt="{key}">' if uri else '<div class="noimg">no frames</div>'
     return (
         f'<div class="card">{img}<div class="meta"><b>{html.escape(key)}</b> - {html.escape(kind)}'
