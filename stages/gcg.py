@@ -6,14 +6,26 @@
 Only phrases whose objects all have masks are exported, so every phrase maps to masks, and every
 span indexes the caption exactly (checked here, not assumed). A phrase text that occurs twice keeps
 its first grounding: GranD-f keys groundings by phrase.
+
+With `rewrite: true` the LLM rewrites each GCG caption to be concise (GranD-f's GPT-4 rewrite step)
+from a copy whose grounded phrases are marked `<p>phrase</p>`; the rewrite is kept only if every
+marked phrase survives verbatim and nothing else is marked, so spans and masks stay exact.
 """
 
 from __future__ import annotations
 
+import re
+from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
-from groundmill.schema import FrameRecord, Record
-from groundmill.stages.base import Sample, Stage
+from groundmill.schema import FrameRecord
+from groundmill.stages.base import Sample
+from groundmill.stages.llm import Generation, require_stop
+from groundmill.stages.llm.parsing import clean_text
+from groundmill.stages.llm.stage import LLMStage
+
+_MARK = re.compile(r"<p>(.*?)</p>")
 
 
 def gcg_record(file_name: str, frame: FrameRecord) -> dict[str, Any] | None:
@@ -42,18 +54,83 @@ def gcg_record(file_name: str, frame: FrameRecord) -> dict[str, Any] | None:
     return {"file_name": file_name, "caption": caption, "groundings": groundings}
 
 
-class GCGExport(Stage):
+def mark_phrases(gcg: dict[str, Any]) -> str:
+    """The caption with each grounded phrase wrapped as `<p>phrase</p>` (overlapping spans skipped)."""
+    caption, out, pos = gcg["caption"], [], 0
+    for phrase, g in sorted(gcg["groundings"].items(), key=lambda kv: kv[1]["token_positives"][0]):
+        start, end = g["token_positives"]
+        if start >= pos:
+            out += [caption[pos:start], f"<p>{phrase}</p>"]
+            pos = end
+    return "".join(out) + caption[pos:]
+
+
+def parse_marked(text: str, phrases: set[str]) -> tuple[str, dict[str, list[int]]]:
+    """A rewritten marked caption -> (plain caption, first span of each phrase). Raises ValueError
+    unless exactly the given phrases are marked, each verbatim."""
+    caption, spans, pos = [], {}, 0
+    length = 0
+    for m in _MARK.finditer(text):  # `length` tracks the plain caption's length so far
+        phrase = m.group(1)
+        if phrase not in phrases:
+            raise ValueError(f"marked phrase {phrase!r} is not one of the grounded phrases")
+        caption.append(text[pos : m.start()])
+        length += m.start() - pos
+        spans.setdefault(phrase, [length, length + len(phrase)])
+        caption.append(phrase)
+        length += len(phrase)
+        pos = m.end()
+    caption.append(text[pos:])
+    plain = "".join(caption)
+    if "<p>" in plain or "</p>" in plain:
+        raise ValueError("unbalanced <p> marks")
+    missing = phrases - set(spans)
+    if missing:
+        raise ValueError(f"rewrite lost grounded phrase(s) {sorted(missing)}")
+    return plain, spans
+
+
+def parse_rewrite(gen: Generation, phrases: set[str]) -> tuple[str, dict[str, list[int]]]:
+    return parse_marked(clean_text(require_stop(gen)), phrases)
+
+
+def apply_rewrite(frame: FrameRecord, rewrite: tuple[str, dict[str, list[int]]]) -> None:
+    caption, spans = rewrite
+    gcg = frame["gcg"]
+    gcg["caption"] = caption
+    for phrase, span in spans.items():
+        gcg["groundings"][phrase]["token_positives"] = span
+
+
+class GCGExport(LLMStage):
     name = "gcg"
     provides = ("gcg",)
     requires = ("dense_caption",)
-    uses_model = False
+    prompt_name = "gcg_rewrite"
+
+    @dataclass
+    class Params(LLMStage.Params):
+        rewrite: bool = False  # the optional LLM rewrite (needs the stage's model)
+        max_new_tokens: int = 128
+
+    def uses_llm(self) -> bool:
+        return self.params.rewrite
 
     def process(self, samples: list[Sample]) -> None:
+        exported = []
         for sample in samples:
-            record: Record = sample.record
+            record = sample.record
             if record["media"]["type"] != "image":  # GranD-f's GCG form is per image
                 continue
             gcg = gcg_record(f"{sample.key}.{record['media']['ext']}", record)
             if gcg is not None:
                 record["gcg"] = gcg
                 sample.stats["gcg.phrases"] = float(len(gcg["groundings"]))
+                exported.append(sample)
+        if self.params.rewrite and exported:
+            marked = [mark_phrases(s.record["gcg"]) for s in exported]
+            jobs = [
+                (s, s.record, self.prompt.render(caption=m)) for s, m in zip(exported, marked, strict=True)
+            ]
+            parsers = [partial(parse_rewrite, phrases=set(_MARK.findall(m))) for m in marked]
+            self.run_jobs(jobs, parsers, apply_rewrite)

@@ -20,7 +20,7 @@ from groundmill.stages.llm import (
 )
 from groundmill.stages.llm.parsing import parse_json_list, parse_phrase, parse_prose
 
-SHIPPED = ["dense_caption", "extra_context", "verification_checklist", "referring_expression"]
+SHIPPED = ["dense_caption", "extra_context", "verification_checklist", "referring_expression", "gcg_rewrite"]
 
 
 class ScriptedBackend(LLMBackend):

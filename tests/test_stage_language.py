@@ -7,7 +7,7 @@ import pytest
 
 from groundmill.schema import check_record, decode_mask, encode_mask
 from groundmill.stages.base import Sample
-from groundmill.stages.gcg import GCGExport
+from groundmill.stages.gcg import GCGExport, mark_phrases, parse_marked
 from groundmill.stages.llm import FINISH_LENGTH, FINISH_STOP, Generation
 from groundmill.stages.refexp import ExpressionSpec, ReferringExpressions, keeps_meaning, unique_expression
 from groundmill.stages.scene_graph import build_scene_graph
@@ -189,3 +189,60 @@ def test_checklist_pass_counts_claims_without_objects(verifier):
     assert checklist["claims"] == ["dog", "bench", "frisbee"] and checklist["unmatched"] == ["frisbee"]
     assert checklist["prompt_id"] == "verification_checklist@v1"
     assert s.stats["verification.checklist_unmatched_rate"] == pytest.approx(1 / 3, abs=1e-3)
+
+
+def _gcg_sample():
+    s = image_sample(SCENE, "There is a brown dog and it sits near a wooden bench.")
+    s.record["dense_caption"]["details"] = [
+        {"phrase": "a brown dog", "tokens_positive": [9, 20], "ids": [1], "bbox": []},
+        {"phrase": "a wooden bench", "tokens_positive": [38, 52], "ids": [2], "bbox": []},
+    ]
+    s.record["dense_caption"]["verification"] = {"accepted": True}
+    return s
+
+
+def test_mark_and_parse_marked_phrases():
+    s = _gcg_sample()
+    GCGExport().process([s])
+    marked = mark_phrases(s.record["gcg"])
+    assert marked == "There is <p>a brown dog</p> and it sits near <p>a wooden bench</p>."
+    phrases = {"a brown dog", "a wooden bench"}
+    caption, spans = parse_marked("<p>a brown dog</p> sits by <p>a wooden bench</p>.", phrases)
+    assert caption == "a brown dog sits by a wooden bench." and spans == {
+        "a brown dog": [0, 11],
+        "a wooden bench": [20, 34],
+    }
+    for bad, reason in [
+        ("<p>a brown dog</p> sits.", "lost"),
+        ("<p>a dog</p> sits by <p>a wooden bench</p>.", "not one of"),
+        ("<p>a brown dog</p> by <p>a wooden bench</p> <p>x", "unbalanced"),
+    ]:
+        with pytest.raises(ValueError, match=reason):
+            parse_marked(bad, phrases)
+
+
+def test_gcg_rewrite_keeps_spans_exact_or_keeps_the_original():
+    good, bad = _gcg_sample(), _gcg_sample()
+    bad.key = bad.record["key"] = "b" * 24
+    bad.record["dense_caption"]["caption"] = "Here is a brown dog and it sits near a wooden bench."
+    bad.record["dense_caption"]["details"][0]["tokens_positive"] = [8, 19]
+    bad.record["dense_caption"]["details"][1]["tokens_positive"] = [37, 51]
+    stage = GCGExport(GCGExport.Params(rewrite=True, attempts=2))
+    prompts = {}
+    for s in (good, bad):
+        probe = GCGExport()
+        probe.process([s])
+        prompts[s.key] = str(stage.prompt.render(caption=mark_phrases(s.record["gcg"])).messages)
+        del s.record["gcg"]
+    rewrite = Generation("<p>a brown dog</p> sits near <p>a wooden bench</p>.", FINISH_STOP)
+    lost = Generation("A dog sits.", FINISH_STOP)
+    stage.backend = _KeyedByText({prompts[good.key]: [rewrite], prompts[bad.key]: [lost, lost]})
+    stage.process([good, bad])
+    gcg = good.record["gcg"]
+    assert gcg["caption"] == "a brown dog sits near a wooden bench."
+    for phrase, g in gcg["groundings"].items():
+        assert gcg["caption"][slice(*g["token_positives"])] == phrase and g["rle_masks"]
+    assert good.record["generations"]["gcg"]["prompt_id"] == "gcg_rewrite@v1"
+    kept = bad.record["gcg"]
+    assert kept["caption"] == bad.record["dense_caption"]["caption"]
+    assert "lost grounded phrase" in bad.record["llm_drops"][0]["reason"]

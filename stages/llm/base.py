@@ -14,7 +14,7 @@ retry it (:func:`generate_checked`) and record the failure.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -113,7 +113,7 @@ def generate_checked(
     backend: LLMBackend,
     prompts: list[Prompt],
     params: SamplingParams,
-    parse: Callable[[Generation], Any],
+    parse: Callable[[Generation], Any] | Sequence[Callable[[Generation], Any]],
     attempts: int = 3,
 ) -> list[Checked]:
     """Generate, parse, and regenerate only the prompts whose output was rejected.
@@ -121,7 +121,9 @@ def generate_checked(
     `parse` turns an acceptable generation into a value and raises ValueError (with the reason) for
     one that must be retried: no stop, malformed structure, failed request. After `attempts` tries a
     prompt is dropped with the last reason. Retries reseed so a sampled generation can change.
+    A sequence of parsers gives each prompt its own (checks that depend on the prompt's content).
     """
+    parsers = [parse] * len(prompts) if callable(parse) else list(parse)
     results = [Checked() for _ in prompts]
     todo = list(range(len(prompts)))
     for attempt in range(attempts):
@@ -134,7 +136,7 @@ def generate_checked(
             res = results[i]
             res.attempts, res.generation = attempt + 1, gen
             try:
-                res.value, res.reason = parse(gen), ""
+                res.value, res.reason = parsers[i](gen), ""
             except ValueError as e:
                 res.value, res.reason = None, str(e)
                 still.append(i)

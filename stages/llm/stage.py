@@ -4,7 +4,7 @@ written into a frame record."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -90,7 +90,10 @@ class LLMStage(Stage):
         sample.stats[key] = sample.stats.get(key, 0.0) + 1.0
 
     def run_jobs(
-        self, jobs: list[Job], parse: Callable[[Generation], Any], write: Callable[[FrameRecord, Any], None]
+        self,
+        jobs: list[Job],
+        parse: Callable[[Generation], Any] | Sequence[Callable[[Generation], Any]],
+        write: Callable[[FrameRecord, Any], None],
     ) -> None:
         """Generate for every job at once (with retries), then write each value or record its drop."""
         results = generate_checked(
