@@ -105,6 +105,7 @@ def fault_server():
 
     app = FastAPI()
     hits: dict[str, int] = {}
+    inflight = {"now": 0, "max": 0}
 
     def completion(text: str, finish: str) -> dict:
         return {"choices": [{"message": {"role": "assistant", "content": text}, "finish_reason": finish}],
@@ -123,6 +124,11 @@ def fault_server():
         if model == "slow":
             await _sleep(3)
             return JSONResponse(completion("late.", "stop"))
+        if model == "count":  # hold each request a moment and record how many overlap
+            inflight["now"] += 1
+            inflight["max"] = max(inflight["max"], inflight["now"])
+            await _sleep(0.3)
+            inflight["now"] -= 1
         if model == "flaky" and hits[model] <= 2:
             return PlainTextResponse("busy", status_code=503)
         return JSONResponse(completion("A dog.", "stop"))
@@ -134,7 +140,7 @@ def fault_server():
     deadline = time.monotonic() + 30
     while not server.started and time.monotonic() < deadline:
         time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}/v1", hits
+    yield f"http://127.0.0.1:{port}/v1", hits, inflight
     server.should_exit = True
     thread.join(timeout=10)
 
@@ -156,7 +162,7 @@ def _backend(base_url: str, model: str, **kw):
     [("garbage", "not JSON"), ("wrong-shape", "malformed chat completion"), ("no-stop", "did not stop")],
 )
 def test_malformed_output_is_retried_then_recorded(fault_server, model, reason):
-    base_url, hits = fault_server
+    base_url, hits, _ = fault_server
     backend = _backend(base_url, model, request_retries=0)
     before = hits.get(model, 0)
     results = generate_checked(
@@ -168,7 +174,7 @@ def test_malformed_output_is_retried_then_recorded(fault_server, model, reason):
 
 
 def test_timeouts_and_503_are_retried_with_a_bound(fault_server):
-    base_url, hits = fault_server
+    base_url, hits, _ = fault_server
     slow = _backend(base_url, "slow", timeout_s=0.5, request_retries=1)
     gen = slow.generate(["x"], SamplingParams(max_new_tokens=4))[0]
     slow.close()
@@ -180,9 +186,9 @@ def test_timeouts_and_503_are_retried_with_a_bound(fault_server):
 
 
 def test_concurrency_is_bounded_and_order_kept(fault_server):
-    base_url, _ = fault_server
-    backend = _backend(base_url, "ok", max_concurrency=3)
+    base_url, hits, inflight = fault_server
+    backend = _backend(base_url, "count", max_concurrency=3)
     gens = backend.generate([f"p{i}" for i in range(7)], SamplingParams(max_new_tokens=4))
     backend.close()
-    assert [g.text for g in gens] == ["A dog."] * 7
-    assert backend.pool._max_workers == 3
+    assert [g.text for g in gens] == ["A dog."] * 7 and hits["count"] == 7
+    assert 2 <= inflight["max"] <= 3  # requests overlap, never more than max_concurrency at once
