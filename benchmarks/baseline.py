@@ -109,7 +109,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--work", required=True, help="folder for the intermediate JSON")
     parser.add_argument("--json", help="write the result here")
     parser.add_argument("overrides", nargs="*")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)
     cfg = load_config(args.manifest, [f"inputs={json.dumps([args.input])}", *args.overrides])
     result = run_baseline(cfg, Path(args.work))
     text = json.dumps(result)

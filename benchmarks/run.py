@@ -141,7 +141,7 @@ def pipeline_once(argv: list[str]) -> None:
     parser.add_argument("--output", required=True)
     parser.add_argument("--json", required=True)
     parser.add_argument("overrides", nargs="*")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)
     import ray
 
     from groundmill.pipeline.config import load_config
@@ -329,7 +329,10 @@ def main(argv: list[str] | None = None) -> int:
     shutil.rmtree(work, ignore_errors=True)
     inputs = work / "inputs"
     make_inputs(inputs, args.n)
-    results: dict[str, Any] = {"n": args.n, "manifest": args.manifest, "cpus": os.cpu_count()}
+    # Other work on the machine skews every timing (multi-threaded torch most): recorded for the reader.
+    results: dict[str, Any] = {
+        "n": args.n, "manifest": args.manifest, "cpus": os.cpu_count(), "load_avg_start": os.getloadavg()[0]
+    }  # fmt: skip
 
     def log(msg: str) -> None:
         print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", flush=True)
@@ -385,6 +388,7 @@ def main(argv: list[str] | None = None) -> int:
         f"{g}_gpus_{8 * g}_cpus": predict_throughput(one["stage_busy_s"], gpu_stages, g, 8 * g, efficiency)
         for g in (1, 8, 64)
     }
+    results["load_avg_end"] = os.getloadavg()[0]
     print_table(results)
     print(json.dumps(results, default=float))
     return 0
