@@ -8,6 +8,8 @@ export RAY_AUTH_MODE ?= disabled
 export RAY_USAGE_STATS_ENABLED ?= 0
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
+# Idle OpenMP threads sleep instead of spinning: on a shared 2-core machine spinning costs 10x.
+export OMP_WAIT_POLICY ?= PASSIVE
 
 .PHONY: install demo test lint bench bench-train clean
 
