@@ -200,7 +200,7 @@ def test_llm_endpoint_garbage_or_timeout_is_retried_then_recorded(
 ):
     """A misbehaving OpenAI-compatible endpoint: each prompt is retried `attempts` times, then the
     drop is recorded (record `llm_drops`, index stats); every input still gets exactly one row."""
-    base_url, hits = request.getfixturevalue("fault_server")
+    base_url, hits = request.getfixturevalue("fault_server")[:2]
     uris = _inputs(tmp_path / "in", 3)
     manifest = tmp_path / "m.yaml"
     manifest.write_text(
