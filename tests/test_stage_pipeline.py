@@ -2,6 +2,7 @@
 their boxes, and the run record says which models were random."""
 
 import json
+import os
 
 import pytest
 import webdataset as wds
@@ -15,32 +16,38 @@ from groundmill.stages.boxes import mask_within_box
 from tests.test_stage_models import png
 
 pytestmark = pytest.mark.slow
+# Ten model actors start on 2 shared cores: under load a worker can take more than Ray's default 60 s
+# to import torch and register, and Ray then kills and restarts it for ever. Set before Ray starts
+# (test modules are imported before the session's Ray fixture runs).
+os.environ.setdefault("RAY_worker_register_timeout_seconds", "600")
 
+# Every actor holds its CPUs for the whole run: stages, voting and loading must fit 2 CPUs together.
 STAGES = """
+load: {num_cpus: 0.5}
 stages:
-  tagging: {model: {id: tiny}, resources: {num_cpus: 0.25, batch_size: 2}, params: {top_k: 3, min_score: 0.0}}
-  landmark: {model: {id: tiny}, resources: {num_cpus: 0.25, batch_size: 2}}
+  tagging: {model: {id: tiny}, resources: {num_cpus: 0.1, batch_size: 2}, params: {top_k: 3, min_score: 0.0}}
+  landmark: {model: {id: tiny}, resources: {num_cpus: 0.1, batch_size: 2}}
   owl:
     type: detection
     model: {id: tiny}
-    resources: {num_cpus: 0.25, batch_size: 2}
+    resources: {num_cpus: 0.1, batch_size: 2}
     params: {detector: owlv2, score_threshold: 0.05, max_boxes: 3}
   gdino:
     type: detection
     model: {id: tiny}
-    resources: {num_cpus: 0.25, batch_size: 2}
+    resources: {num_cpus: 0.1, batch_size: 2}
     params: {detector: grounding_dino, score_threshold: 0.05, max_boxes: 3}
-  voting: {resources: {num_cpus: 0.25, batch_size: 2}, params: {min_iou: 0.05}}
-  masks: {model: {id: tiny}, resources: {num_cpus: 0.25, batch_size: 2}}
-  depth: {model: {id: tiny}, resources: {num_cpus: 0.25, batch_size: 2}}
-  attributes: {model: {id: tiny}, resources: {num_cpus: 0.25, batch_size: 2}}
+  voting: {resources: {num_cpus: 0.1, batch_size: 2}, params: {min_iou: 0.0}}  # every box pairs up: objects exist
+  masks: {model: {id: tiny}, resources: {num_cpus: 0.1, batch_size: 2}}
+  depth: {model: {id: tiny}, resources: {num_cpus: 0.1, batch_size: 2}}
+  attributes: {model: {id: tiny}, resources: {num_cpus: 0.1, batch_size: 2}}
   captions:
     model: {id: tiny}
-    resources: {num_cpus: 0.25, batch_size: 2}
+    resources: {num_cpus: 0.1, batch_size: 2}
     params: {num_captions: 2, generation: {max_new_tokens: 8}}
   grounding:
     model: {id: sentence-transformers/all-MiniLM-L6-v2}
-    resources: {num_cpus: 0.25, batch_size: 2}
+    resources: {num_cpus: 0.1, batch_size: 2}
     params: {min_similarity: -1.0}
 """
 
@@ -71,7 +78,7 @@ def test_every_image_is_annotated_by_every_stage(image_run):
         for field in ("tags", "landmark", "detections", "objects", "floating_objects", "captions"):
             assert field in rec
         assert set(rec["detections"]) == {"owlv2", "grounding_dino"}
-    assert sum(len(r["objects"]) for r in records) > 0  # low demo IoU: the detectors agree somewhere
+    assert sum(len(r["objects"]) for r in records) > 0  # min_iou 0: boxes of both detectors pair up
 
 
 def test_records_are_valid_and_masks_lie_in_their_boxes(image_run):
