@@ -18,7 +18,7 @@ from ray.data import ActorPoolStrategy, Dataset, TaskPoolStrategy
 from ray.data.block import BlockAccessor
 from ray.data.datasource import Datasink
 
-from groundmill.pipeline.config import Config, StageConfig
+from groundmill.pipeline.config import Config, ConfigError, StageConfig
 from groundmill.pipeline.load import load_batch
 from groundmill.pipeline.sink import ShardWriter
 from groundmill.schema import STATUS_ERROR, STATUS_OK, frame_records
@@ -152,6 +152,32 @@ class ShardSink(Datasink):
             writer.commit()
             counts["shards"] += 1
         return counts
+
+
+def check_resources(cfg: Config, cluster: dict[str, float]) -> None:
+    """Fail fast when the actor pools cannot all start: Ray would otherwise wait forever for them.
+
+    Every model stage keeps at least `min_actors` actors alive for the whole run, and the load and
+    write tasks need room beside them.
+    """
+    need = {"CPU": cfg.load.num_cpus, "GPU": 0.0}
+    pools = []
+    for name, stage_cfg in cfg.stages.items():
+        r = stage_cfg.resources
+        if stage_cfg.enabled and stage_class(stage_cfg.type or name).uses_model:
+            need["CPU"] += r.min_actors * r.num_cpus
+            need["GPU"] += r.min_actors * r.num_gpus
+            pools.append(
+                f"{name}={r.min_actors}x{r.num_cpus:g}cpu" + (f"+{r.num_gpus:g}gpu" if r.num_gpus else "")
+            )
+    for kind, amount in need.items():
+        have = cluster.get(kind, 0.0)
+        if amount > have + 1e-9:
+            raise ConfigError(
+                f"key 'stages.*.resources': the actor pools need {amount:g} {kind} at least "
+                f"(load {cfg.load.num_cpus:g} cpu; {', '.join(pools)}) but the Ray cluster has {have:g}; "
+                f"lower resources.num_cpus/num_gpus or min_actors, or raise ray.num_cpus"
+            )
 
 
 def build_dataset(cfg: Config, uris: list[str], registry: Any) -> Dataset:

@@ -120,11 +120,12 @@ def run_pipeline(cfg: Config) -> dict[str, Any]:
     if pending:
         import ray
 
-        from groundmill.pipeline.graph import ShardSink, build_dataset
+        from groundmill.pipeline.graph import ShardSink, build_dataset, check_resources
         from groundmill.pipeline.load import KeyRegistry
 
         start = time.perf_counter()
         init_ray(cfg)
+        check_resources(cfg, ray.cluster_resources())
         ctx = ray.data.DataContext.get_current()
         ctx.max_errored_blocks = cfg.ray.max_errored_blocks
         committed = {

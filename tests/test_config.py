@@ -52,3 +52,18 @@ def test_override_must_be_key_value(tmp_path):
 def test_demo_manifest_is_valid():
     cfg = load_config("manifests/demo.yaml")
     assert cfg.stages and cfg.inputs
+
+
+def test_actor_pools_that_cannot_all_start_fail_fast(tmp_path):
+    from groundmill.pipeline.graph import check_resources
+
+    cfg = load_config(
+        _manifest(tmp_path, BASE),
+        ["stages.tagging.resources.min_actors=2", "stages.tagging.resources.max_actors=2"],
+    )
+    check_resources(cfg, {"CPU": 3.0})  # load 1 + 2 actors x 1 cpu
+    with pytest.raises(ConfigError, match=r"need 3 CPU.*tagging=2x1cpu.*has 2"):
+        check_resources(cfg, {"CPU": 2.0})
+    gpu = load_config(_manifest(tmp_path, BASE), ["stages.tagging.resources.num_gpus=0.5"])
+    with pytest.raises(ConfigError, match="GPU"):
+        check_resources(gpu, {"CPU": 8.0})
