@@ -72,6 +72,8 @@ def init_ray(cfg: Config) -> None:
     if address:
         ray.init(address=address, log_to_driver=True)
     else:
+        # Many model actors start at once on few cores: give slow workers time to register.
+        os.environ.setdefault("RAY_worker_register_timeout_seconds", "600")
         # Many model actors share few cores: idle OpenMP threads must sleep, not spin.
         env = {"OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}
         ray.init(

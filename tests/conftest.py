@@ -11,6 +11,9 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# Many model actors start at once on 2 cores; Ray's default 60 s registration timeout kills slow ones.
+os.environ.setdefault("RAY_worker_register_timeout_seconds", "600")
 
 
 @pytest.fixture(scope="session")
