@@ -31,9 +31,7 @@ def build_stage(name: str, cfg: StageConfig, seed: int, cls: type[Stage] | None 
 
 
 def _fail(sample: Sample, stage: str, exc: BaseException) -> None:
-    sample.status = STATUS_ERROR
-    detail = str(exc) if isinstance(exc, SampleError) else f"{type(exc).__name__}: {exc}"
-    sample.error = f"{stage}: {detail}"[:2000]
+    sample.fail(stage, str(exc) if isinstance(exc, SampleError) else f"{type(exc).__name__}: {exc}")
 
 
 def run_stage(stage: Stage, name: str, samples: list[Sample]) -> None:

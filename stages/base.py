@@ -19,7 +19,7 @@ from PIL import Image
 
 from groundmill.pipeline.config import ModelSpec, Resources
 from groundmill.pipeline.media import decode_rgb
-from groundmill.schema import STATUS_OK, FrameRecord, Record, frame_records
+from groundmill.schema import STATUS_ERROR, STATUS_OK, FrameRecord, Record, frame_records
 
 # Between stages a row carries the stored media and the record as JSON, so a block is plain Arrow.
 ROW_SCHEMA = pa.schema(
@@ -75,6 +75,11 @@ class Sample:
     @property
     def ok(self) -> bool:
         return self.status == STATUS_OK
+
+    def fail(self, stage: str, reason: str) -> None:
+        """Make this sample an error row; later stages skip it and the index records the reason."""
+        self.status = STATUS_ERROR
+        self.error = f"{stage}: {reason}"[:2000]
 
     def views(self) -> list[View]:
         if self.media_type == "video":

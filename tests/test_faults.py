@@ -194,12 +194,16 @@ def test_shard_commit_on_a_full_disk_leaves_nothing_visible(tmp_path, monkeypatc
     assert [p.name for p in tmp_path.rglob("*") if p.is_file()] == []
 
 
-@pytest.mark.parametrize(("fault", "reason"), [("garbage", "not JSON"), ("slow", "")])
+@pytest.mark.parametrize(
+    ("fault", "reason", "on_failure"),
+    [("garbage", "not JSON", "error"), ("garbage", "not JSON", "drop"), ("slow", "", "drop")],
+)
 def test_llm_endpoint_garbage_or_timeout_is_retried_then_recorded(
-    tmp_path, ray_local, doubles, request, fault, reason
+    tmp_path, ray_local, doubles, request, fault, reason, on_failure
 ):
-    """A misbehaving OpenAI-compatible endpoint: each prompt is retried `attempts` times, then the
-    drop is recorded (record `llm_drops`, index stats); every input still gets exactly one row."""
+    """A misbehaving OpenAI-compatible endpoint: each prompt is retried `attempts` times, then becomes
+    an error row (on_failure=error), or the drop is recorded in the kept sample (record `llm_drops`,
+    index stats); every input gets exactly one row either way."""
     base_url, hits = request.getfixturevalue("fault_server")[:2]
     uris = _inputs(tmp_path / "in", 3)
     manifest = tmp_path / "m.yaml"
@@ -207,12 +211,18 @@ def test_llm_endpoint_garbage_or_timeout_is_retried_then_recorded(
         f"inputs: [{tmp_path / 'in'}]\noutput: {{dir: {tmp_path / 'out'}}}\nload: {{batch_size: 3}}\n"
         "stages:\n  hand_built_objects: {}\n  scene_graph: {}\n"
         f"  dense_caption:\n    model: {{id: {fault}}}\n    resources: {{batch_size: 3}}\n"
-        "    params: {attempts: 2, max_new_tokens: 8, "
+        f"    params: {{attempts: 2, max_new_tokens: 8, on_failure: {on_failure}, "
         f"llm: {{backend: http, base_url: '{base_url}', timeout_s: 0.5, request_retries: 1}}}}\n"
     )
     before = hits.get(fault, 0)
     run_pipeline(load_config(manifest))
     rows = assert_exactly_once(tmp_path / "out", uris)
+    if on_failure == "error":
+        assert all(r["status"] == "error" and r["shard"] is None for r in rows)
+        assert all(r["error"].startswith("dense_caption: LLM output failed after 2 attempts") for r in rows)
+        assert all(reason in r["error"] for r in rows)
+        assert hits[fault] - before == 3 * 2
+        return
     assert all(r["status"] == "ok" and dict(r["stats"])["dense_caption.dropped"] == 1.0 for r in rows)
     for tar in (tmp_path / "out" / SHARDS_DIR).glob("*.tar"):
         for _, files in iter_shard(tar):

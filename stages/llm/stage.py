@@ -37,7 +37,10 @@ class LLMStage(Stage):
         max_new_tokens: int = 512
         temperature: float = 0.7
         top_p: float = 0.95
-        attempts: int = 3  # generations per prompt before the output is dropped
+        attempts: int = 3  # generations per prompt before the output is given up
+        # After the last attempt: "error" makes the sample an error row (the index says why); "drop"
+        # keeps the sample without this output (GranD's behaviour), the reason in `llm_drops`.
+        on_failure: str = "error"
 
     def uses_llm(self) -> bool:
         """Whether this configuration calls the LLM at all (optional LLM passes override this)."""
@@ -46,6 +49,11 @@ class LLMStage(Stage):
     @property
     def prompt(self) -> PromptTemplate:
         return load_prompt(self.prompt_name)
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        if self.params.on_failure not in ("error", "drop"):
+            raise ValueError(f"params.on_failure must be 'error' or 'drop', not {self.params.on_failure!r}")
 
     def setup(self) -> None:
         self.backend: LLMBackend | None = None
@@ -88,6 +96,8 @@ class LLMStage(Stage):
         )
         key = f"{self.name}.dropped"
         sample.stats[key] = sample.stats.get(key, 0.0) + 1.0
+        if self.params.on_failure == "error":
+            sample.fail(self.name, f"LLM output failed after {result.attempts} attempts: {result.reason}")
 
     def run_jobs(
         self,
