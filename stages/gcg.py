@@ -112,6 +112,7 @@ class GCGExport(LLMStage):
     class Params(LLMStage.Params):
         rewrite: bool = False  # the optional LLM rewrite (needs the stage's model)
         max_new_tokens: int = 128
+        on_failure: str = "drop"  # a failed rewrite keeps the exported record as it was
 
     def uses_llm(self) -> bool:
         return self.params.rewrite
