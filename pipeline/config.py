@@ -138,7 +138,10 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
         if bad:
             raise ConfigError(f"override {bad[0]!r} is not key=value")
         conf = _merge(conf, OmegaConf.from_dotlist(overrides), "overrides")
-    cfg: Config = OmegaConf.to_object(conf)
+    try:
+        cfg: Config = OmegaConf.to_object(conf)  # resolves interpolations: a bad one fails here
+    except OmegaConfBaseException as e:
+        raise ConfigError(f"key '{e.full_key}': {e.msg}") from None
     validate(cfg)
     return cfg
 
