@@ -23,6 +23,9 @@ class LLMConfig:
     num_layers: int = 2
     num_heads: int = 4
     intermediate_size: int = 256
+    # Weight init std of the tiny LLM. transformers' 0.02 leaves a random 2-layer model's [SEG] state
+    # nearly blind to the words (uniform attention over the prompt); a wider init makes it word-specific.
+    init_std: float = 0.02
     # LoRA on the LLM's attention/MLP projections (peft); the base weights are then frozen.
     lora: bool = False
     lora_r: int = 8
@@ -34,6 +37,7 @@ class VisionConfig:
     image_size: int = 64
     # Channels of the conv stages; the last one is the mask decoder's width.
     channels: list[int] = field(default_factory=lambda: [32, 64])
+    stem_channels: int = 16  # the full-resolution stem, also the decoder's finest high-res map
     # Image tokens the LLM sees per dense frame: an llm_grid x llm_grid pooled grid.
     llm_grid: int = 4
 
@@ -45,6 +49,7 @@ class DecoderConfig:
     mlp_dim: int = 256
     memory_size: int = 4  # Mask Memory FIFO length (past frames), X2SAM's num_maskmem
     seg_tokens: int = 2  # sparse prompt tokens each [SEG] hidden state is projected to
+    dense_hidden: int = 128  # hidden width of the per-pixel [SEG] dense prompt MLP
 
 
 @dataclass

@@ -2,13 +2,14 @@
 
 Data flow for a batch of B samples with T frames each (T = 1 for images):
 
-    frames (B,T,3,S,S) -> VisionEncoder -> feats (B,T,C,h,w)
+    frames (B,T,3,S,S) -> VisionEncoder -> feats (B,T,C,h,w) + full- and half-resolution maps
     feats -> pooled tokens (dense frames: llm_grid^2 tokens, every frame: 1 sparse token) -> projector
     [visual prefix | text embeddings, `<region>` slots replaced by RegionEncoder(prompt map)] -> LLM
-    LLM hidden state at each `[SEG]` -> seg_proj -> sparse prompt tokens of a SAM2 MaskDecoder, the first
-    of which also modulates the image embedding channel-wise (FiLM, passed as the dense prompt)
+    LLM hidden state at each `[SEG]` -> seg_proj -> sparse prompt tokens of a SAM2 MaskDecoder; the first
+    of them also makes the dense prompt (a per-pixel MLP over feature and [SEG], SegDensePrompt)
     per frame: MaskMemory attends to a FIFO bank of past frames' mask features, then the decoder
-    predicts the mask; the same [SEG] prompts every frame (One-Token-Seg-All, as in VideoLISA).
+    predicts the mask, its upscaling sharpened by the encoder's high-res maps (SAM2's high-res path);
+    the same [SEG] prompts every frame (One-Token-Seg-All, as in VideoLISA).
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ PARTS = (
     "llm",
     "region",
     "seg_proj",
-    "seg_film",
+    "seg_dense",
     "memory",
     "prompt_encoder",
     "mask_decoder",
@@ -59,20 +60,30 @@ class ResBlock(nn.Module):
 
 
 class VisionEncoder(nn.Module):
-    """A small conv net: stride 2 per channel stage, then two residual blocks (receptive field ~40 px)."""
+    """A small conv net: a full-resolution stem, stride 2 per channel stage, then two residual blocks
+    (receptive field ~40 px). Returns the last stage and the two finest maps (full and half resolution),
+    which feed the SAM2 decoder's high-resolution path, as SAM2's backbone FPN levels do."""
 
-    def __init__(self, channels: list[int]):
+    def __init__(self, channels: list[int], stem: int):
         super().__init__()
-        layers: list[nn.Module] = []
-        c_in = 3
+        self.stem = nn.Sequential(nn.Conv2d(3, stem, 3, padding=1), nn.GroupNorm(8, stem), nn.GELU())
+        stages: list[nn.Module] = []
+        c_in = stem
         for c in channels:
-            layers += [nn.Conv2d(c_in, c, 3, stride=2, padding=1), nn.GroupNorm(8, c), nn.GELU()]
+            stages.append(
+                nn.Sequential(nn.Conv2d(c_in, c, 3, stride=2, padding=1), nn.GroupNorm(8, c), nn.GELU())
+            )
             c_in = c
-        self.stem = nn.Sequential(*layers)
+        self.stages = nn.ModuleList(stages)
         self.blocks = nn.Sequential(ResBlock(c_in), ResBlock(c_in))
 
-    def forward(self, images: Tensor) -> Tensor:
-        return self.blocks(self.stem(images.float() / 127.5 - 1.0))
+    def forward(self, images: Tensor) -> tuple[Tensor, list[Tensor]]:
+        x = self.stem(images.float() / 127.5 - 1.0)
+        maps = [x]
+        for stage in self.stages:
+            x = stage(x)
+            maps.append(x)
+        return self.blocks(x), maps[:2]
 
 
 def sinusoid(x: Tensor, dim: int) -> Tensor:
@@ -96,6 +107,11 @@ class MaskMemory(nn.Module):
         self.attn = nn.MultiheadAttention(dim, heads, batch_first=True)
         self.norm1, self.norm2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
         self.mlp = nn.Sequential(nn.Linear(dim, dim * 2), nn.GELU(), nn.Linear(dim * 2, dim))
+        # Pre-norm residuals with zero-init outputs: the memory starts as the identity, so what the
+        # decoder learns on images holds on every video frame from the first video step.
+        for layer in (self.attn.out_proj, self.mlp[-1]):
+            nn.init.zeros_(layer.weight)
+            nn.init.zeros_(layer.bias)
 
     def encode(self, feats: Tensor, mask_logits: Tensor) -> Tensor:
         """(Q,C,h,w) features + (Q,1,H,W) mask logits -> (Q,C,h,w) memory entry."""
@@ -113,9 +129,29 @@ class MaskMemory(nn.Module):
         mem = torch.cat(
             [m.flatten(2).transpose(1, 2) + pos + g for (m, _), g in zip(bank, gap_enc, strict=True)], 1
         )
-        x = self.norm1(x + self.attn(x + pos, mem, mem, need_weights=False)[0])
-        x = self.norm2(x + self.mlp(x))
+        x = x + self.attn(self.norm1(x) + pos, mem, mem, need_weights=False)[0]
+        x = x + self.mlp(self.norm2(x))
         return x.transpose(1, 2).reshape(q, c, h, w)
+
+
+class SegDensePrompt(nn.Module):
+    """The [SEG] state as a dense prompt: a per-pixel MLP on the feature whose hidden layer [SEG] scales
+    and shifts (FiLM), its output added by the decoder to the image embedding. The nonlinearity after the
+    modulation lets one pixel test a conjunction ("red" AND "circle") before any attention; zero-init
+    output: starts as no prompt."""
+
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.pixel = nn.Conv2d(dim, hidden, 1)
+        self.query = nn.Linear(dim, 2 * hidden)
+        self.out = nn.Conv2d(hidden, dim, 1)
+        nn.init.zeros_(self.out.weight)
+        nn.init.zeros_(self.out.bias)
+
+    def forward(self, feats: Tensor, seg: Tensor) -> Tensor:
+        """(Q,C,h,w) features, (Q,C) [SEG] prompt -> (Q,C,h,w) dense prompt."""
+        scale, shift = self.query(seg)[..., None, None].chunk(2, dim=1)
+        return self.out(F.gelu(self.pixel(feats) * (1 + scale) + shift))
 
 
 class RegionEncoder(nn.Module):
@@ -148,6 +184,7 @@ def build_llm(cfg: TrainConfig, tokenizer: PreTrainedTokenizerBase) -> nn.Module
             intermediate_size=c.intermediate_size,
             max_position_embeddings=1024,
             tie_word_embeddings=True,
+            initializer_range=c.init_std,
             pad_token_id=tokenizer.pad_token_id,
             eos_token_id=tokenizer.eos_token_id,
             bos_token_id=None,
@@ -177,7 +214,7 @@ class X2SamModel(nn.Module):
         self.seg_id = tokenizer.convert_tokens_to_ids(SEG)
         self.region_id = tokenizer.convert_tokens_to_ids(REGION)
 
-        self.vision = VisionEncoder(v.channels)
+        self.vision = VisionEncoder(v.channels, v.stem_channels)
         self.llm = build_llm(cfg, tokenizer)
         hidden = self.llm.config.hidden_size
         self.projector = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, hidden))
@@ -190,11 +227,7 @@ class X2SamModel(nn.Module):
         self.seg_proj = nn.Sequential(
             nn.Linear(hidden, hidden), nn.GELU(), nn.Linear(hidden, dim * d.seg_tokens)
         )
-        # FiLM from [SEG]: lets "red" pick colour channels directly instead of only through attention,
-        # which made a from-scratch model learn several times faster. Zero-init: starts as identity.
-        self.seg_film = nn.Linear(dim, 2 * dim)
-        nn.init.zeros_(self.seg_film.weight)
-        nn.init.zeros_(self.seg_film.bias)
+        self.seg_dense = SegDensePrompt(dim, d.dense_hidden)
         self.memory = MaskMemory(dim, d.heads, d.memory_size)
         self.prompt_encoder = PromptEncoder(
             embed_dim=dim,
@@ -209,7 +242,11 @@ class X2SamModel(nn.Module):
             ),
             num_multimask_outputs=0,  # one [SEG] -> one mask: no ambiguity heads, no matching needed
             iou_head_hidden_dim=dim,
+            use_high_res_features=True,
         )
+        # SAM2 projects its backbone's two finest FPN levels with these; ours have the encoder's widths.
+        self.mask_decoder.conv_s0 = nn.Conv2d(v.stem_channels, dim // 8, 1)
+        self.mask_decoder.conv_s1 = nn.Conv2d(v.channels[0], dim // 4, 1)
 
     # -- pieces -------------------------------------------------------------------------------------------
 
@@ -244,24 +281,31 @@ class X2SamModel(nn.Module):
     def pe(self) -> Tensor:
         return self.prompt_encoder.get_dense_pe()
 
-    def decode(self, seg: Tensor, feats: Tensor) -> Tensor:
-        """[SEG] prompt tokens (Q,n,C) and their samples' frames (Q,T,C,h,w) -> mask logits (Q,T,S,S),
-        frame by frame with the Mask Memory bank."""
+    def encode_frames(self, frames: Tensor) -> tuple[Tensor, list[Tensor]]:
+        """(B,T,3,S,S) uint8 -> features (B,T,C,h,w) and the decoder's high-res maps, each (B,T,c,H,W)."""
+        b, t = frames.shape[:2]
+        feats, high_res = self.vision(frames.flatten(0, 1))
+        return feats.unflatten(0, (b, t)), [m.unflatten(0, (b, t)) for m in high_res]
+
+    def decode(self, seg: Tensor, feats: Tensor, high_res: list[Tensor]) -> Tensor:
+        """[SEG] prompt tokens (Q,n,C) and their samples' frames (Q,T,C,h,w) plus high-res maps ->
+        mask logits (Q,T,S,S), frame by frame with the Mask Memory bank."""
         t = feats.shape[1]
         pe = self.pe()
-        gamma, beta = self.seg_film(seg[:, 0])[..., None, None].chunk(2, dim=1)
         no_mask = self.prompt_encoder.no_mask_embed.weight.reshape(1, -1, 1, 1)
+        dec = self.mask_decoder
         bank: list[tuple[Tensor, int]] = []
         out = []
         for i in range(t):
             x = self.memory(feats[:, i], pe, bank, i)
-            logits = self.mask_decoder(
+            logits = dec(
                 image_embeddings=x,
                 image_pe=pe,
                 sparse_prompt_embeddings=seg,
-                dense_prompt_embeddings=no_mask + x * gamma + beta,  # the decoder adds it to x
+                dense_prompt_embeddings=no_mask + self.seg_dense(x, seg[:, 0]),  # the decoder adds it to x
                 multimask_output=False,
                 repeat_image=False,
+                high_res_features=[dec.conv_s0(high_res[0][:, i]), dec.conv_s1(high_res[1][:, i])],
             )[0]
             if logits.shape[-1] != self.image_size:
                 logits = F.interpolate(
@@ -276,23 +320,21 @@ class X2SamModel(nn.Module):
 
     def forward(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
         """Teacher-forced pass: LM logits over the text positions and mask logits for every [SEG]."""
-        frames = batch["frames"]  # (B,T,3,S,S) uint8
-        b, t = frames.shape[:2]
-        feats = self.vision(frames.flatten(0, 1)).unflatten(0, (b, t))
+        feats, high_res = self.encode_frames(batch["frames"])  # frames: (B,T,3,S,S) uint8
         embeds, mask, p = self.embed(batch, feats)
         out = self.llm(inputs_embeds=embeds, attention_mask=mask, output_hidden_states=True)
         hidden = out.hidden_states[-1][:, p:]
         seg_pos = batch["input_ids"] == self.seg_id
         owner = seg_pos.nonzero()[:, 0]
         seg = self.seg_proj(hidden[seg_pos]).float().unflatten(-1, (self.seg_tokens, -1))
-        masks = self.decode(seg, feats[owner].float())
+        masks = self.decode(seg, feats[owner].float(), [m[owner].float() for m in high_res])
         return {"logits": out.logits[:, p:], "mask_logits": masks}
 
     @torch.no_grad()
     def generate(self, batch: dict[str, Tensor], max_new_tokens: int, eos_id: int) -> Tensor:
         """Greedy continuation of `input_ids` (one sample, no padding); returns the full id sequence."""
-        frames, ids = batch["frames"], batch["input_ids"]
-        feats = self.vision(frames.flatten(0, 1)).unflatten(0, frames.shape[:2])
+        ids = batch["input_ids"]
+        feats, _ = self.encode_frames(batch["frames"])
         for _ in range(max_new_tokens):
             embeds, mask, _ = self.embed(
                 {**batch, "input_ids": ids, "attention_mask": torch.ones_like(ids)}, feats
