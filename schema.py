@@ -133,7 +133,9 @@ class FrameRecord(TypedDict, total=False):
     additional_context: str
     # LLM stage -> {prompt_id, template_hash, prompt_hash, backend, attempts, finish_reason, tokens}
     generations: dict[str, dict[str, Any]]
-    llm_drops: list[dict[str, Any]]  # LLM outputs dropped after retries: {stage, reason, attempts, prompt_id, ...}
+    llm_drops: list[
+        dict[str, Any]
+    ]  # LLM outputs dropped after retries: {stage, reason, attempts, prompt_id, ...}
 
 
 class Media(TypedDict, total=False):

@@ -83,7 +83,11 @@ class VideoConfig:
     max_frames: int = 0  # then at most this many (0: no cap); tracking covers exactly these frames
 
     def __post_init__(self) -> None:
-        for key, ok in (("fps", self.fps >= 0), ("stride", self.stride >= 1), ("max_frames", self.max_frames >= 0)):
+        for key, ok in (
+            ("fps", self.fps >= 0),
+            ("stride", self.stride >= 1),
+            ("max_frames", self.max_frames >= 0),
+        ):
             if not ok:
                 raise ConfigError(f"key 'video.{key}': {getattr(self, key)!r} is out of range")
 

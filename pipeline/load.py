@@ -57,7 +57,9 @@ def _normalise(uri: str, key: str, raw: bytes, limits: LimitsConfig, video: Vide
     if is_video_uri(uri):
         ext = uri.rsplit(".", 1)[-1].lower()
         sampling = FrameSampling(fps=video.fps, stride=video.stride, max_frames=video.max_frames)
-        v = probe_video(raw, ext, keyframes=video.keyframes, sparse_frames=video.sparse_frames, sampling=sampling)
+        v = probe_video(
+            raw, ext, keyframes=video.keyframes, sparse_frames=video.sparse_frames, sampling=sampling
+        )
         source["format"] = ext
         media = {
             "type": "video", "ext": ext, "width": v.width, "height": v.height, "fps": v.fps,
