@@ -67,17 +67,40 @@ def load_predictor(image_size: int | None) -> Any:
 
 
 class PeakRss:
-    """Samples this process's RSS in a thread while active: the peak above the RSS at entry."""
+    """The peak RSS of this process while active, above the RSS at entry.
+
+    On Linux the kernel's own high-water mark (VmHWM) is reset on entry and read on exit, which
+    sees every transient peak; elsewhere a thread samples RSS, which can miss short ones.
+    """
 
     def __init__(self, interval_s: float = 0.002):
         self.interval_s = interval_s
         self.process = psutil.Process()
 
+    @staticmethod
+    def _reset_kernel_peak() -> bool:
+        try:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")  # 5: reset the peak RSS (VmHWM) to the current RSS
+            return True
+        except OSError:
+            return False
+
+    @staticmethod
+    def _kernel_peak() -> int:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+        raise OSError("no VmHWM in /proc/self/status")
+
     def __enter__(self) -> PeakRss:
         self.baseline = self.peak = self.process.memory_info().rss
+        self._kernel = self._reset_kernel_peak()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
+        if not self._kernel:
+            self._thread.start()
         return self
 
     def _run(self) -> None:
@@ -86,6 +109,9 @@ class PeakRss:
             time.sleep(self.interval_s)
 
     def __exit__(self, *exc: object) -> None:
+        if self._kernel:
+            self.peak = max(self.peak, self._kernel_peak())
+            return
         self._stop.set()
         self._thread.join()
         self.peak = max(self.peak, self.process.memory_info().rss)
