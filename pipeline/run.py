@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from groundmill import __version__
-from groundmill.pipeline.config import Config, to_container
+from groundmill.pipeline.config import Config, ConfigError, to_container
 from groundmill.pipeline.sink import clean_uncommitted, read_index
 from groundmill.pipeline.sources import list_inputs
 
@@ -127,7 +127,12 @@ def run_pipeline(cfg: Config) -> dict[str, Any]:
 
         start = time.perf_counter()
         init_ray(cfg)
-        check_resources(cfg, ray.cluster_resources())
+        try:
+            check_resources(cfg, ray.cluster_resources())
+        except ConfigError as e:
+            if not (cfg.ray.address or os.environ.get("RAY_ADDRESS")):
+                raise
+            log.warning("%s; continuing, as an existing cluster may autoscale", e)
         ctx = ray.data.DataContext.get_current()
         ctx.max_errored_blocks = cfg.ray.max_errored_blocks
         committed = {
