@@ -10,6 +10,7 @@ the same bookkeeping intact.
 from __future__ import annotations
 
 import json
+import mmap
 from pathlib import Path
 
 import numpy as np
@@ -176,9 +177,13 @@ def test_tracking_memory_does_not_grow_with_video_length(tmp_path, tiny_sam2):
 
 
 def test_peak_rss_probe_sees_an_allocation():
+    # Fresh anonymous pages: malloc could reuse memory a long test session already holds resident.
+    size = 64 * 2**20
     with PeakRss() as rss:
-        block = np.ones(64 * 2**20 // 8)  # 64 MB, touched
-        del block
+        block = mmap.mmap(-1, size)
+        for offset in range(0, size, mmap.PAGESIZE):  # touch every page
+            block[offset] = 1
+        block.close()
     assert rss.growth_mb > 40
 
 
