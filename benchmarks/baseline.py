@@ -20,7 +20,7 @@ from typing import Any
 
 from groundmill.pipeline.config import Config, load_config
 from groundmill.pipeline.graph import build_stage, run_stage
-from groundmill.pipeline.load import LOAD_STAGE, _normalise
+from groundmill.pipeline.load import LOAD_STAGE, normalise_input
 from groundmill.pipeline.media import MediaError
 from groundmill.pipeline.sources import list_inputs, read_uri
 from groundmill.schema import STATUS_ERROR, content_key
@@ -52,7 +52,7 @@ def load_step(uris: list[str], cfg: Config, out: Path) -> list[str]:
             continue
         seen.add(key)
         try:
-            sample = _normalise(uri, key, raw, cfg.limits, cfg.video)
+            sample = normalise_input(uri, key, raw, cfg.limits, cfg.video)
         except MediaError as e:
             sample = Sample(uri, key, "", b"", [], {}, status=STATUS_ERROR, error=f"{LOAD_STAGE}: {e}")
         name = f"{n:08d}.json"

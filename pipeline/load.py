@@ -52,7 +52,8 @@ def _error(uri: str, key: str | None, reason: str, record: Record | None = None)
     )  # fmt: skip
 
 
-def _normalise(uri: str, key: str, raw: bytes, limits: LimitsConfig, video: VideoConfig) -> Sample:
+def normalise_input(uri: str, key: str, raw: bytes, limits: LimitsConfig, video: VideoConfig) -> Sample:
+    """One input's bytes -> a sample ready for the stages (raises MediaError when unusable)."""
     source = Source(uri=uri, sha256=key, bytes=len(raw), format="")
     if is_video_uri(uri):
         ext = uri.rsplit(".", 1)[-1].lower()
@@ -113,7 +114,7 @@ def load_batch(batch: pa.Table, limits: LimitsConfig, video: VideoConfig, regist
             continue
         start = time.perf_counter()
         try:
-            normalised = _normalise(s.uri, s.key, item.raw, limits, video)
+            normalised = normalise_input(s.uri, s.key, item.raw, limits, video)
         except MediaError as e:
             source = Source(uri=s.uri, sha256=s.key, bytes=len(item.raw), format="")
             normalised = _error(s.uri, s.key, str(e), Record(source=source))

@@ -21,7 +21,7 @@ import webdataset as wds
 from groundmill.benchmarks.bench_tracking import PeakRss, colour_mask, run_once, shapes_detections
 from groundmill.pipeline.config import LimitsConfig, ModelSpec, Resources, VideoConfig, load_config
 from groundmill.pipeline.demo_data import write_shapes_video
-from groundmill.pipeline.load import _normalise
+from groundmill.pipeline.load import normalise_input
 from groundmill.pipeline.run import run_pipeline
 from groundmill.pipeline.sink import SHARDS_DIR, read_index
 from groundmill.schema import check_record, decode_mask, encode_mask
@@ -53,7 +53,9 @@ class ColourPropagatorDouble:
 
 def video_sample(path: Path, keyframes: int, **video):
     data = path.read_bytes()
-    return _normalise(str(path), "0" * 24, data, LimitsConfig(), VideoConfig(keyframes=keyframes, **video))
+    return normalise_input(
+        str(path), "0" * 24, data, LimitsConfig(), VideoConfig(keyframes=keyframes, **video)
+    )
 
 
 def add_shape_objects(sample) -> None:
