@@ -113,6 +113,15 @@ class DenseCaption(TypedDict):
     verification: NotRequired[dict[str, Any]]
 
 
+class VotingRule(TypedDict):
+    """How a frame's detections were split into objects and floating objects (GranD's agreement rule)."""
+
+    min_iou: float
+    min_dice: float
+    max_objects: int
+    masks: bool  # True once mask Dice was checked too (the masks stage re-votes); False: boxes alone
+
+
 class FrameRecord(TypedDict, total=False):
     """Everything the image stages write; the whole record for an image, one keyframe for a video."""
 
@@ -122,6 +131,7 @@ class FrameRecord(TypedDict, total=False):
     tags: list[Tag]
     # Raw per-model boxes before voting: detection stage name -> [{bbox (xyxy), label, score}]
     detections: dict[str, list[dict[str, Any]]]
+    voting: VotingRule  # written by the voting stage, re-applied with masks by the masks stage
     objects: list[Object]
     floating_objects: list[Object]
     floating_attributes: list[dict[str, Any]]

@@ -16,6 +16,8 @@ from groundmill.stages.boxes import (
     vote,
 )
 from groundmill.stages.detection import detection_queries, grounding_prompt, query_token_scores
+from groundmill.stages.masks import distinct_boxes
+from groundmill.stages.voting import merge
 
 
 def det(box, score, label="cat"):
@@ -102,6 +104,40 @@ def test_vote_mask_dice_can_veto_box_agreement():
     assert len(objects) == 1
     objects, _ = vote(per_model, masks={"a": [left], "b": [None]})  # no mask on one side: boxes decide
     assert len(objects) == 1
+
+
+def box_mask(box, shape=(160, 160), rows=slice(None)):
+    """A hand-built mask filling `box` (optionally only some of its rows)."""
+    m = np.zeros(shape, bool)
+    m[box[1] : box[3], box[0] : box[2]][rows] = True
+    return m
+
+
+def test_revote_with_masks_of_boxes():
+    """The masks stage's re-vote: one mask per distinct box; boxes that agree (IoU 0.9) but whose masks
+    do not (Dice 0.61) float, identical boxes of two models share a mask and agree."""
+    per_model = {
+        "owl": [det([0, 0, 40, 40], 0.9, "cat"), det([100, 100, 140, 140], 0.8, "dog")],
+        "gdino": [det([2, 2, 40, 40], 0.7, "kitten"), det([100, 100, 140, 140], 0.6, "puppy")],
+    }
+    boxes = distinct_boxes(per_model)
+    assert boxes == [(0, 0, 40, 40), (100, 100, 140, 140), (2, 2, 40, 40)]
+    mask_of = {
+        (0, 0, 40, 40): box_mask([0, 0, 40, 40], rows=slice(0, 20)),  # top half
+        (2, 2, 40, 40): box_mask([2, 2, 40, 40]),  # Dice with the top half: 2*684 / (800+1444) = 0.61
+        (100, 100, 140, 140): box_mask([100, 100, 140, 140]),
+    }
+    rule = {"min_iou": 0.65, "min_dice": 0.75, "max_objects": 100, "masks": False}
+    objects, floating = merge(per_model, rule)  # boxes alone: both pairs agree
+    assert [o["labels"] for o in objects] == [["cat", "kitten"], ["dog", "puppy"]] and floating == []
+    objects, floating = merge(per_model, rule, mask_of)
+    assert [o["labels"] for o in objects] == [["dog", "puppy"]]
+    assert [f["labels"] for f in floating] == [["cat"], ["kitten"]]
+    assert [o["id"] for o in objects + floating] == [0, 1, 2]
+    objects, floating = merge(per_model, {**rule, "min_dice": 0.6}, mask_of)
+    assert len(objects) == 2 and floating == []
+    objects, floating = merge(per_model, {**rule, "max_objects": 2}, mask_of)  # objects first, then the best
+    assert [o["labels"] for o in objects + floating] == [["dog", "puppy"], ["cat"]]
 
 
 def test_box_agrees_with_tolerance():

@@ -11,9 +11,12 @@ from groundmill.pipeline.config import ModelSpec, Resources, stage_params
 from groundmill.schema import check_record, decode_mask, mask_bbox, new_record
 from groundmill.stages import stage_class
 from groundmill.stages.base import Sample
-from groundmill.stages.boxes import mask_within_box
+from groundmill.stages.boxes import clip_mask_to_box, mask_within_box
 from groundmill.stages.depth import LAYERS
+from groundmill.stages.masks import distinct_boxes
+from groundmill.stages.sam2_models import predict_boxes
 from groundmill.stages.vocab_groups import load_groups
+from groundmill.stages.voting import merge
 
 MINILM = "sentence-transformers/all-MiniLM-L6-v2"
 # (stage, params, model id): the order of the demo manifest
@@ -26,7 +29,8 @@ PLAN = [
         "tiny",
     ),
     ("detection", {"detector": "grounding_dino", "score_threshold": 0.05, "max_boxes": 4}, "tiny"),
-    ("voting", {"min_iou": 0.0}, "tiny"),  # every box pairs with one of the other model: objects exist
+    # every box pairs with one of the other model (random SAM2 masks never agree: Dice 0 too): objects exist
+    ("voting", {"min_iou": 0.0, "min_dice": 0.0}, "tiny"),
     ("masks", {}, "tiny"),
     ("depth", {}, "tiny"),
     ("attributes", {"min_attribute_prob": 0.0}, "tiny"),
@@ -204,3 +208,74 @@ def test_owlv2_local_directory_loads_like_a_hub_id(tmp_path, annotated):
         image, ["cat", "dog"], "a photo of a {}"
     )
     assert local.provenance()["random_weights"] is False and local.provenance()["model"] == str(tmp_path)
+
+
+def hand_detections() -> dict[str, list[dict]]:
+    def det(box, score, label):
+        return {"bbox": box, "label": label, "score": score}
+
+    return {  # two pairs that agree by box (IoU 0.9; an identical box), one lone box
+        "owlv2": [det([10.0, 10.0, 50.0, 50.0], 0.9, "cat"), det([60.0, 5.0, 90.0, 30.0], 0.5, "lamp")],
+        "grounding_dino": [
+            det([12.0, 12.0, 50.0, 50.0], 0.8, "kitten"),
+            det([60.0, 5.0, 90.0, 30.0], 0.4, "light"),
+            det([5.0, 40.0, 30.0, 70.0], 0.3, "cup"),
+        ],
+    }
+
+
+@pytest.mark.parametrize("min_dice", [0.75, 0.0])
+def test_masks_revote_with_sam2_masks_of_every_detection(annotated, monkeypatch, min_dice):
+    """The masks stage re-applies the voting stage's rule with tiny SAM2's masks of every raw detection
+    (one predictor call per image), and the objects keep exactly those masks."""
+    masks_stage = annotated[1]["masks"]
+    predictor = masks_stage.predictor
+    sample = image_sample(7)
+    sample.record["detections"] = hand_detections()
+    build("voting", {"min_dice": min_dice}, "tiny").process([sample])
+    assert sample.record["voting"]["masks"] is False and len(sample.record["objects"]) == 2
+
+    view = sample.views()[0]
+    boxes = distinct_boxes(sample.record["detections"])
+    raw, _ = predict_boxes(predictor, view.image, [list(b) for b in boxes])
+    mask_of = {b: clip_mask_to_box(m, list(b)) for b, m in zip(boxes, raw, strict=True)}
+    expected = merge(sample.record["detections"], sample.record["voting"], mask_of)
+
+    calls = []
+    set_image = predictor.set_image
+    monkeypatch.setattr(predictor, "set_image", lambda image: calls.append(1) or set_image(image))
+    masks_stage.process([sample])
+    rec = sample.record
+    assert len(calls) == 1  # one batched SAM2 call for the image
+    assert rec["voting"] == {"min_iou": 0.65, "min_dice": min_dice, "max_objects": 100, "masks": True}
+    got = (rec["objects"], rec["floating_objects"])
+    strip = ("segmentation", "segmentation_source", "predicted_iou", "mask_in_box")
+    assert [[{k: v for k, v in o.items() if k not in strip} for o in g] for g in got] == list(expected)
+    if min_dice == 0.0:  # without the Dice check, re-voting keeps what box voting found
+        assert [o["labels"] for o in rec["objects"]] == [["cat", "kitten"], ["lamp", "light"]]
+    assert check_record(rec) == []
+    h, w = view.image.height, view.image.width
+    for obj in rec["objects"] + rec["floating_objects"]:
+        mask = decode_mask(obj["segmentation"])
+        assert mask.shape == (h, w) and np.array_equal(mask, mask_of[tuple(obj["bbox"])])
+        assert mask_within_box(mask_bbox(obj["segmentation"]), obj["bbox"])
+        assert isinstance(obj["mask_in_box"], bool) and obj["segmentation_source"] == "SAM2"
+
+
+def test_masks_without_revote_keep_box_voting(annotated):
+    masks_stage = annotated[1]["masks"]
+    sample = image_sample(8)
+    sample.record["detections"] = hand_detections()
+    build("voting", {}, "tiny").process([sample])
+    before = [[o["labels"] for o in sample.record[g]] for g in ("objects", "floating_objects")]
+    masks_stage.params.revote = False
+    try:
+        masks_stage.process([sample])
+    finally:
+        masks_stage.params.revote = True
+    rec = sample.record
+    assert [[o["labels"] for o in rec[g]] for g in ("objects", "floating_objects")] == before
+    assert rec["voting"]["masks"] is False and check_record(rec) == []
+    assert all(
+        decode_mask(o["segmentation"]).shape == (72, 96) for o in rec["objects"] + rec["floating_objects"]
+    )
