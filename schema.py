@@ -120,6 +120,16 @@ class VotingRule(TypedDict):
     min_dice: float
     max_objects: int
     masks: bool  # True once mask Dice was checked too (the masks stage re-votes); False: boxes alone
+    attribute_vocabulary: str  # detections named only by these words are floating attributes
+
+
+class FloatingAttribute(TypedDict):
+    """A box a detector found for an attribute phrase ("red", "wooden"), not an object (see stages.voting)."""
+
+    bbox: list[float]  # xyxy, pixels of the stored image
+    attributes: list[str]  # the phrase's words
+    score: float
+    detector: str
 
 
 class FrameRecord(TypedDict, total=False):
@@ -134,7 +144,7 @@ class FrameRecord(TypedDict, total=False):
     voting: VotingRule  # written by the voting stage, re-applied with masks by the masks stage
     objects: list[Object]
     floating_objects: list[Object]
-    floating_attributes: list[dict[str, Any]]
+    floating_attributes: list[FloatingAttribute]
     captions: list[Caption]
     relationships: dict[str, Any]  # {"grounding": [Grounding], "relations": [...]}
     scene_graph: dict[str, Any]
@@ -222,7 +232,8 @@ def is_valid_key(key: str) -> bool:
 
 
 def check_record(record: Record) -> list[str]:
-    """Problems with a record (empty list if none): mask sizes, masks inside boxes, exact phrase spans."""
+    """Problems with a record (empty list if none): mask sizes, exact phrase spans, floating attribute
+    boxes inside the image and naming an attribute."""
     problems: list[str] = []
     media = record["media"]
     size = [media["height"], media["width"]]
@@ -232,6 +243,12 @@ def check_record(record: Record) -> list[str]:
                 seg = obj.get("segmentation")
                 if seg is not None and list(seg["size"]) != size:
                     problems.append(f"frame {f} {group} {obj['id']}: mask size {seg['size']} != {size}")
+        for attr in frame.get("floating_attributes", []):
+            x0, y0, x1, y1 = attr["bbox"]
+            if not (0 <= x0 < x1 <= media["width"] and 0 <= y0 < y1 <= media["height"]):
+                problems.append(f"frame {f}: floating attribute box {attr['bbox']} is not inside the image")
+            if not attr["attributes"]:
+                problems.append(f"frame {f}: floating attribute at {attr['bbox']} names no attribute")
         captions = frame.get("captions", [])
         for g in frame.get("relationships", {}).get("grounding", []):
             text = captions[g["caption_index"]]["text"]

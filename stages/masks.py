@@ -6,11 +6,11 @@ recorded as `mask_in_box`, which flags objects whose box and mask disagree.
 
 Re-voting (`revote`, on by default): the voting stage, which runs before any mask exists, splits the
 detections by box IoU alone and writes its rule into the frame (`record["voting"]`). Here every
-distinct raw detection box gets a SAM2 mask (still one call per image), the same rule is applied
-again with mask Dice between the clipped masks (GranD: IoU >= 0.65 and Dice >= 0.75), and the new
-objects and floating objects take the masks already computed for their boxes. Re-voting rebuilds the
-objects from the detections, so run masks right after voting. Frames without a voting rule (objects
-from elsewhere) just get masks.
+distinct raw detection box that votes (attribute-only boxes do not) gets a SAM2 mask, still in one
+call per image; the same rule is applied again with mask Dice between the clipped masks (GranD: IoU
+>= 0.65 and Dice >= 0.75), and the new objects and floating objects take the masks already computed
+for their boxes. Re-voting rebuilds the objects from the detections, so run masks right after
+voting. Frames without a voting rule (objects from elsewhere) just get masks.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from groundmill.schema import Object, VotingRule, encode_mask
 from groundmill.stages.base import Sample, Stage, View, views_of
 from groundmill.stages.boxes import Detection, box_agrees, clip_mask_to_box
 from groundmill.stages.sam2_models import load_image_predictor, predict_boxes
-from groundmill.stages.voting import Box, merge
+from groundmill.stages.voting import Box, attribute_words, merge, separate_attributes
 
 SOURCE = "SAM2"
 
@@ -73,7 +73,8 @@ class Sam2Masks(Stage):
 
     def _revote(self, view: View) -> None:
         record = view.record
-        per_model = record.get("detections", {})
+        # the detections that vote: attribute-only boxes (floating_attributes) get no mask
+        per_model, _ = separate_attributes(record, attribute_words(record["voting"]["attribute_vocabulary"]))
         boxes = distinct_boxes(per_model)
         found: dict[Box, tuple[np.ndarray, np.ndarray, float]] = {}  # box -> (raw mask, clipped, iou)
         if boxes:

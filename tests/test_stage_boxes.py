@@ -3,6 +3,8 @@
 import numpy as np
 import pytest
 
+from groundmill.schema import check_record, new_record
+from groundmill.stages.base import Sample
 from groundmill.stages.boxes import (
     box_agrees,
     box_iou,
@@ -17,7 +19,7 @@ from groundmill.stages.boxes import (
 )
 from groundmill.stages.detection import detection_queries, grounding_prompt, query_token_scores
 from groundmill.stages.masks import distinct_boxes
-from groundmill.stages.voting import merge
+from groundmill.stages.voting import BoxVoting, attribute_words, merge, separate_attributes
 
 
 def det(box, score, label="cat"):
@@ -138,6 +140,61 @@ def test_revote_with_masks_of_boxes():
     assert len(objects) == 2 and floating == []
     objects, floating = merge(per_model, {**rule, "max_objects": 2}, mask_of)  # objects first, then the best
     assert [o["labels"] for o in objects + floating] == [["dog", "puppy"], ["cat"]]
+
+
+def attribute_frame() -> dict:
+    return {
+        "tags": [{"label": "cat", "score": 0.5}, {"label": "orange", "score": 0.3}],
+        "detections": {
+            "owl": [
+                det([0, 0, 40, 40], 0.9, "cat"),
+                det([50, 0, 90, 40], 0.6, "red"),
+                det([0, 50, 40, 90], 0.5, "red wooden"),
+                det([50, 50, 90, 90], 0.4, "orange"),  # a tag: the fruit, an object
+                det([10, 10, 30, 30], 0.3, "red car"),  # names an object
+            ],
+            "gdino": [det([1, 1, 40, 40], 0.8, "kitten"), det([0, 50, 40, 90], 0.7, "Wooden")],
+        },
+    }
+
+
+def test_attribute_only_detections_become_floating_attributes():
+    frame = attribute_frame()
+    per_model, attrs = separate_attributes(frame, attribute_words("attributes"))
+    assert attrs == [
+        {"bbox": [0, 50, 40, 90], "attributes": ["wooden"], "score": 0.7, "detector": "gdino"},
+        {"bbox": [50, 0, 90, 40], "attributes": ["red"], "score": 0.6, "detector": "owl"},
+        {"bbox": [0, 50, 40, 90], "attributes": ["red", "wooden"], "score": 0.5, "detector": "owl"},
+    ]
+    assert {m: [d["label"] for d in ds] for m, ds in per_model.items()} == {
+        "owl": ["cat", "orange", "red car"],
+        "gdino": ["kitten"],
+    }
+    untagged = separate_attributes({**frame, "tags": []}, attribute_words("attributes"))[1]
+    assert ["orange"] in [a["attributes"] for a in untagged]  # without the tag, "orange" is a colour
+
+
+def test_voting_stage_writes_floating_attributes_into_a_valid_record():
+    media = {"type": "image", "ext": "png", "width": 100, "height": 100}
+    record = new_record("0" * 16, {"uri": "x", "sha256": "", "bytes": 0, "format": "PNG"}, media, [])
+    record |= attribute_frame()
+    sample = Sample(uri="x", key="0" * 16, media_type="image", data=b"", frames=[], record=record)
+    BoxVoting().process([sample])
+    assert [a["attributes"] for a in record["floating_attributes"]] == [
+        ["wooden"],
+        ["red"],
+        ["red", "wooden"],
+    ]
+    assert [o["labels"] for o in record["objects"]] == [["cat", "kitten"]]
+    assert [o["labels"] for o in record["floating_objects"]] == [["orange"], ["red car"]]
+    assert record["voting"]["attribute_vocabulary"] == "attributes" and check_record(record) == []
+    record["floating_attributes"].append(
+        {"bbox": [90, 90, 120, 95], "attributes": [], "score": 0.2, "detector": "owl"}
+    )
+    problems = check_record(record)
+    assert (
+        len(problems) == 2 and "not inside the image" in problems[0] and "names no attribute" in problems[1]
+    )
 
 
 def test_box_agrees_with_tolerance():

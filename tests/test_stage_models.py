@@ -16,7 +16,7 @@ from groundmill.stages.depth import LAYERS
 from groundmill.stages.masks import distinct_boxes
 from groundmill.stages.sam2_models import predict_boxes
 from groundmill.stages.vocab_groups import load_groups
-from groundmill.stages.voting import merge
+from groundmill.stages.voting import attribute_words, merge, separate_attributes
 
 MINILM = "sentence-transformers/all-MiniLM-L6-v2"
 # (stage, params, model id): the order of the demo manifest
@@ -214,12 +214,13 @@ def hand_detections() -> dict[str, list[dict]]:
     def det(box, score, label):
         return {"bbox": box, "label": label, "score": score}
 
-    return {  # two pairs that agree by box (IoU 0.9; an identical box), one lone box
+    return {  # two pairs that agree by box (IoU 0.9; an identical box), one lone box, one attribute
         "owlv2": [det([10.0, 10.0, 50.0, 50.0], 0.9, "cat"), det([60.0, 5.0, 90.0, 30.0], 0.5, "lamp")],
         "grounding_dino": [
             det([12.0, 12.0, 50.0, 50.0], 0.8, "kitten"),
             det([60.0, 5.0, 90.0, 30.0], 0.4, "light"),
             det([5.0, 40.0, 30.0, 70.0], 0.3, "cup"),
+            det([40.0, 40.0, 80.0, 70.0], 0.6, "wooden"),  # attribute-only: no vote, no mask
         ],
     }
 
@@ -236,10 +237,16 @@ def test_masks_revote_with_sam2_masks_of_every_detection(annotated, monkeypatch,
     assert sample.record["voting"]["masks"] is False and len(sample.record["objects"]) == 2
 
     view = sample.views()[0]
-    boxes = distinct_boxes(sample.record["detections"])
+    per_model, attrs = separate_attributes(sample.record, attribute_words("attributes"))
+    assert (
+        [a["attributes"] for a in attrs]
+        == [["wooden"]]
+        == [a["attributes"] for a in sample.record["floating_attributes"]]
+    )
+    boxes = distinct_boxes(per_model)
     raw, _ = predict_boxes(predictor, view.image, [list(b) for b in boxes])
     mask_of = {b: clip_mask_to_box(m, list(b)) for b, m in zip(boxes, raw, strict=True)}
-    expected = merge(sample.record["detections"], sample.record["voting"], mask_of)
+    expected = merge(per_model, sample.record["voting"], mask_of)
 
     calls = []
     set_image = predictor.set_image
@@ -247,7 +254,10 @@ def test_masks_revote_with_sam2_masks_of_every_detection(annotated, monkeypatch,
     masks_stage.process([sample])
     rec = sample.record
     assert len(calls) == 1  # one batched SAM2 call for the image
-    assert rec["voting"] == {"min_iou": 0.65, "min_dice": min_dice, "max_objects": 100, "masks": True}
+    assert rec["voting"] == {
+        "min_iou": 0.65, "min_dice": min_dice, "max_objects": 100, "masks": True, "attribute_vocabulary": "attributes"
+    }  # fmt: skip
+    assert rec["floating_attributes"] == attrs
     got = (rec["objects"], rec["floating_objects"])
     strip = ("segmentation", "segmentation_source", "predicted_iou", "mask_in_box")
     assert [[{k: v for k, v in o.items() if k not in strip} for o in g] for g in got] == list(expected)
