@@ -1,17 +1,23 @@
 """Short captions: several captions per image from an image-captioning model (GranD: BLIP-2, LLaVA).
 
-The stage talks to a `Captioner` (images -> n captions each). `transformers` is BLIP through
-transformers (`BlipForConditionalGeneration`; hub ids and local paths load unchanged; `tiny` is the
-same class from a small config with random weights, whose captions are word salad; the run record
-flags it). Backends built on the shared LLM clients (`stages/llm/`, vision-language chat) plug in by
-adding an entry to `CAPTIONERS`.
+The stage talks to a `Captioner` (a batch of images -> n captions each), picked by `params.backend`:
+
+- `transformers`: BLIP through transformers (`BlipForConditionalGeneration`; hub ids and local paths
+  load unchanged; `tiny` is the same class from a small config with random weights, whose captions
+  are word salad; the run record flags it).
+- `http`: a vision-language model behind an OpenAI-compatible chat endpoint (`vllm serve`, SGLang,
+  hosted APIs) through the shared HTTP LLM client (`stages/llm/http.py`: bounded concurrency, timeouts,
+  transport retries). Each request carries `params.instruction` and the image as a base64 JPEG
+  `image_url` content part; `model.id` is the served model's name and `params.llm` says where the
+  server is. Each of the n captions is its own request with its own seed, so a sampling server gives
+  varied captions. A caption is the generation's first complete sentence.
 """
 
 from __future__ import annotations
 
 import hashlib
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
 import torch
@@ -19,7 +25,10 @@ from PIL import Image
 
 from groundmill.pipeline.config import ModelSpec, Resources
 from groundmill.schema import Caption
-from groundmill.stages.base import Sample, Stage
+from groundmill.stages.base import Sample, SampleError, Stage
+from groundmill.stages.llm import FINISH_ERROR, Generation, LLMConfig, Message, SamplingParams
+from groundmill.stages.llm.http import OpenAIHTTPBackend, image_part
+from groundmill.stages.llm.parsing import parse_prose
 from groundmill.stages.models import device_for, dtype_for, local_path, seeded
 from groundmill.stages.tokenizers import bert_wordpiece_tokenizer
 
@@ -27,7 +36,9 @@ TINY_IMAGE_SIZE = 128
 
 
 class Captioner(Protocol):
-    def caption(self, image: Image.Image, num_captions: int, seed: int) -> list[str]: ...
+    def caption(self, images: list[Image.Image], num_captions: int, seeds: list[int]) -> list[list[str]]:
+        """Up to `num_captions` captions per image; `seeds` (one per image) make sampling reproducible."""
+        ...
 
 
 @dataclass
@@ -37,11 +48,11 @@ class GenerationParams:
     sample: bool = True  # nucleus sampling gives varied captions
     top_p: float = 0.9
     temperature: float = 1.0
-    prompt: str = ""  # optional caption prefix (BLIP conditional captioning), e.g. "a picture of"
+    prompt: str = ""  # transformers only: a caption prefix (BLIP conditional captioning), e.g. "a photo of"
 
 
 class BlipCaptioner:
-    def __init__(self, spec: ModelSpec, resources: Resources, seed: int, gen: GenerationParams):
+    def __init__(self, spec: ModelSpec, resources: Resources, seed: int, params: ShortCaptions.Params):
         from transformers import BlipConfig, BlipForConditionalGeneration, BlipImageProcessor, BlipProcessor
 
         self.device = device_for(spec, resources)
@@ -76,10 +87,13 @@ class BlipCaptioner:
             model = BlipForConditionalGeneration.from_pretrained(source, revision=spec.revision)
             self.processor = BlipProcessor.from_pretrained(source, revision=spec.revision)
         self.model = model.to(self.device, self.dtype).eval()
-        self.gen = gen
+        self.gen = params.generation
+
+    def caption(self, images: list[Image.Image], num_captions: int, seeds: list[int]) -> list[list[str]]:
+        return [self._caption(im, num_captions, seed) for im, seed in zip(images, seeds, strict=True)]
 
     @torch.inference_mode()
-    def caption(self, image: Image.Image, num_captions: int, seed: int) -> list[str]:
+    def _caption(self, image: Image.Image, num_captions: int, seed: int) -> list[str]:
         g = self.gen
         inputs = self.processor(images=[image], text=[g.prompt] if g.prompt else None, return_tensors="pt")
         inputs = inputs.to(self.device)
@@ -95,8 +109,56 @@ class BlipCaptioner:
         return [" ".join(t.split()) for t in texts]
 
 
-CAPTIONERS: dict[str, Callable[[ModelSpec, Resources, int, GenerationParams], Captioner]] = {
+class ChatCaptioner:
+    """Captions from an OpenAI-compatible chat endpoint serving a vision-language model."""
+
+    def __init__(self, spec: ModelSpec, resources: Resources, seed: int, params: ShortCaptions.Params):
+        if params.llm.backend != "http":
+            raise ValueError(
+                f"params.llm.backend: the http captioner needs 'http', not {params.llm.backend!r}"
+            )
+        if not params.instruction.strip():
+            raise ValueError(
+                "params.instruction: the http captioner needs an instruction to send with the image"
+            )
+        self.backend = OpenAIHTTPBackend(params.llm, spec.id)
+        self.backend.setup()
+        self.instruction = params.instruction
+        g = params.generation
+        self.sampling = SamplingParams(g.max_new_tokens, g.temperature if g.sample else 0.0, g.top_p)
+
+    def messages(self, image: Image.Image) -> list[Message]:
+        content = [image_part(image), {"type": "text", "text": self.instruction}]
+        return [{"role": "user", "content": content}]
+
+    def caption(self, images: list[Image.Image], num_captions: int, seeds: list[int]) -> list[list[str]]:
+        # every request of the batch in flight at once (bounded by llm.max_concurrency)
+        jobs = [
+            (self.messages(image), replace(self.sampling, seed=seed + k))
+            for image, seed in zip(images, seeds, strict=True)
+            for k in range(num_captions)
+        ]
+        gens = self.backend.generate_each(jobs)
+        captions = []
+        for i in range(len(images)):
+            mine = gens[i * num_captions : (i + 1) * num_captions]
+            if mine and all(g.finish_reason == FINISH_ERROR for g in mine):
+                raise SampleError(f"caption requests failed: {mine[-1].error}")
+            captions.append([text for g in mine if (text := first_sentence(g))])
+        return captions
+
+
+def first_sentence(gen: Generation) -> str:
+    """A generation's first complete sentence ('' when it failed or has none)."""
+    try:
+        return parse_prose(gen, 1, 1, accept_truncated=True)
+    except ValueError:
+        return ""
+
+
+CAPTIONERS: dict[str, Callable[[ModelSpec, Resources, int, ShortCaptions.Params], Captioner]] = {
     "transformers": BlipCaptioner,
+    "http": ChatCaptioner,
 }
 
 
@@ -120,22 +182,29 @@ class ShortCaptions(Stage):
         backend: str = "transformers"  # a key of CAPTIONERS
         num_captions: int = 3
         generation: GenerationParams = field(default_factory=GenerationParams)
+        # http: where the server is (base_url, timeout, concurrency, retries) and what to ask
+        llm: LLMConfig = field(default_factory=lambda: LLMConfig(backend="http"))
+        instruction: str = "Write a short caption of this image in one sentence."
 
     def setup(self) -> None:
         if self.params.backend not in CAPTIONERS:
             raise ValueError(f"params.backend: {self.params.backend!r} is not one of {sorted(CAPTIONERS)}")
         factory = CAPTIONERS[self.params.backend]
-        self.captioner = factory(self.model_spec, self.resources, self.seed, self.params.generation)
+        self.captioner = factory(self.model_spec, self.resources, self.seed, self.params)
 
     def process(self, samples: list[Sample]) -> None:
         n = self.params.num_captions
-        for sample in samples:
-            for i, view in enumerate(sample.views()):
-                texts = self.captioner.caption(view.image, n, image_seed(self.seed, sample.key, i))
-                view.record["captions"] = [
-                    Caption(text=t, model=self.model_spec.id) for t in unique_captions(texts, n)
-                ]
+        views = [(s, i, v) for s in samples for i, v in enumerate(s.views())]
+        seeds = [image_seed(self.seed, s.key, i) for s, i, _ in views]
+        texts = self.captioner.caption([v.image for _, _, v in views], n, seeds)
+        for (_, _, view), image_texts in zip(views, texts, strict=True):
+            view.record["captions"] = [
+                Caption(text=t, model=self.model_spec.id) for t in unique_captions(image_texts, n)
+            ]
 
     def provenance(self) -> dict[str, Any]:
-        g = self.params.generation
-        return super().provenance() | {"backend": self.params.backend, "prompt": g.prompt, "sample": g.sample}
+        p, g = self.params, self.params.generation
+        info = super().provenance() | {"backend": p.backend, "sample": g.sample}
+        if p.backend == "http":
+            return info | {"base_url": p.llm.base_url, "instruction": p.instruction}
+        return info | {"prompt": g.prompt}

@@ -1,20 +1,26 @@
 """The HTTP backend against real servers on loopback: `transformers serve` with the real SmolLM2
 (session fixture), and a small FastAPI app that is a test double for faults (garbage bodies, no
-stop, timeouts, 503s).
+stop, timeouts, 503s). The HTTP captioner goes to the real server through a recording pass-through.
 
 No `from __future__ import annotations` here: FastAPI must resolve the handler's `Request` annotation."""
 
+import base64
+import contextlib
+import io
 import os
 import socket
 import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
+from PIL import Image
 
+from groundmill.stages.base import SampleError
 from groundmill.stages.llm import (
     FINISH_ERROR,
     FINISH_STOP,
@@ -25,6 +31,7 @@ from groundmill.stages.llm import (
     require_stop,
 )
 from groundmill.stages.llm.hf import converted_gguf, smollm2_gguf
+from tests.test_stage_models import build, image_sample
 
 pytestmark = pytest.mark.slow
 PROMPT = [{"role": "user", "content": "Name one colour. Answer with one word."}]
@@ -99,7 +106,6 @@ def test_http_backend_against_real_server(served_smollm2):
 
 @pytest.fixture(scope="module")
 def fault_server():
-    import uvicorn
     from fastapi import FastAPI, Request
     from fastapi.responses import JSONResponse, PlainTextResponse
 
@@ -133,6 +139,15 @@ def fault_server():
             return PlainTextResponse("busy", status_code=503)
         return JSONResponse(completion("A dog.", "stop"))
 
+    with serving(app) as base_url:
+        yield base_url, hits, inflight
+
+
+@contextlib.contextmanager
+def serving(app) -> Iterator[str]:
+    """Serve a FastAPI app on loopback in a thread; yields its /v1 base URL."""
+    import uvicorn
+
     port = free_port()
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error"))
     thread = threading.Thread(target=server.run, daemon=True)
@@ -140,9 +155,11 @@ def fault_server():
     deadline = time.monotonic() + 30
     while not server.started and time.monotonic() < deadline:
         time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}/v1", hits, inflight
-    server.should_exit = True
-    thread.join(timeout=10)
+    try:
+        yield f"http://127.0.0.1:{port}/v1"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
 
 
 async def _sleep(seconds: float) -> None:
@@ -192,3 +209,81 @@ def test_concurrency_is_bounded_and_order_kept(fault_server):
     backend.close()
     assert [g.text for g in gens] == ["A dog."] * 7 and hits["count"] == 7
     assert 2 <= inflight["max"] <= 3  # requests overlap, never more than max_concurrency at once
+
+
+# ---------------------------------------------------------------------------------------------------
+# The HTTP captioner: images as base64 `image_url` parts. SmolLM2 is a text model and ignores the image
+# (`transformers serve` accepts the parts); a pass-through in front of it keeps each request body.
+
+
+@pytest.fixture(scope="module")
+def recording_proxy(served_smollm2):
+    from fastapi import FastAPI, Request
+    from fastapi.responses import JSONResponse
+
+    upstream, _ = served_smollm2
+    app = FastAPI()
+    bodies: list[dict] = []
+
+    @app.post("/v1/chat/completions")
+    async def chat(request: Request):
+        body = await request.json()
+        bodies.append(body)
+        async with httpx.AsyncClient(timeout=120) as client:
+            response = await client.post(f"{upstream}/chat/completions", json=body)
+        return JSONResponse(response.json(), status_code=response.status_code)
+
+    with serving(app) as base_url:
+        yield base_url, bodies
+
+
+def sent_image(part: dict) -> Image.Image:
+    assert part["type"] == "image_url"
+    url = part["image_url"]["url"]
+    prefix = "data:image/jpeg;base64,"
+    assert url.startswith(prefix)
+    return Image.open(io.BytesIO(base64.b64decode(url[len(prefix) :])))
+
+
+def test_http_captioner_sends_each_image_and_writes_captions(recording_proxy, served_smollm2):
+    base_url, bodies = recording_proxy
+    _, model = served_smollm2
+    params = {
+        "backend": "http",
+        "num_captions": 2,
+        "generation": {"max_new_tokens": 64, "sample": False},  # greedy: a stable caption
+        "llm": {"base_url": base_url, "max_concurrency": 2, "timeout_s": 120},
+    }
+    stage = build("captions", params, model)
+    stage.setup()
+    samples = [image_sample(1), image_sample(2, (64, 80))]
+    bodies.clear()
+    stage.process(samples)
+
+    assert len(bodies) == 4  # one request per caption
+    by_size: dict[tuple[int, int], list[dict]] = {}
+    for body in bodies:
+        assert body["model"] == model and body["temperature"] == 0.0
+        [message] = body["messages"]
+        image_part, text_part = message["content"]
+        assert text_part == {"type": "text", "text": stage.params.instruction}
+        by_size.setdefault(sent_image(image_part).size, []).append(body)
+    assert sorted(by_size) == [(64, 80), (96, 72)]  # each image, at its own size
+    for requests in by_size.values():
+        assert len({b["seed"] for b in requests}) == 2  # one seed per caption
+    for s in samples:
+        captions = s.record["captions"]
+        assert 1 <= len(captions) <= 2 and all(c["text"].strip() and c["model"] == model for c in captions)
+    prov = stage.provenance()
+    assert prov["backend"] == "http" and prov["model"] == model and prov["base_url"] == base_url
+
+
+def test_http_captioner_without_a_server_is_a_clear_sample_error():
+    params = {
+        "backend": "http",
+        "llm": {"base_url": f"http://127.0.0.1:{free_port()}/v1", "request_retries": 0},
+    }
+    stage = build("captions", params, "some-vlm")
+    stage.setup()
+    with pytest.raises(SampleError, match="caption requests failed: .*ConnectError"):
+        stage.process([image_sample(3)])

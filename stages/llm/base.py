@@ -18,7 +18,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-Message = dict[str, str]
+# content is a string, or (HTTP backend, vision-language servers) a list of OpenAI content parts
+Message = dict[str, Any]
 Prompt = str | list[Message]
 
 FINISH_STOP = "stop"  # the model ended on its own (EOS or a stop string)

@@ -1,5 +1,8 @@
 """Any OpenAI-compatible chat endpoint (`vllm serve`, `transformers serve`, hosted APIs) over HTTP.
 
+A message's content may be a list of OpenAI content parts, so vision-language servers get images
+(:func:`image_part`: a base64 data URL in an `image_url` part).
+
 Bounded concurrency (a thread pool of `max_concurrency` requests in flight), a per-request timeout,
 and transport-level retries with backoff for connection errors, timeouts, 429 and 5xx. A response
 that arrives but is malformed is not retried here: it comes back as finish_reason="error" and the
@@ -8,12 +11,15 @@ stage's parse-and-retry loop (`generate_checked`) decides.
 
 from __future__ import annotations
 
+import base64
+import io
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import httpx
+from PIL import Image
 
 from groundmill.stages.llm.base import (
     FINISH_ERROR,
@@ -32,6 +38,14 @@ _RETRY_STATUS = {408, 429, 500, 502, 503, 504}
 
 class _Retryable(Exception):
     pass
+
+
+def image_part(image: Image.Image, quality: int = 90) -> dict[str, Any]:
+    """An OpenAI `image_url` content part carrying the image inline as a base64 JPEG data URL."""
+    buf = io.BytesIO()
+    image.convert("RGB").save(buf, "JPEG", quality=quality)
+    url = "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+    return {"type": "image_url", "image_url": {"url": url}}
 
 
 def parse_chat_response(body: Any) -> Generation:
@@ -75,7 +89,11 @@ class OpenAIHTTPBackend(LLMBackend):
         self.client.close()
 
     def generate(self, prompts: list[Prompt], params: SamplingParams) -> list[Generation]:
-        return list(self.pool.map(lambda p: self._request(p, params), prompts))
+        return self.generate_each([(p, params) for p in prompts])
+
+    def generate_each(self, jobs: list[tuple[Prompt, SamplingParams]]) -> list[Generation]:
+        """Like `generate`, with each prompt's own sampling settings (a seed per sampled caption)."""
+        return list(self.pool.map(lambda job: self._request(*job), jobs))
 
     def _payload(self, prompt: Prompt, params: SamplingParams) -> dict[str, Any]:
         payload: dict[str, Any] = {
