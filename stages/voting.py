@@ -11,8 +11,9 @@ take no part in voting; each becomes `{bbox, attributes (the label's words), sco
 
 This stage runs before any mask exists, so it can only compare boxes. It writes the rule it applied
 into each frame (`record["voting"]`, with `masks: false`); the masks stage, which prompts SAM2 with
-every voting detection's box, re-applies that same rule with mask Dice as well (GranD's full rule: box IoU
->= 0.65 and mask Dice >= 0.75) and sets `masks: true`. The thresholds are configured once, here.
+every voting detection's box, re-applies that same rule with mask Dice as well (GranD's full rule:
+box IoU >= 0.65 and mask Dice >= 0.75) and sets `masks: true`. The thresholds are configured once,
+here.
 """
 
 from __future__ import annotations
