@@ -26,6 +26,10 @@ class LLMConfig:
     # Weight init std of the tiny LLM. transformers' 0.02 leaves a random 2-layer model's [SEG] state
     # nearly blind to the words (uniform attention over the prompt); a wider init makes it word-specific.
     init_std: float = 0.02
+    # Std of the attention query/key projections (0: init_std). Narrow q/k under a wide init_std start
+    # attention near uniform, so the [SEG] state begins as a bag of the prompt's words that the mask loss
+    # sharpens; a wide q/k init saturates each head on one arbitrary token, where softmax has no gradient.
+    qk_std: float = 0.0
     # LoRA on the LLM's attention/MLP projections (peft); the base weights are then frozen.
     lora: bool = False
     lora_r: int = 8
@@ -66,6 +70,9 @@ class DataConfig:
     tasks: dict[str, float] = field(default_factory=lambda: dict.fromkeys(TASKS, 1.0))
     batch_size: int = 16
     video_batch_size: int = 4
+    # Referring questions asked of one image or clip per batch (LISA's num_classes_per_sample); the rows
+    # share the encoded frames and count towards the batch size.
+    targets_per_record: int = 3
     num_workers: int = 0
     video_frames: int = 8  # frames decoded per video sample (sparse tokens for all of them)
     dense_frames: int = 1  # of those, frames whose full token grid goes to the LLM
@@ -123,6 +130,9 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
     unknown = set(cfg.data.tasks) - set(TASKS)
     if unknown:
         raise ValueError(f"unknown task(s) {sorted(unknown)} in data.tasks; known: {TASKS}")
+    for key in ("batch_size", "video_batch_size", "targets_per_record", "video_frames", "dense_frames"):
+        if cfg.data[key] < 1:
+            raise ValueError(f"data.{key} must be at least 1, got {cfg.data[key]}")
     return OmegaConf.to_object(cfg)
 
 

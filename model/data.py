@@ -14,6 +14,9 @@ its annotations support:
   video_referring  expressions[i] + track masklet       over T frames (sparse-dense sampling)
   video_object     a first-frame mask prompt + masklet
 Batches hold one modality (X2SAM's source-grouped batching), so every sample in a batch has T frames.
+Referring tasks ask up to `targets_per_record` questions of one record (LISA's num_classes_per_sample):
+those rows share one encoded image or clip, and the same pixels asked for different words are what
+teaches the [SEG] state to depend on the words rather than on "any object".
 """
 
 from __future__ import annotations
@@ -51,6 +54,7 @@ QUESTIONS = {
     "video_object": "please track {} in the video .",
 }
 ANSWER = f"it is {SEG} ."
+MAX_BARREN_RECORDS = 1000
 
 # ---------------------------------------------------------------------------------------------------------
 # Shards and records.
@@ -190,17 +194,18 @@ def referring_targets(record: dict, size: int) -> list[tuple[str, np.ndarray]]:
     return [(r["expression"], mask_at(by_id[r["object_id"]]["segmentation"], size)) for r in refs]
 
 
-def referring_sample(record: dict, rng: random.Random, size: int) -> dict | None:
+def referring_samples(record: dict, rng: random.Random, size: int, k: int) -> list[dict]:
+    """Up to k referring rows of one image, distinct targets."""
     targets = referring_targets(record, size)
-    if not targets:
-        return None
-    expr, mask = rng.choice(targets)
-    return {
-        "task": "referring",
-        "question": QUESTIONS["referring"].format(expr),
-        "answer": ANSWER,
-        "masks": [[mask]],
-    }
+    return [
+        {
+            "task": "referring",
+            "question": QUESTIONS["referring"].format(expr),
+            "answer": ANSWER,
+            "masks": [[mask]],
+        }
+        for expr, mask in rng.sample(targets, min(k, len(targets)))
+    ]
 
 
 def gcg_phrases(record: dict, size: int) -> tuple[str, list[tuple[int, int]], list[np.ndarray]] | None:
@@ -294,31 +299,53 @@ def video_sample(record: dict, frames: list[np.ndarray], rng: random.Random, siz
         if not targets:
             return None
         target = rng.choice(targets)
-    text, track = target
-    available = sorted(int(k) for k in track["masklet"] if int(k) < len(frames))
+    rows = video_rows(frames, [target], rng, size, task, num_frames)
+    return rows[0] if rows else None
+
+
+def video_rows(frames: list[np.ndarray], targets: list[tuple[str, dict]], rng: random.Random, size: int,
+               task: str, num_frames: int) -> list[dict]:  # fmt: skip
+    """Rows of one clip: `num_frames` frames sampled over the first target's track, every target's mask on
+    those frames (empty where its track has none)."""
+    first = targets[0][1]["masklet"]
+    available = sorted(int(k) for k in first if int(k) < len(frames))
     if not available:
-        return None
+        return []
     idx = sample_frames(available, num_frames, rng)
-    masks = [mask_at(track["masklet"][str(i)], size) for i in idx]
-    sample = {"task": task, "question": QUESTIONS[task].format(text), "answer": ANSWER, "masks": [masks],
-              "frames": [frames[i] for i in idx], "frame_index": idx}  # fmt: skip
-    if task == "video_object":
-        if not masks[0].any():
-            return None
-        kind = rng.choice(PROMPT_TYPES)
-        sample["region"] = (draw_prompt(masks[0], kind, rng), PROMPT_TYPES.index(kind), 0)
-    return sample
+    clip = [frames[i] for i in idx]
+    rows = []
+    for text, track in targets:
+        m = track["masklet"]
+        masks = [mask_at(m[str(i)], size) if str(i) in m else np.zeros((size, size), bool) for i in idx]
+        row = {"task": task, "question": QUESTIONS[task].format(text), "answer": ANSWER, "masks": [masks],
+               "frames": clip, "frame_index": idx}  # fmt: skip
+        if task == "video_object":
+            if not masks[0].any():
+                continue
+            kind = rng.choice(PROMPT_TYPES)
+            row["region"] = (draw_prompt(masks[0], kind, rng), PROMPT_TYPES.index(kind), 0)
+        rows.append(row)
+    return rows
 
 
-def make_sample(record: dict, frames: list[np.ndarray], task: str, rng: random.Random, cfg: DataConfig,
-                size: int) -> dict | None:  # fmt: skip
+def make_samples(record: dict, frames: list[np.ndarray], task: str, rng: random.Random, cfg: DataConfig,
+                 size: int) -> list[dict]:  # fmt: skip
+    """The rows one record gives a task: several for referring tasks (sharing its frames), else one."""
     if task in VIDEO_TASKS:
-        return video_sample(record, frames, rng, size, task, cfg.video_frames)
-    builder = {"referring": referring_sample, "gcg": gcg_sample}.get(task)
-    sample = builder(record, rng, size) if builder else prompt_sample(record, rng, size, task)
-    if sample is not None:
-        sample["frames"] = frames[:1]
-    return sample
+        targets = video_targets(record, task, rng)
+        k = cfg.targets_per_record if task == "video_referring" else 1
+        return video_rows(
+            frames, rng.sample(targets, min(k, len(targets))), rng, size, task, cfg.video_frames
+        )
+    if task == "referring":
+        rows = referring_samples(record, rng, size, cfg.targets_per_record)
+    else:
+        row = gcg_sample(record, rng, size) if task == "gcg" else prompt_sample(record, rng, size, task)
+        rows = [row] if row else []
+    image = frames[:1]
+    for row in rows:
+        row["frames"] = image  # one list object: collate encodes it once
+    return rows
 
 
 def choose_task(record: dict, weights: dict[str, float], rng: random.Random) -> str | None:
@@ -340,7 +367,9 @@ def encode_text(tok: PreTrainedTokenizerBase, question: str, answer: str, max_le
 
 
 def collate(samples: list[dict], tok: PreTrainedTokenizerBase, max_len: int) -> dict[str, Tensor]:
-    """Samples of one modality -> a padded batch; masks in row-major [SEG] order (truncated [SEG]s dropped)."""
+    """Samples of one modality -> a padded batch; masks in row-major [SEG] order (truncated [SEG]s dropped).
+    Rows whose "frames" are the same list object share one entry of `frames`; `row_frames` maps each row
+    to its entry, so a shared image is encoded once."""
     seg_id = tok.convert_tokens_to_ids(SEG)
     encoded = [encode_text(tok, s["question"], s["answer"], max_len) for s in samples]
     length = max(len(ids) for ids, _ in encoded)
@@ -357,9 +386,13 @@ def collate(samples: list[dict], tok: PreTrainedTokenizerBase, max_len: int) -> 
             regions.append(torch.from_numpy(s["region"][0]))
             types.append(s["region"][1])
             owners.append([b, s["region"][2]])
-    frames = torch.from_numpy(np.stack([np.stack(s["frames"]) for s in samples])).permute(0, 1, 4, 2, 3)
+    entry: dict[int, int] = {}  # id of a frames list -> its index in `frames`
+    row_frames = [entry.setdefault(id(s["frames"]), len(entry)) for s in samples]
+    clips = {id(s["frames"]): s["frames"] for s in samples}  # insertion order = entry order
+    frames = torch.from_numpy(np.stack([np.stack(c) for c in clips.values()])).permute(0, 1, 4, 2, 3)
     batch = {
         "frames": frames.contiguous(),
+        "row_frames": torch.tensor(row_frames),
         "input_ids": input_ids,
         "attention_mask": attention,
         "labels": labels,
@@ -403,16 +436,23 @@ class TaskBatches(IterableDataset):
         streams = [record_stream(u, self.cfg.seed + i) for i, u in enumerate(self.urls)]
         weights = [s.weight for s in d.train]
         buffers: dict[str, list[dict]] = {"image": [], "video": []}
+        barren = 0  # records in a row that gave no rows
         while True:
             src = rng.choices(range(len(streams)), weights)[0]
             record, frames = load(next(streams[src]), size)
             task = choose_task(record, d.tasks, rng)
-            sample = task and make_sample(record, frames, task, rng, d, size)
-            if not sample:
-                continue
+            rows = make_samples(record, frames, task, rng, d, size) if task else []
+            barren = 0 if rows else barren + 1
+            if barren >= MAX_BARREN_RECORDS:  # an endless stream would otherwise spin for ever
+                raise ValueError(
+                    f"{barren} records in a row of data.train {[s.path for s in d.train]} gave no sample for "
+                    f"the tasks weighted in data.tasks: the records lack the annotations those tasks need "
+                    "(objects with masks, referring_expressions, gcg / dense_caption, tracks, expressions)"
+                )
             kind = record["media"]["type"]
-            buffers[kind].append(sample)
-            if len(buffers[kind]) == (d.video_batch_size if kind == "video" else d.batch_size):
+            buffers[kind] += rows
+            # A record's rows stay together, so a batch may run over its size by up to k-1 rows.
+            if len(buffers[kind]) >= (d.video_batch_size if kind == "video" else d.batch_size):
                 yield collate(buffers[kind], self.tok, d.max_text_tokens)
                 buffers[kind] = []
 

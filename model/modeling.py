@@ -2,7 +2,8 @@
 
 Data flow for a batch of B samples with T frames each (T = 1 for images):
 
-    frames (B,T,3,S,S) -> VisionEncoder -> feats (B,T,C,h,w) + full- and half-resolution maps
+    frames (F,T,3,S,S) -> VisionEncoder -> feats (B,T,C,h,w) + full- and half-resolution maps, per row
+    (rows asking different questions of one image share its frames: `row_frames`)
     feats -> pooled tokens (dense frames: llm_grid^2 tokens, every frame: 1 sparse token) -> projector
     [visual prefix | text embeddings, `<region>` slots replaced by RegionEncoder(prompt map)] -> LLM
     LLM hidden state at each `[SEG]` -> seg_proj -> sparse prompt tokens of a SAM2 MaskDecoder; the first
@@ -190,6 +191,10 @@ def build_llm(cfg: TrainConfig, tokenizer: PreTrainedTokenizerBase) -> nn.Module
             bos_token_id=None,
         )
         llm = AutoModelForCausalLM.from_config(config)
+        if c.qk_std > 0:
+            for layer in llm.model.layers:
+                for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj):
+                    nn.init.normal_(proj.weight, std=c.qk_std)
     else:
         llm = AutoModelForCausalLM.from_pretrained(c.name)
         if llm.get_input_embeddings().num_embeddings < len(tokenizer):
@@ -281,11 +286,14 @@ class X2SamModel(nn.Module):
     def pe(self) -> Tensor:
         return self.prompt_encoder.get_dense_pe()
 
-    def encode_frames(self, frames: Tensor) -> tuple[Tensor, list[Tensor]]:
-        """(B,T,3,S,S) uint8 -> features (B,T,C,h,w) and the decoder's high-res maps, each (B,T,c,H,W)."""
-        b, t = frames.shape[:2]
+    def encode_frames(self, batch: dict[str, Tensor]) -> tuple[Tensor, list[Tensor]]:
+        """Each row's features (B,T,C,h,w) and the decoder's high-res maps, each (B,T,c,H,W), from the
+        batch's (F,T,3,S,S) uint8 frames, encoded once however many rows share them (`row_frames`)."""
+        frames = batch["frames"]
+        f, t = frames.shape[:2]
         feats, high_res = self.vision(frames.flatten(0, 1))
-        return feats.unflatten(0, (b, t)), [m.unflatten(0, (b, t)) for m in high_res]
+        rows = batch.get("row_frames", torch.arange(f, device=frames.device))
+        return feats.unflatten(0, (f, t))[rows], [m.unflatten(0, (f, t))[rows] for m in high_res]
 
     def decode(self, seg: Tensor, feats: Tensor, high_res: list[Tensor]) -> Tensor:
         """[SEG] prompt tokens (Q,n,C) and their samples' frames (Q,T,C,h,w) plus high-res maps ->
@@ -320,7 +328,7 @@ class X2SamModel(nn.Module):
 
     def forward(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
         """Teacher-forced pass: LM logits over the text positions and mask logits for every [SEG]."""
-        feats, high_res = self.encode_frames(batch["frames"])  # frames: (B,T,3,S,S) uint8
+        feats, high_res = self.encode_frames(batch)
         embeds, mask, p = self.embed(batch, feats)
         out = self.llm(inputs_embeds=embeds, attention_mask=mask, output_hidden_states=True)
         hidden = out.hidden_states[-1][:, p:]
@@ -334,7 +342,7 @@ class X2SamModel(nn.Module):
     def generate(self, batch: dict[str, Tensor], max_new_tokens: int, eos_id: int) -> Tensor:
         """Greedy continuation of `input_ids` (one sample, no padding); returns the full id sequence."""
         ids = batch["input_ids"]
-        feats, _ = self.encode_frames(batch["frames"])
+        feats, _ = self.encode_frames(batch)
         for _ in range(max_new_tokens):
             embeds, mask, _ = self.embed(
                 {**batch, "input_ids": ids, "attention_mask": torch.ones_like(ids)}, feats

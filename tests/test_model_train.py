@@ -6,14 +6,16 @@ import json
 import av
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
+from groundmill.model import data as data_module
 from groundmill.model.config import load_config
-from groundmill.model.data import TaskBatches, make_tokenizer
+from groundmill.model.data import TaskBatches, build_word_tokenizer, make_tokenizer
 from groundmill.model.eval import evaluate
 from groundmill.model.synthetic import write_split
+from groundmill.model.train import build_model, train
 from groundmill.model.train import main as train_main
-from groundmill.model.train import train
 from groundmill.pipeline.sink import ShardWriter
 from groundmill.schema import content_key, encode_mask, mask_bbox, new_record
 
@@ -47,6 +49,61 @@ def config(shards, out, *extra):
         + FAST
         + list(extra),
     )
+
+
+def test_non_positive_sizes_are_named():
+    with pytest.raises(ValueError, match="data.targets_per_record"):
+        load_config(None, ["data.targets_per_record=0"])
+
+
+def test_referring_rows_share_one_encoded_image(shards, tmp_path):
+    only_referring = [
+        f"data.tasks.{t}=0" for t in ("gcg", "interactive", "vgd", "video_referring", "video_object")
+    ]
+    cfg = config(shards, tmp_path, "data.targets_per_record=3", *only_referring)
+    tok = make_tokenizer(cfg)
+    batch = next(iter(TaskBatches(cfg, tok)))
+    rows, images = batch["input_ids"].shape[0], batch["frames"].shape[0]
+    assert rows >= cfg.data.batch_size and images < rows  # every synthetic image has >= 3 expressions
+    assert batch["row_frames"].tolist() == sorted(batch["row_frames"].tolist())  # a record's rows together
+    assert batch["masks"].shape[0] == rows
+    # Rows on one image ask for different objects.
+    first = (batch["row_frames"] == 0).nonzero()[:, 0]
+    assert len(first) > 1 and not torch.equal(batch["masks"][first[0]], batch["masks"][first[1]])
+    # Sharing is only a saving: each row's masks are those of the row alone in its own batch.
+    model = build_model(cfg, tok).eval()
+    with torch.no_grad():
+        shared = model(batch)["mask_logits"]
+        r = int(first[1])
+        ids = batch["input_ids"][r : r + 1, : int(batch["attention_mask"][r].sum())]
+        alone = model(
+            {"frames": batch["frames"][:1], "input_ids": ids, "attention_mask": torch.ones_like(ids)}
+        )
+    torch.testing.assert_close(alone["mask_logits"][0], shared[r], atol=1e-4, rtol=1e-4)
+
+
+def test_sources_without_usable_annotations_fail_with_the_reason(tmp_path, monkeypatch):
+    # Records with no objects, expressions or tracks (random-weight detectors find nothing, say).
+    w = ShardWriter(tmp_path / "bare", name="bare-00000")
+    for i in range(3):
+        data = png_bytes(i)
+        key = content_key(data)
+        rec = new_record(key, {"uri": f"{i}.png", "sha256": key, "bytes": len(data), "format": "png"},
+                         {"type": "image", "ext": "png", "width": 64, "height": 64}, [])  # fmt: skip
+        w.add_sample(key, data, "png", rec, {"uri": f"{i}.png", "status": "ok", "media_type": "image"})
+    w.commit()
+    monkeypatch.setattr(data_module, "MAX_BARREN_RECORDS", 20)
+    cfg = load_config(None, [f"out_dir={tmp_path / 'run'}", f"data.train=[{{path: {tmp_path / 'bare'}}}]"])
+    with pytest.raises(ValueError, match="gave no sample"):
+        next(iter(TaskBatches(cfg, build_word_tokenizer([]))))
+
+
+def png_bytes(seed: int) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(seed).integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(
+        buf, "PNG"
+    )
+    return buf.getvalue()
 
 
 def losses(out):
