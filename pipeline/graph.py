@@ -132,23 +132,27 @@ class ShardSink(Datasink):
     def write(self, blocks: Iterable[Any], ctx: Any) -> dict[str, int]:
         writer = self._writer()
         counts = {"samples": 0, "rows": 0, "shards": 0}
-        for block in blocks:
-            for row in BlockAccessor.for_block(block).to_arrow().to_pylist():
-                sample = Sample.from_row(row)
-                if sample.status == STATUS_OK:
-                    ext = sample.record["media"]["ext"]
-                    writer.add_sample(sample.key, sample.data, ext, sample.record, index_row(sample))
-                    counts["samples"] += 1
-                else:
-                    writer.add_row(index_row(sample))
-                counts["rows"] += 1
-                if writer.num_samples >= self.max_samples or writer.nbytes >= self.max_bytes:
-                    writer.commit()
-                    counts["shards"] += 1
-                    writer = self._writer()
-        if len(writer):
-            writer.commit()
-            counts["shards"] += 1
+        try:
+            for block in blocks:
+                for row in BlockAccessor.for_block(block).to_arrow().to_pylist():
+                    sample = Sample.from_row(row)
+                    if sample.status == STATUS_OK:
+                        ext = sample.record["media"]["ext"]
+                        writer.add_sample(sample.key, sample.data, ext, sample.record, index_row(sample))
+                        counts["samples"] += 1
+                    else:
+                        writer.add_row(index_row(sample))
+                    counts["rows"] += 1
+                    if writer.num_samples >= self.max_samples or writer.nbytes >= self.max_bytes:
+                        writer.commit()
+                        counts["shards"] += 1
+                        writer = self._writer()
+            if len(writer):
+                writer.commit()
+                counts["shards"] += 1
+        except BaseException:
+            writer.discard()  # Ray retries the task; its inputs are not in the index yet
+            raise
         return counts
 
 

@@ -14,7 +14,7 @@ not in the index, so they are redone). Rerunning therefore never loses or duplic
 
 from __future__ import annotations
 
-import io
+import contextlib
 import json
 import os
 import tarfile
@@ -34,9 +34,14 @@ INDEX_DIR = "index"
 TMP_SUFFIX = ".tmp"
 
 
+def _temp_path(path: Path) -> Path:
+    """A hidden, unique temp name beside `path` (what `clean_uncommitted` removes)."""
+    return path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}{TMP_SUFFIX}")
+
+
 def _atomic_write(path: Path, write: Any) -> None:
     """Write through `write(fileobj)` into a temp file beside `path`, fsync, then rename over it."""
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}{TMP_SUFFIX}")
+    tmp = _temp_path(path)
     try:
         with open(tmp, "wb") as f:
             write(f)
@@ -60,16 +65,18 @@ def index_table(rows: list[dict[str, Any]]) -> pa.Table:
 
 
 class ShardWriter:
-    """Collects one shard's samples and index rows in memory, then commits them atomically.
+    """Streams one shard's samples into a hidden temp file and keeps its index rows; `commit` makes
+    both visible atomically.
 
-    Memory is bounded by the shard size the caller chooses (`max_samples` in the pipeline).
+    The tar goes straight to disk (no in-memory copy of the shard), so a write task holds only the
+    index rows, and a temp file left by a killed task is removed by `clean_uncommitted`.
     """
 
     def __init__(self, out_dir: str | os.PathLike, name: str | None = None):
         self.out_dir = Path(out_dir)
         self.name = name or uuid.uuid4().hex
-        self._tar = io.BytesIO()
-        self._writer = wds.TarWriter(self._tar, encoder=False)
+        self._file: Any = None  # opened at the first sample: a shard of error rows only has no tar
+        self._writer: wds.TarWriter | None = None
         self._rows: list[dict[str, Any]] = []
         self.num_samples = 0
 
@@ -78,12 +85,20 @@ class ShardWriter:
         return f"{SHARDS_DIR}/{self.name}.tar"
 
     @property
+    def _tar_path(self) -> Path:
+        return self.out_dir / self.shard_file
+
+    @property
     def nbytes(self) -> int:
-        return self._tar.tell()
+        return self._file.tell() if self._file else 0
 
     def add_sample(self, key: str, media: bytes, media_ext: str, record: Record, row: dict[str, Any]) -> None:
         if not is_valid_key(key):
             raise ValueError(f"sample key {key!r} is not a lowercase hex content hash")
+        if self._writer is None:
+            self._tar_path.parent.mkdir(parents=True, exist_ok=True)
+            self._file = open(_temp_path(self._tar_path), "wb")  # noqa: SIM115 (closed by commit/discard)
+            self._writer = wds.TarWriter(self._file, encoder=False)
         body = json.dumps(record, ensure_ascii=False, separators=(",", ":")).encode()
         self._writer.write({"__key__": key, media_ext: media, "json": body})
         self._rows.append({**row, "key": key, "shard": self.shard_file})
@@ -99,20 +114,37 @@ class ShardWriter:
     def commit(self) -> None:
         if not self._rows:
             return
-        (self.out_dir / SHARDS_DIR).mkdir(parents=True, exist_ok=True)
-        (self.out_dir / INDEX_DIR).mkdir(parents=True, exist_ok=True)
-        tar_path = self.out_dir / self.shard_file
-        if self.num_samples:
-            self._writer.close()
-            data = self._tar.getbuffer()
-            _atomic_write(tar_path, lambda f: f.write(data))
-        table = index_table(self._rows)
-        index_path = self.out_dir / INDEX_DIR / f"{self.name}.parquet"
         try:
-            _atomic_write(index_path, lambda f: pq.write_table(table, f))
+            if self._writer is not None:
+                self._writer.close()
+                self._file.flush()
+                os.fsync(self._file.fileno())
+                self._file.close()
+                os.replace(self._file.name, self._tar_path)
         except BaseException:
-            tar_path.unlink(missing_ok=True)  # not committed: leave no tar that readers could mistake for one
+            self.discard()
             raise
+        (self.out_dir / INDEX_DIR).mkdir(parents=True, exist_ok=True)
+        table = index_table(self._rows)
+        try:
+            _atomic_write(
+                self.out_dir / INDEX_DIR / f"{self.name}.parquet", lambda f: pq.write_table(table, f)
+            )
+        except BaseException:
+            self._tar_path.unlink(
+                missing_ok=True
+            )  # not committed: leave no tar readers could mistake for one
+            raise
+
+    def discard(self) -> None:
+        """Drop what was written so far (a failed write task); nothing of it becomes visible."""
+        if self._file is None:
+            return
+        with contextlib.suppress(OSError, ValueError):  # the disk may be what failed
+            self._writer.close()  # else the tar stream writes its end into a closed file when collected
+        with contextlib.suppress(OSError, ValueError):
+            self._file.close()
+        Path(self._file.name).unlink(missing_ok=True)
 
 
 def read_index(out_dir: str | os.PathLike, columns: list[str] | None = None) -> pa.Table:

@@ -76,6 +76,21 @@ def test_failed_commit_leaves_nothing_visible(tmp_path, monkeypatch):
     assert list((tmp_path / SHARDS_DIR).iterdir()) == [] and list((tmp_path / INDEX_DIR).iterdir()) == []
 
 
+def test_samples_stream_to_a_hidden_temp_file_until_commit(tmp_path):
+    """The tar goes to disk as samples arrive (no shard-sized buffer in the write task) and stays
+    hidden until commit; a discarded writer leaves nothing."""
+    for finish in ("commit", "discard"):
+        out = tmp_path / finish
+        writer = ShardWriter(out, name="s")
+        key = content_key(finish.encode())
+        writer.add_sample(key, b"x" * 100_000, "jpg", _record(key), {"uri": "a", "status": "ok"})
+        (temp,) = (out / SHARDS_DIR).iterdir()
+        assert temp.name.startswith(".s.tar.") and temp.stat().st_size == writer.nbytes >= 100_000
+        getattr(writer, finish)()
+        names = sorted(p.name for p in out.rglob("*") if p.is_file())
+        assert names == (["s.parquet", "s.tar"] if finish == "commit" else [])
+
+
 @pytest.mark.parametrize("name", ["../evil.jpg", "/etc/passwd.jpg", "a/../../b.json"])
 def test_unsafe_tar_members_are_refused(tmp_path, name):
     path = tmp_path / "evil.tar"
