@@ -31,7 +31,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--val-videos", type=int, default=60)
     p.add_argument("--train-seconds", type=float, default=540.0, help="training wall-clock budget")
     p.add_argument("overrides", nargs="*", help="key.sub=value config overrides")
-    a = p.parse_args(argv)
+    a = p.parse_intermixed_args(argv)
     out = Path(a.out)
     shutil.rmtree(out, ignore_errors=True)  # always from scratch
     t0 = time.perf_counter()

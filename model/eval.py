@@ -221,7 +221,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("config")
     p.add_argument("checkpoint")
     p.add_argument("overrides", nargs="*", help="key.sub=value overrides")
-    a = p.parse_args(argv)
+    a = p.parse_intermixed_args(argv)
     results = evaluate(load_config(a.config, a.overrides), a.checkpoint)
     print(json.dumps(results, indent=1))
 

@@ -314,7 +314,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--images", type=int, default=1000)
     p.add_argument("--videos", type=int, default=200)
     p.add_argument("--seed", type=int, default=0)
-    a = p.parse_args(argv)
+    a = p.parse_intermixed_args(argv)
     write_split(a.out_dir, a.images, a.videos, a.seed)
 
 

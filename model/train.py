@@ -206,7 +206,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("config", help="YAML config (see manifests/train_tiny.yaml)")
     p.add_argument("overrides", nargs="*", help="key.sub=value overrides")
     p.add_argument("--resume", help="checkpoint dir, or 'auto' for the latest under out_dir")
-    a = p.parse_args(argv)
+    a = p.parse_intermixed_args(argv)
     path = train(load_config(a.config, a.overrides), a.resume)
     print(f"checkpoint: {path}")
 

@@ -2,7 +2,8 @@
 
 Resume is by construction: an input whose URI has a committed index row is done. A rerun of a
 killed run removes uncommitted files, skips what is done and annotates the rest; a rerun of a
-finished run finds nothing pending and returns without starting Ray.
+finished run finds nothing pending and returns without starting Ray. A rerun whose annotation
+settings differ from those that wrote the output is refused, naming what changed.
 """
 
 from __future__ import annotations
@@ -53,6 +54,35 @@ def stage_provenance(cfg: Config) -> dict[str, dict[str, Any]]:
             stage = build_stage(name, stage_cfg, cfg.run.seed)
             info[name] = {"type": stage_cfg.type or name, **stage.provenance()}
     return info
+
+
+def _flatten(data: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(data, dict):
+        return {k: v for key, value in data.items() for k, v in _flatten(value, f"{prefix}{key}.").items()}
+    return {prefix.rstrip("."): data}
+
+
+def annotation_settings(record: dict[str, Any]) -> dict[str, Any]:
+    """What decides a run record's annotations, flattened: seed, limits, video sampling, each stage's
+    type, models and params, and the stages' provenance (prompt hashes, thresholds). Not inputs,
+    output, Ray or resources, which change how fast, not what."""
+    cfg = record["config"]
+    stages = {
+        name: {k: v for k, v in stage.items() if k != "resources"} for name, stage in cfg["stages"].items()
+    }
+    settings = {
+        "run.seed": cfg["run"]["seed"],
+        "limits": cfg["limits"],
+        "video": cfg["video"],
+        "stages": stages,
+    }
+    return _flatten({**settings, "provenance": record["stages"]})
+
+
+def settings_changes(previous: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """Dotted keys whose annotation settings differ between two run records."""
+    before, after = annotation_settings(previous), annotation_settings(current)
+    return sorted(k for k in before.keys() | after.keys() if before.get(k) != after.get(k))
 
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:
@@ -109,6 +139,13 @@ def run_pipeline(cfg: Config) -> dict[str, Any]:
         "attempts": previous.get("attempts", []),
     }
     record["random_weight_models"] = [n for n, s in record["stages"].items() if s.get("random_weights")]
+    changes = settings_changes(previous, record) if previous and done else []
+    if changes:
+        shown = ", ".join(changes[:6]) + (f" and {len(changes) - 6} more" if len(changes) > 6 else "")
+        raise ConfigError(
+            f"{out} holds samples annotated with other settings (changed: {shown}); resuming would mix "
+            f"the two in one dataset: write to a new --output, or delete {out} to start over"
+        )
     attempt = {"started": datetime.now(UTC).isoformat(), "pending": len(pending), "already_done": len(done)}
     record["attempts"].append(attempt)
     record["status"] = "running"

@@ -1,5 +1,6 @@
 import pytest
 
+from groundmill.pipeline.cli import main
 from groundmill.pipeline.config import ConfigError, load_config
 from groundmill.stages.tagging import ClipTagging
 
@@ -67,3 +68,17 @@ def test_actor_pools_that_cannot_all_start_fail_fast(tmp_path):
     gpu = load_config(_manifest(tmp_path, BASE), ["stages.tagging.resources.num_gpus=0.5"])
     with pytest.raises(ConfigError, match="GPU"):
         check_resources(gpu, {"CPU": 8.0})
+
+
+@pytest.mark.parametrize("where", ["before", "after"])
+def test_cli_overrides_go_before_or_after_the_options(tmp_path, capsys, where):
+    """`groundmill run M [--output D] [key=value ...]`: overrides are read wherever they stand, so a
+    bad one fails before any work, naming the key; an unknown option is still refused."""
+    manifest = _manifest(tmp_path, BASE)
+    opts, override = ["--output", str(tmp_path / "o")], ["stages.tagging.params.top_kk=2"]
+    argv = ["run", str(manifest), *(override + opts if where == "before" else opts + override)]
+    assert main(argv) == 2
+    assert "stages.tagging.params" in capsys.readouterr().err and not (tmp_path / "o").exists()
+    with pytest.raises(SystemExit):
+        main(["run", str(manifest), "--outptu", "x"])
+    assert "unrecognized arguments: --outptu" in capsys.readouterr().err

@@ -135,7 +135,9 @@ def test_resume_gives_the_same_next_step_loss(shards, tmp_path):
     train(config(shards, tmp_path / "full", *extra))
     resumed = tmp_path / "resumed"
     ckpt = tmp_path / "full" / "checkpoints" / "step-0000002"
-    train_main([str(ckpt / "config.yaml"), f"out_dir={resumed}", "--resume", str(ckpt)])
+    train_main(
+        [str(ckpt / "config.yaml"), "--resume", str(ckpt), f"out_dir={resumed}"]
+    )  # overrides may follow
     full, again = losses(tmp_path / "full"), losses(resumed)
     assert set(again) == {3, 4}
     assert again[3] == full[3] and again[4] == full[4]

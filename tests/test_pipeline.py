@@ -1,6 +1,8 @@
 """End to end through real Ray: every input gets exactly one index row, bad inputs become error rows,
 duplicates are annotated once, and reruns finish a killed run without loss or duplication."""
 
+import copy
+import dataclasses
 import json
 import shutil
 from collections import Counter
@@ -9,7 +11,7 @@ from pathlib import Path
 import pytest
 import webdataset as wds
 
-from groundmill.pipeline.config import load_config
+from groundmill.pipeline.config import ConfigError, load_config
 from groundmill.pipeline.inspect import summarize
 from groundmill.pipeline.run import RUN_RECORD, run_pipeline
 from groundmill.pipeline.sink import INDEX_DIR, SHARDS_DIR, read_index
@@ -124,6 +126,21 @@ def test_rerun_of_finished_run_does_nothing(finished_run):
     assert record["attempts"][-1]["pending"] == 0
     after = sorted(p.name for p in Path(cfg.output.dir).rglob("*") if p.is_file() and p.name != RUN_RECORD)
     assert before == after
+
+
+def test_rerun_with_other_annotation_settings_is_refused(finished_run):
+    """Resuming into an output written with other stage params would mix two datasets in one;
+    resources only change speed and are allowed."""
+    _, cfg, _ = finished_run
+    faster = copy.deepcopy(cfg)
+    faster.stages["tagging"].resources.batch_size = 2
+    assert run_pipeline(faster)["attempts"][-1]["pending"] == 0
+    other = copy.deepcopy(cfg)
+    other.stages["tagging"].params = dataclasses.replace(cfg.stages["tagging"].params, top_k=5)
+    with pytest.raises(ConfigError, match=r"changed: stages\.tagging\.params\.top_k\)"):
+        run_pipeline(other)
+    record = json.loads((Path(cfg.output.dir) / RUN_RECORD).read_text())
+    assert record["config"]["stages"]["tagging"]["params"]["top_k"] == 3
 
 
 def test_interrupted_run_is_finished_without_loss_or_duplicates(finished_run, tmp_path):
