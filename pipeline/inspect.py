@@ -66,10 +66,11 @@ def format_summary(summary: dict[str, Any]) -> str:
         lines.append("  errors by reason:")
         lines += [f"    {n:6d}  {reason}" for reason, n in summary["errors_by_reason"].items()]
     if summary["stages"]:
-        lines.append("  stage            samples   seconds   s/sample")
+        width = max(len(name) for name in summary["stages"])
+        lines.append(f"    {'stage':{width}s} {'samples':>7s} {'seconds':>9s} {'s/sample':>10s}")
         for name, s in summary["stages"].items():
             lines.append(
-                f"    {name:14s} {s['samples']:7d} {s['seconds']:9.2f} {s['seconds_per_sample']:10.4f}"
+                f"    {name:{width}s} {s['samples']:7d} {s['seconds']:9.2f} {s['seconds_per_sample']:10.4f}"
             )
     if summary["random_weight_models"]:
         lines.append(
