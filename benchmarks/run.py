@@ -1,17 +1,19 @@
 """`make bench`: the engine's speed, scale and memory as ratios measured side by side in one run.
 
-    .venv/bin/python -m benchmarks.run [--manifest manifests/bench.yaml] [--n 16] [--memory-n 30]
+    .venv/bin/python -m benchmarks.run [--manifest manifests/bench.yaml] [--n 128] [--memory-n 30]
 
 1. pipeline vs the GranD-style sequential baseline (benchmarks/baseline.py) on the same inputs,
    stages and models: end-to-end throughput ratio and peak memory of each;
    pipeline vs ideal: steady-state pipeline throughput over the ideal computed from each stage's
    isolated model time on the same inputs (the baseline's per-stage process time). Steady state is
    the marginal throughput between runs on N and 2N inputs, N / (T(2N) - T(N)), which cancels
-   Ray and actor start-up and the pipeline's fill and drain;
-2. scaling: throughput with 1 vs 2 workers for the busiest stages (every worker holds its model,
-   so doubling all of them does not fit this machine's memory), and the cluster model of
+   Ray and actor start-up and the pipeline's fill and drain. N (128) makes a run one of work rather
+   than of start-up: the pipeline pays ~18 s here for Ray workers importing torch and loading
+   every model, the baseline ~6 s for loading them in its one process;
+2. scaling: throughput with 1 vs 2 workers for the busiest graph operator (a stage, or a group of
+   stages sharing actors; every worker holds its models), and the cluster model of
    benchmarks/SCALING.md fed with the measured per-stage busy times;
-3. memory: peak RSS of the whole process tree (driver + Ray) for N and 10N inputs;
+3. memory: peak RSS (and PSS) of the whole process tree (driver + Ray) for N and 10N inputs;
 4. writer: ShardWriter MB/s vs raw sequential write + fsync on the same disk;
 5. GPU busy share when a CUDA device is present (skipped otherwise).
 
@@ -298,8 +300,34 @@ def model_stages(manifest: str) -> list[str]:
     return [n for n, s in cfg.stages.items() if s.enabled and stage_class(s.type or n).uses_model]
 
 
+def segment_overrides(manifest: str, names: set[str] | None, **resources: float) -> list[str]:
+    """Overrides setting resources of the named graph operators (a group, or a stage alone), or of
+    every operator that holds a model when `names` is None."""
+    from groundmill.pipeline.config import load_config, segments
+
+    cfg = load_config(manifest, ["inputs=[.]"])
+    with_model = set(model_stages(manifest))
+    out = []
+    for seg in segments(cfg):
+        if (seg.name in names) if names is not None else bool(with_model & seg.stages.keys()):
+            prefix = f"groups.{seg.name}" if seg.name in cfg.groups else f"stages.{seg.name}.resources"
+            out += [f"{prefix}.{key}={value}" for key, value in resources.items()]
+    return out
+
+
+def busiest_segments(manifest: str, busy_s: dict[str, float], k: int) -> list[str]:
+    """The `k` graph operators with the most busy time per sample (their stages' sum)."""
+    from groundmill.pipeline.config import load_config, segments
+
+    busy = {
+        seg.name: sum(busy_s.get(s, 0.0) for s in seg.stages)
+        for seg in segments(load_config(manifest, ["inputs=[.]"]))
+    }
+    return sorted(busy, key=busy.get, reverse=True)[:k]
+
+
 def gpu_overrides(manifest: str) -> list[str]:
-    return [f"stages.{s}.resources.num_gpus=0.1" for s in model_stages(manifest)]
+    return segment_overrides(manifest, None, num_gpus=0.1)
 
 
 def predict_throughput(
@@ -316,10 +344,6 @@ def predict_throughput(
 # ---------------------------------------------------------------------------------------------------------
 
 
-def workers_overrides(stages: list[str], workers: int) -> list[str]:
-    return [f"stages.{s}.resources.{k}={workers}" for s in stages for k in ("min_actors", "max_actors")]
-
-
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] == "_pipeline":
@@ -329,10 +353,12 @@ def main(argv: list[str] | None = None) -> int:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--manifest", default="manifests/bench.yaml", help="the stages to benchmark")
-    parser.add_argument("--n", type=int, default=12, help="inputs for the pipeline/baseline/scaling runs")
+    parser.add_argument("--n", type=int, default=128, help="inputs for the pipeline/baseline/scaling runs")
     parser.add_argument("--memory-n", type=int, default=30, help="N of the N vs 10N memory runs")
     parser.add_argument("--memory-stages", default="tagging", help="stages kept for the memory runs")
-    parser.add_argument("--scale-stages", type=int, default=2, help="busiest stages given 2 workers")
+    parser.add_argument(
+        "--scale-stages", type=int, default=1, help="busiest operators run with 1 and 2 workers"
+    )
     parser.add_argument("--work", default="out/bench")
     args = parser.parse_args(argv)
     work = Path(args.work).resolve()
@@ -352,24 +378,26 @@ def main(argv: list[str] | None = None) -> int:
 
     log(f"sequential baseline on {args.n} inputs")
     baseline = run_baseline_measured(args.manifest, inputs, work)
-    log("pipeline, 1 worker per stage")
+    log("pipeline, as configured")
     one = run_pipeline_measured(args.manifest, inputs, work, "w1", [])
     log(f"pipeline on {2 * args.n} inputs")
     one_2n = run_pipeline_measured(args.manifest, inputs_2n, work, "w1-2n", [])
     steady = args.n / max(one_2n["seconds"] - one["seconds"], 1e-9)
-    # Each worker is a process holding its model (~1 GB here): doubling only the busiest stages keeps
-    # the scaling run within this machine's memory.
-    busiest = sorted(one["stage_busy_s"], key=one["stage_busy_s"].get, reverse=True)
-    busiest = [s for s in busiest if s != "load"][: args.scale_stages]
-    log(f"pipeline, 2 workers for {', '.join(busiest)}")
-    two = run_pipeline_measured(args.manifest, inputs, work, "w2", workers_overrides(busiest, 2))
-    two["doubled_stages"] = busiest
+    # Each worker is a process holding its models: scaling only the busiest operators keeps the runs
+    # within this machine's memory.
+    busiest = busiest_segments(args.manifest, one["stage_busy_s"], args.scale_stages)
+    scaling = {}
+    for workers in (1, 2):
+        log(f"pipeline, {workers} worker(s) for {', '.join(busiest)}")
+        overrides = segment_overrides(args.manifest, set(busiest), min_actors=workers, max_actors=workers)
+        scaling[workers] = run_pipeline_measured(args.manifest, inputs, work, f"w{workers}", overrides)
+        scaling[workers]["scaled"] = busiest
 
     model_s = sum(v["process_s"] for s, v in baseline["stages"].items() if s != "load")
     ideal = baseline["inputs"] / model_s
     results["baseline"] = baseline
     results["pipeline"] = one
-    results["pipeline_2_workers"] = two
+    results["pipeline_1_worker"], results["pipeline_2_workers"] = scaling[1], scaling[2]
     results["ideal_samples_per_s"] = ideal
     results["pipeline_vs_sequential"] = one["samples_per_s"] / baseline["samples_per_s"]
     results["pipeline_2n"] = one_2n
@@ -381,7 +409,7 @@ def main(argv: list[str] | None = None) -> int:
     results["pipeline_vs_sequential_steady"] = steady / (baseline["inputs"] / baseline_work_s)
     results["memory_pipeline_vs_sequential"] = one["peak_rss_mib"] / baseline["peak_rss_mib"]
     results["pss_pipeline_vs_sequential"] = one["peak_pss_mib"] / baseline["peak_pss_mib"]
-    results["two_vs_one_worker"] = two["samples_per_s"] / one["samples_per_s"]
+    results["two_vs_one_worker"] = scaling[2]["samples_per_s"] / scaling[1]["samples_per_s"]
 
     memory_in = work / "memory-inputs"
     make_inputs(memory_in, 10 * args.memory_n, seed=1)
@@ -422,15 +450,17 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def print_table(r: dict[str, Any]) -> None:
-    b, p, p2 = r["baseline"], r["pipeline"], r["pipeline_2_workers"]
+    b, p, p1, p2 = r["baseline"], r["pipeline"], r["pipeline_1_worker"], r["pipeline_2_workers"]
     m = r["memory"]
     rows = [
         ("sequential baseline", f"{b['samples_per_s']:.3f} samples/s", f"peak RSS {b['peak_rss_mib']:.0f} MiB, PSS {b['peak_pss_mib']:.0f}"),
-        ("pipeline (1 worker/stage)", f"{p['samples_per_s']:.3f} samples/s", f"peak RSS {p['peak_rss_mib']:.0f} MiB, PSS {p['peak_pss_mib']:.0f}"),
+        ("pipeline (as configured)", f"{p['samples_per_s']:.3f} samples/s", f"peak RSS {p['peak_rss_mib']:.0f} MiB, PSS {p['peak_pss_mib']:.0f}"),
         ("pipeline steady state", f"{r['pipeline_steady_samples_per_s']:.3f} samples/s", "N / (T(2N) - T(N))"),
         ("ideal (isolated model time)", f"{r['ideal_samples_per_s']:.3f} samples/s", ""),
-        (f"pipeline (2 workers: {', '.join(p2['doubled_stages'])})", f"{p2['samples_per_s']:.3f} samples/s",
-         f"peak RSS {p2['peak_rss_mib']:.0f} MiB"),
+        (f"pipeline (1 worker: {', '.join(p1['scaled'])})", f"{p1['samples_per_s']:.3f} samples/s",
+         f"peak RSS {p1['peak_rss_mib']:.0f} MiB, PSS {p1['peak_pss_mib']:.0f}"),
+        (f"pipeline (2 workers: {', '.join(p2['scaled'])})", f"{p2['samples_per_s']:.3f} samples/s",
+         f"peak RSS {p2['peak_rss_mib']:.0f} MiB, PSS {p2['peak_pss_mib']:.0f}"),
         ("pipeline / sequential", f"{r['pipeline_vs_sequential']:.2f}x", "end to end, target >= 1.0"),
         ("pipeline / sequential, no start-up", f"{r['pipeline_vs_sequential_steady']:.2f}x", "steady vs baseline less model loading"),
         ("pipeline steady / ideal", f"{r['pipeline_vs_ideal']:.2f}x", "target >= 0.85"),

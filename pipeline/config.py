@@ -52,6 +52,11 @@ class StageConfig:
     resources: Resources = field(default_factory=Resources)
     # A mapping in the manifest; replaced by an instance of the stage's Params dataclass on validation.
     params: Any = field(default_factory=dict)
+    # Consecutive stages naming the same group (a key of `groups`) share one actor pool with the
+    # group's resources: one process loads all their models and a batch passes through them in
+    # memory. On small machines this saves a process (torch import, model copy) per stage; on GPUs,
+    # give heavy stages their own pools. `resources.batch_size` still sets each stage's batches.
+    group: str | None = None
 
 
 @dataclass
@@ -115,6 +120,34 @@ class Config:
     video: VideoConfig = field(default_factory=VideoConfig)
     ray: RayConfig = field(default_factory=RayConfig)
     stages: dict[str, StageConfig] = field(default_factory=dict)
+    groups: dict[str, Resources] = field(default_factory=dict)  # see StageConfig.group
+
+
+@dataclass
+class Segment:
+    """One operator of the Ray graph: a stage alone, or the consecutive stages of a group."""
+
+    name: str
+    stages: dict[str, StageConfig]
+    resources: Resources
+
+
+def segments(cfg: Config) -> list[Segment]:
+    """The enabled stages in order, consecutive members of a group merged into one segment."""
+    out: list[Segment] = []
+    for name, stage in cfg.stages.items():
+        if not stage.enabled:
+            continue
+        if stage.group is not None and out and out[-1].name == stage.group:
+            out[-1].stages[name] = stage
+            continue
+        if stage.group is not None and any(seg.name == stage.group for seg in out):
+            raise ConfigError(
+                f"key 'stages.{name}.group': the stages of group {stage.group!r} must follow one another"
+            )
+        key = stage.group if stage.group is not None else name
+        out.append(Segment(key, {name: stage}, cfg.groups[stage.group] if stage.group else stage.resources))
+    return out
 
 
 def _merge(base: DictConfig, other: Any, where: str) -> DictConfig:
@@ -163,16 +196,24 @@ def validate(cfg: Config) -> None:
             cls = stage_class(stage.type or name)
         except KeyError as e:
             raise ConfigError(f"key '{where}.type': {e.args[0]}") from None
-        r = stage.resources
-        if r.batch_size < 1 or r.min_actors < 1 or r.max_actors < r.min_actors:
-            raise ConfigError(
-                f"key '{where}.resources': need batch_size >= 1 and 1 <= min_actors <= max_actors"
-            )
+        _check_resources(stage.resources, f"{where}.resources")
+        if stage.group is not None and stage.group not in cfg.groups:
+            raise ConfigError(f"key '{where}.group': no group {stage.group!r} under 'groups'")
         if stage.model.dtype not in ("float32", "bfloat16", "float16"):
             raise ConfigError(
                 f"key '{where}.model.dtype': {stage.model.dtype!r} is not float32/bfloat16/float16"
             )
         stage.params = stage_params(cls, stage.params, where)
+    for name, resources in cfg.groups.items():
+        if name in cfg.stages:
+            raise ConfigError(f"key 'groups.{name}': a group cannot share its name with a stage")
+        _check_resources(resources, f"groups.{name}")
+    segments(cfg)  # groups split by other stages fail here
+
+
+def _check_resources(r: Resources, where: str) -> None:
+    if r.batch_size < 1 or r.min_actors < 1 or r.max_actors < r.min_actors:
+        raise ConfigError(f"key '{where}': need batch_size >= 1 and 1 <= min_actors <= max_actors")
 
 
 def stage_params(cls: type, params: dict[str, Any], where: str) -> Any:

@@ -1,8 +1,8 @@
 """The Ray Data graph: inputs -> load -> stages -> shard sink, streamed with bounded memory.
 
-Model stages run as actor pools (`setup` once per actor); cheap CPU stages run as tasks. A stage
-that fails on a batch is retried one sample at a time, so only the sample that breaks it becomes an
-error row.
+Model stages run as actor pools (`setup` once per actor); cheap CPU stages run as tasks; the
+consecutive stages of a group (config `groups`) share one operator. A stage that fails on a batch is
+retried one sample at a time, so only the sample that breaks it becomes an error row.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from ray.data import ActorPoolStrategy, Dataset, TaskPoolStrategy
 from ray.data.block import BlockAccessor
 from ray.data.datasource import Datasink
 
-from groundmill.pipeline.config import Config, ConfigError, StageConfig
+from groundmill.pipeline.config import Config, ConfigError, StageConfig, segments
 from groundmill.pipeline.load import load_batch
 from groundmill.pipeline.sink import ShardWriter
 from groundmill.schema import STATUS_ERROR, STATUS_OK, frame_records
@@ -35,11 +35,19 @@ def _fail(sample: Sample, stage: str, exc: BaseException) -> None:
 
 
 def run_stage(stage: Stage, name: str, samples: list[Sample]) -> None:
-    """Run one stage over the ok samples of a batch, isolating failures and timing each sample."""
+    """Run one stage over the ok samples of a batch in its own batch size, isolating failures and
+    timing each sample."""
     todo = [s for s in samples if s.ok]
-    if not todo:
-        return
+    size = stage.resources.batch_size
+    for i in range(0, len(todo), size):
+        _run_chunk(stage, name, todo[i : i + size])
     provenance = stage.provenance()
+    for s in todo:
+        if s.ok:
+            s.record.setdefault("provenance", {})[name] = provenance
+
+
+def _run_chunk(stage: Stage, name: str, todo: list[Sample]) -> None:
     start = time.perf_counter()
     try:
         stage.process(todo)
@@ -49,17 +57,14 @@ def run_stage(stage: Stage, name: str, samples: list[Sample]) -> None:
     except Exception as batch_error:
         if len(todo) == 1:
             _fail(todo[0], name, batch_error)
-        else:
-            for s in todo:  # find the sample(s) that break the batch; the others are annotated
-                one_start = time.perf_counter()
-                try:
-                    stage.process([s])
-                except Exception as e:
-                    _fail(s, name, e)
-                s.timings[name] = time.perf_counter() - one_start
-    for s in todo:
-        if s.ok:
-            s.record.setdefault("provenance", {})[name] = provenance
+            return
+        for s in todo:  # find the sample(s) that break the batch; the others are annotated
+            one_start = time.perf_counter()
+            try:
+                stage.process([s])
+            except Exception as e:
+                _fail(s, name, e)
+            s.timings[name] = time.perf_counter() - one_start
 
 
 def _samples(batch: pa.Table) -> list[Sample]:
@@ -70,26 +75,32 @@ def _table(samples: list[Sample]) -> pa.Table:
     return pa.Table.from_pylist([s.to_row() for s in samples], schema=ROW_SCHEMA)
 
 
-class StageActor:
-    """A Ray actor around one stage instance: the model loads once, then batches stream through."""
+StageSpecs = list[tuple[str, StageConfig, type[Stage]]]
 
-    def __init__(self, name: str, cfg: StageConfig, seed: int, cls: type[Stage]):
-        self.name = name
-        self.stage = build_stage(name, cfg, seed, cls)
-        self.stage.setup()
+
+def run_stages(stages: list[tuple[str, Stage]], batch: pa.Table) -> pa.Table:
+    samples = _samples(batch)
+    for name, stage in stages:
+        run_stage(stage, name, samples)
+    return _table(samples)
+
+
+class StageActor:
+    """A Ray actor around one stage, or a group's stages: models load once, then batches stream
+    through them in order."""
+
+    def __init__(self, specs: StageSpecs, seed: int):
+        self.stages = [(name, build_stage(name, cfg, seed, cls)) for name, cfg, cls in specs]
+        for _, stage in self.stages:
+            stage.setup()
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        samples = _samples(batch)
-        run_stage(self.stage, self.name, samples)
-        return _table(samples)
+        return run_stages(self.stages, batch)
 
 
-def stage_task(batch: pa.Table, name: str, cfg: StageConfig, seed: int, cls: type[Stage]) -> pa.Table:
-    """A model-free stage as a plain Ray task."""
-    stage = build_stage(name, cfg, seed, cls)
-    samples = _samples(batch)
-    run_stage(stage, name, samples)
-    return _table(samples)
+def stage_task(batch: pa.Table, specs: StageSpecs, seed: int) -> pa.Table:
+    """Model-free stages as a plain Ray task."""
+    return run_stages([(name, build_stage(name, cfg, seed, cls)) for name, cfg, cls in specs], batch)
 
 
 def index_row(sample: Sample) -> dict[str, Any]:
@@ -164,13 +175,13 @@ def check_resources(cfg: Config, cluster: dict[str, float]) -> None:
     """
     need = {"CPU": cfg.load.num_cpus, "GPU": 0.0}
     pools = []
-    for name, stage_cfg in cfg.stages.items():
-        r = stage_cfg.resources
-        if stage_cfg.enabled and stage_class(stage_cfg.type or name).uses_model:
+    for seg in segments(cfg):
+        r = seg.resources
+        if any(stage_class(s.type or n).uses_model for n, s in seg.stages.items()):
             need["CPU"] += r.min_actors * r.num_cpus
             need["GPU"] += r.min_actors * r.num_gpus
             pools.append(
-                f"{name}={r.min_actors}x{r.num_cpus:g}cpu" + (f"+{r.num_gpus:g}gpu" if r.num_gpus else "")
+                f"{seg.name}={r.min_actors}x{r.num_cpus:g}cpu" + (f"+{r.num_gpus:g}gpu" if r.num_gpus else "")
             )
     for kind, amount in need.items():
         have = cluster.get(kind, 0.0)
@@ -193,17 +204,17 @@ def build_dataset(cfg: Config, uris: list[str], registry: Any) -> Dataset:
         fn_kwargs={"limits": cfg.limits, "video": cfg.video, "registry": registry},
         num_cpus=cfg.load.num_cpus,
     )
-    for name, stage_cfg in cfg.stages.items():
-        if not stage_cfg.enabled:
-            continue
-        r = stage_cfg.resources
+    for seg in segments(cfg):
+        r = seg.resources
         common = {"batch_format": "pyarrow", "batch_size": r.batch_size, "num_cpus": r.num_cpus}
-        # Resolved here and shipped to the workers, whose own registry lacks stages registered at runtime.
-        cls = stage_class(stage_cfg.type or name)
-        if cls.uses_model:
+        # Classes resolved here and shipped to the workers, whose own registry lacks stages registered at runtime.
+        specs = [
+            (name, stage_cfg, stage_class(stage_cfg.type or name)) for name, stage_cfg in seg.stages.items()
+        ]
+        if any(cls.uses_model for _, _, cls in specs):
             ds = ds.map_batches(
                 StageActor,
-                fn_constructor_args=(name, stage_cfg, cfg.run.seed, cls),
+                fn_constructor_args=(specs, cfg.run.seed),
                 compute=ActorPoolStrategy(min_size=r.min_actors, max_size=r.max_actors),
                 num_gpus=r.num_gpus,
                 **common,
@@ -211,7 +222,7 @@ def build_dataset(cfg: Config, uris: list[str], registry: Any) -> Dataset:
         else:
             ds = ds.map_batches(
                 stage_task,
-                fn_kwargs={"name": name, "cfg": stage_cfg, "seed": cfg.run.seed, "cls": cls},
+                fn_kwargs={"specs": specs, "seed": cfg.run.seed},
                 compute=TaskPoolStrategy(size=r.max_actors) if r.max_actors > 1 else None,
                 **common,
             )

@@ -65,10 +65,11 @@ def _flatten(data: Any, prefix: str = "") -> dict[str, Any]:
 def annotation_settings(record: dict[str, Any]) -> dict[str, Any]:
     """What decides a run record's annotations, flattened: seed, limits, video sampling, each stage's
     type, models and params, and the stages' provenance (prompt hashes, thresholds). Not inputs,
-    output, Ray or resources, which change how fast, not what."""
+    output, Ray, resources or groups, which change how fast, not what."""
     cfg = record["config"]
     stages = {
-        name: {k: v for k, v in stage.items() if k != "resources"} for name, stage in cfg["stages"].items()
+        name: {k: v for k, v in stage.items() if k not in ("resources", "group")}
+        for name, stage in cfg["stages"].items()
     }
     settings = {
         "run.seed": cfg["run"]["seed"],

@@ -1,7 +1,7 @@
 import pytest
 
 from groundmill.pipeline.cli import main
-from groundmill.pipeline.config import ConfigError, load_config
+from groundmill.pipeline.config import ConfigError, load_config, segments
 from groundmill.stages.tagging import ClipTagging
 
 
@@ -82,3 +82,34 @@ def test_cli_overrides_go_before_or_after_the_options(tmp_path, capsys, where):
     with pytest.raises(SystemExit):
         main(["run", str(manifest), "--outptu", "x"])
     assert "unrecognized arguments: --outptu" in capsys.readouterr().err
+
+
+GROUPED = (
+    "inputs: [x]\ngroups: {light: {batch_size: 8, max_actors: 2}}\nstages:\n"
+    "  tagging: {group: light}\n  landmark: {group: light}\n  voting: {}\n"
+)
+
+
+def test_consecutive_group_members_become_one_segment(tmp_path):
+    cfg = load_config(_manifest(tmp_path, GROUPED))
+    assert [(seg.name, list(seg.stages), seg.resources.max_actors) for seg in segments(cfg)] == [
+        ("light", ["tagging", "landmark"], 2),
+        ("voting", ["voting"], 1),
+    ]
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["stages.voting.group=heavy"], "key 'stages.voting.group': no group 'heavy'"),
+        (
+            ["stages.voting.group=light", "stages.landmark.group=null"],
+            "'stages.voting.group'.*follow one another",
+        ),
+        (["groups.light.batch_size=0"], "key 'groups.light'"),
+        (["groups.voting.batch_size=1"], "key 'groups.voting'.*share its name"),
+    ],
+)
+def test_bad_groups_fail_naming_the_key(tmp_path, overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(_manifest(tmp_path, GROUPED), overrides)

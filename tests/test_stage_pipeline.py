@@ -38,10 +38,10 @@ stages:
     resources: {num_cpus: 0.1, batch_size: 2}
     params: {detector: grounding_dino, score_threshold: 0.05, max_boxes: 3}
   # every box pairs up, and random SAM2 masks never agree, so no Dice check either: objects exist
-  voting: {resources: {num_cpus: 0.1, batch_size: 2}, params: {min_iou: 0.0, min_dice: 0.0}}
-  masks: {model: {id: tiny}, resources: {num_cpus: 0.1, batch_size: 2}}
-  depth: {model: {id: tiny}, resources: {num_cpus: 0.1, batch_size: 2}}
-  attributes: {model: {id: tiny}, resources: {num_cpus: 0.1, batch_size: 2}}
+  voting: {group: after_detection, resources: {batch_size: 2}, params: {min_iou: 0.0, min_dice: 0.0}}
+  masks: {group: after_detection, model: {id: tiny}, resources: {batch_size: 2}}
+  depth: {group: after_detection, model: {id: tiny}, resources: {batch_size: 2}}
+  attributes: {group: after_detection, model: {id: tiny}, resources: {batch_size: 2}}
   captions:
     model: {id: tiny}
     resources: {num_cpus: 0.1, batch_size: 2}
@@ -50,6 +50,9 @@ stages:
     model: {id: sentence-transformers/all-MiniLM-L6-v2}
     resources: {num_cpus: 0.1, batch_size: 2}
     params: {min_similarity: -1.0}
+# One actor runs these four stages: batches of 3 images, which each stage takes 2 at a time.
+groups:
+  after_detection: {num_cpus: 0.1, batch_size: 3}
 """
 
 
