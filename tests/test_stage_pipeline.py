@@ -62,14 +62,28 @@ def image_run(tmp_path_factory, ray_local):
     (tmp / "in").mkdir()
     for i, size in enumerate([(96, 72), (64, 80), (80, 80)]):
         (tmp / "in" / f"im{i}.png").write_bytes(png(i, size))
-    manifest = tmp / "m.yaml"
+    run, records = _run(tmp, "out", STAGES)
+    return tmp, run, records
+
+
+def _run(tmp, out: str, stages: str) -> tuple[dict, list[dict]]:
+    manifest = tmp / f"{out}.yaml"
     manifest.write_text(
-        f"inputs: [{tmp / 'in'}]\noutput: {{dir: {tmp / 'out'}, shard_max_samples: 8}}\n" + STAGES
+        f"inputs: [{tmp / 'in'}]\noutput: {{dir: {tmp / out}, shard_max_samples: 8}}\n" + stages
     )
     run = run_pipeline(load_config(manifest))
-    tars = sorted(str(p) for p in (tmp / "out" / SHARDS_DIR).glob("*.tar"))
-    records = [json.loads(s["json"]) for s in wds.WebDataset(tars, shardshuffle=False)]
-    return tmp, run, records
+    tars = sorted(str(p) for p in (tmp / out / SHARDS_DIR).glob("*.tar"))
+    return run, [json.loads(s["json"]) for s in wds.WebDataset(tars, shardshuffle=False)]
+
+
+def test_a_group_changes_speed_not_annotations(image_run):
+    """The same stages, each in its own pool, write the same records as with four of them grouped."""
+    tmp, _, grouped = image_run
+    ungrouped = STAGES.replace("group: after_detection, ", "").replace(
+        "{batch_size: 2}", "{num_cpus: 0.1, batch_size: 2}"
+    )
+    _, alone = _run(tmp, "ungrouped", ungrouped)
+    assert sorted(alone, key=lambda r: r["key"]) == sorted(grouped, key=lambda r: r["key"])
 
 
 def test_every_image_is_annotated_by_every_stage(image_run):
