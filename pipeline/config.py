@@ -108,6 +108,11 @@ class RayConfig:
 class RunConfig:
     name: str = "groundmill"
     seed: int = 0
+    # Pending inputs go through one Ray Dataset per this many: Ray Data keeps per-block stats on the
+    # driver until a Dataset ends (ray-project/ray#66016), ~100 KB per load batch measured here, so
+    # one Dataset over millions of inputs grows the driver without bound. Each Dataset restarts the
+    # model actors: keep it large enough that loading the models stays a small share.
+    inputs_per_dataset: int = 20_000
 
 
 @dataclass
@@ -190,6 +195,8 @@ def validate(cfg: Config) -> None:
         raise ConfigError("key 'inputs': no inputs given (set them in the manifest or with --input)")
     if cfg.output.shard_max_samples < 1:
         raise ConfigError("key 'output.shard_max_samples': must be >= 1")
+    if cfg.run.inputs_per_dataset < 1:
+        raise ConfigError("key 'run.inputs_per_dataset': must be >= 1")
     for name, stage in cfg.stages.items():
         where = f"stages.{name}"
         try:

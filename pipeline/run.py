@@ -181,7 +181,9 @@ def run_pipeline(cfg: Config) -> dict[str, Any]:
         registry = KeyRegistry.remote(committed)
         prefix = f"{re.sub(r'[^A-Za-z0-9_-]', '-', cfg.run.name)}-{len(record['attempts']):03d}"
         sink = ShardSink(str(out), cfg.output.shard_max_samples, cfg.output.shard_max_mb * 2**20, prefix)
-        build_dataset(cfg, pending, registry).write_datasink(sink)
+        step = cfg.run.inputs_per_dataset
+        for i in range(0, len(pending), step):  # bounded driver memory (see RunConfig.inputs_per_dataset)
+            build_dataset(cfg, pending[i : i + step], registry).write_datasink(sink)
         attempt["seconds"] = round(time.perf_counter() - start, 3)
     else:
         log.info("nothing to do: all %d inputs are already in %s", len(uris), out)

@@ -163,3 +163,21 @@ def test_interrupted_run_is_finished_without_loss_or_duplicates(finished_run, tm
     keys = [s["__key__"] for s in _read_tars(out)]
     assert len(keys) == len(set(keys)) == len({r["key"] for r in rows if r["shard"]})
     assert not list((out / SHARDS_DIR).glob("*.tmp")) and not list((out / SHARDS_DIR).glob(".*"))
+
+
+def test_inputs_split_over_several_datasets_are_each_written_once(finished_run, tmp_path):
+    """Ray Data keeps per-block stats on the driver until a Dataset ends, so a run goes through one
+    Dataset per `run.inputs_per_dataset` inputs: the same rows as one Dataset, duplicates across
+    Datasets still found (the key registry outlives them)."""
+    src, cfg, expected = finished_run
+    chunked = copy.deepcopy(cfg)
+    chunked.output.dir = str(tmp_path / "out")
+    chunked.run.inputs_per_dataset = 4
+    run_pipeline(chunked)
+    rows = read_index(chunked.output.dir).to_pylist()
+    assert len(expected) > 2 * chunked.run.inputs_per_dataset
+    assert Counter(Path(r["uri"]).name for r in rows) == Counter(expected.keys())
+    assert sorted((r["uri"], r["status"], r["key"]) for r in rows) == sorted(
+        (r["uri"], r["status"], r["key"]) for r in read_index(cfg.output.dir).to_pylist()
+    )
+    assert sum(1 for r in rows if r["duplicate_of"]) == 1
