@@ -306,10 +306,9 @@ def segment_overrides(manifest: str, names: set[str] | None, **resources: float)
     from groundmill.pipeline.config import load_config, segments
 
     cfg = load_config(manifest, ["inputs=[.]"])
-    with_model = set(model_stages(manifest))
     out = []
     for seg in segments(cfg):
-        if (seg.name in names) if names is not None else bool(with_model & seg.stages.keys()):
+        if (seg.name in names) if names is not None else seg.uses_model:
             prefix = f"groups.{seg.name}" if seg.name in cfg.groups else f"stages.{seg.name}.resources"
             out += [f"{prefix}.{key}={value}" for key, value in resources.items()]
     return out

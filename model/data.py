@@ -291,18 +291,6 @@ def video_targets(record: dict, task: str, rng: random.Random) -> list[tuple[str
     return out
 
 
-def video_sample(record: dict, frames: list[np.ndarray], rng: random.Random, size: int, task: str,
-                 num_frames: int, target: tuple[str, dict] | None = None) -> dict | None:  # fmt: skip
-    """One video task sample over `num_frames` frames of one track (a random one unless `target`)."""
-    if target is None:
-        targets = video_targets(record, task, rng)
-        if not targets:
-            return None
-        target = rng.choice(targets)
-    rows = video_rows(frames, [target], rng, size, task, num_frames)
-    return rows[0] if rows else None
-
-
 def video_rows(frames: list[np.ndarray], targets: list[tuple[str, dict]], rng: random.Random, size: int,
                task: str, num_frames: int) -> list[dict]:  # fmt: skip
     """Rows of one clip: `num_frames` frames sampled over the first target's track, every target's mask on

@@ -30,7 +30,7 @@ from groundmill.model.data import (
     mask_at,
     prompt_sample,
     referring_targets,
-    video_sample,
+    video_rows,
     video_targets,
 )
 from groundmill.model.metrics import (
@@ -118,10 +118,8 @@ def eval_samples(cfg: TrainConfig) -> Iterator[tuple[str, dict, dict]]:
         if kind == "video":
             for task in ("video_referring", "video_object"):
                 for target in video_targets(record, task, rng):
-                    n = len(target[1]["masklet"])
-                    sample = video_sample(record, frames, rng, size, task, n, target)
-                    if sample:
-                        yield task, sample, record
+                    for row in video_rows(frames, [target], rng, size, task, len(target[1]["masklet"])):
+                        yield task, row, record
             continue
         for expr, mask in referring_targets(record, size):
             question = QUESTIONS["referring"].format(expr)

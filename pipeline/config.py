@@ -136,6 +136,13 @@ class Segment:
     stages: dict[str, StageConfig]
     resources: Resources
 
+    @property
+    def uses_model(self) -> bool:
+        """Whether any of its stages loads a model: then it runs as an actor pool, else as tasks."""
+        from groundmill.stages import stage_class
+
+        return any(stage_class(s.type or n).uses_model for n, s in self.stages.items())
+
 
 def segments(cfg: Config) -> list[Segment]:
     """The enabled stages in order, consecutive members of a group merged into one segment."""

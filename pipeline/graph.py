@@ -177,7 +177,7 @@ def check_resources(cfg: Config, cluster: dict[str, float]) -> None:
     pools = []
     for seg in segments(cfg):
         r = seg.resources
-        if any(stage_class(s.type or n).uses_model for n, s in seg.stages.items()):
+        if seg.uses_model:
             need["CPU"] += r.min_actors * r.num_cpus
             need["GPU"] += r.min_actors * r.num_gpus
             pools.append(
@@ -211,7 +211,7 @@ def build_dataset(cfg: Config, uris: list[str], registry: Any) -> Dataset:
         specs = [
             (name, stage_cfg, stage_class(stage_cfg.type or name)) for name, stage_cfg in seg.stages.items()
         ]
-        if any(cls.uses_model for _, _, cls in specs):
+        if seg.uses_model:
             ds = ds.map_batches(
                 StageActor,
                 fn_constructor_args=(specs, cfg.run.seed),

@@ -39,15 +39,21 @@ def _temp_path(path: Path) -> Path:
     return path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}{TMP_SUFFIX}")
 
 
+def _publish(f: Any, path: Path) -> None:
+    """Make a written temp file durable (flush, fsync, close), then rename it over `path`."""
+    f.flush()
+    os.fsync(f.fileno())
+    f.close()
+    os.replace(f.name, path)
+
+
 def _atomic_write(path: Path, write: Any) -> None:
     """Write through `write(fileobj)` into a temp file beside `path`, fsync, then rename over it."""
     tmp = _temp_path(path)
     try:
         with open(tmp, "wb") as f:
             write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+            _publish(f, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
@@ -117,10 +123,7 @@ class ShardWriter:
         try:
             if self._writer is not None:
                 self._writer.close()
-                self._file.flush()
-                os.fsync(self._file.fileno())
-                self._file.close()
-                os.replace(self._file.name, self._tar_path)
+                _publish(self._file, self._tar_path)
         except BaseException:
             self.discard()
             raise
@@ -131,9 +134,8 @@ class ShardWriter:
                 self.out_dir / INDEX_DIR / f"{self.name}.parquet", lambda f: pq.write_table(table, f)
             )
         except BaseException:
-            self._tar_path.unlink(
-                missing_ok=True
-            )  # not committed: leave no tar readers could mistake for one
+            # Not committed: leave no tar that readers could mistake for one.
+            self._tar_path.unlink(missing_ok=True)
             raise
 
     def discard(self) -> None:
