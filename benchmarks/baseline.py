@@ -18,10 +18,10 @@ import time
 from pathlib import Path
 from typing import Any
 
+from groundmill.media import MediaError
 from groundmill.pipeline.config import Config, load_config
 from groundmill.pipeline.graph import build_stage, run_stage
 from groundmill.pipeline.load import LOAD_STAGE, normalise_input
-from groundmill.pipeline.media import MediaError
 from groundmill.pipeline.sources import list_inputs, read_uri
 from groundmill.schema import STATUS_ERROR, content_key
 from groundmill.stages.base import Sample

@@ -22,9 +22,8 @@ from pathlib import Path
 
 import numpy as np
 
-from groundmill.pipeline.config import ModelSpec
 from groundmill.schema import encode_mask
-from groundmill.stages.base import Sample
+from groundmill.stages.base import ModelSpec, Sample
 from groundmill.stages.dense_caption import DenseCaptioning
 from groundmill.stages.gcg import GCGExport
 from groundmill.stages.llm import LLMConfig

@@ -24,10 +24,10 @@ from typing import Any
 import torch
 from PIL import Image
 
-from groundmill.pipeline.config import ModelSpec, Resources, stage_params
+from groundmill.pipeline.config import stage_params
 from groundmill.schema import new_record
 from groundmill.stages import stage_class
-from groundmill.stages.base import Sample
+from groundmill.stages.base import ModelSpec, Resources, Sample
 
 PHOTOS = ["astronaut.png", "chelsea.png", "coffee.png", "rocket.jpg", "motorcycle_left.png"]
 # (label, registry name, params, model id): the demo manifest's order and settings

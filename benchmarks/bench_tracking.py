@@ -24,9 +24,10 @@ from typing import Any
 import numpy as np
 import psutil
 
-from groundmill.pipeline.config import ModelSpec, Resources, VideoConfig
+from groundmill.media import FrameSampling, probe_video, sampled_frames, upright
+from groundmill.pipeline.config import VideoConfig
 from groundmill.pipeline.demo_data import write_shapes_video
-from groundmill.pipeline.media import FrameSampling, probe_video, sampled_frames, upright
+from groundmill.stages.base import ModelSpec, Resources
 from groundmill.stages.tracking import Detection, Sam2Propagator, track_video
 
 # The shapes of pipeline.demo_data.write_shapes_video and their colours.

@@ -128,7 +128,7 @@ def run_child(args: list[str], result: Path) -> dict[str, Any]:
 
 def stage_busy(out: Path) -> dict[str, float]:
     """Per stage: busy seconds per sample, from the index's per-sample timings."""
-    from groundmill.pipeline.sink import read_index
+    from groundmill.shards import read_index
 
     totals: dict[str, list[float]] = {}
     for timings in read_index(out, columns=["timings"]).column("timings").to_pylist():
@@ -150,7 +150,7 @@ def pipeline_once(argv: list[str]) -> None:
 
     from groundmill.pipeline.config import load_config
     from groundmill.pipeline.run import init_ray, run_pipeline
-    from groundmill.pipeline.sink import read_index
+    from groundmill.shards import read_index
 
     overrides = [f"inputs={json.dumps([args.input])}", f"output.dir={args.output}", *args.overrides]
     cfg = load_config(args.manifest, overrides)
@@ -194,8 +194,8 @@ def run_baseline_measured(manifest: str, inputs: Path, work: Path) -> dict:
 
 def _write_shards(folder: Path, payload: bytes, n: int, shard_mb: int) -> tuple[int, float]:
     """`n` samples through ShardWriter (tar built in memory, atomic commit with fsync): bytes, seconds."""
-    from groundmill.pipeline.sink import ShardWriter
     from groundmill.schema import content_key
+    from groundmill.shards import ShardWriter
 
     start = time.perf_counter()
     writer, written = ShardWriter(folder), 0

@@ -10,7 +10,7 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
-# Every task the data loader can make from a record (see model/data.py).
+# Every task the data loader can make from a record (see model/tasks.py).
 TASKS = ("referring", "gcg", "interactive", "vgd", "video_referring", "video_object")
 
 

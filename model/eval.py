@@ -20,19 +20,7 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from groundmill.model.config import TrainConfig, load_config
-from groundmill.model.data import (
-    ANSWER,
-    QUESTIONS,
-    collate,
-    eval_records,
-    gcg_phrases,
-    load_tokenizer,
-    mask_at,
-    prompt_sample,
-    referring_targets,
-    video_rows,
-    video_targets,
-)
+from groundmill.model.data import collate
 from groundmill.model.metrics import (
     caption_scores,
     ciou_giou,
@@ -43,6 +31,17 @@ from groundmill.model.metrics import (
     minilm_embedder,
 )
 from groundmill.model.modeling import P_CLOSE, P_OPEN, SEG, X2SamModel
+from groundmill.model.records import eval_records, mask_at
+from groundmill.model.tasks import (
+    ANSWER,
+    QUESTIONS,
+    gcg_phrases,
+    prompt_sample,
+    referring_targets,
+    video_rows,
+    video_targets,
+)
+from groundmill.model.tokenizer import load_tokenizer
 from groundmill.model.train import build_model, load_checkpoint, setup_device
 
 

@@ -21,7 +21,6 @@ import av
 import numpy as np
 from PIL import Image
 
-from groundmill.pipeline.sink import ShardWriter
 from groundmill.schema import (
     STATUS_OK,
     Record,
@@ -30,6 +29,7 @@ from groundmill.schema import (
     mask_bbox,
     new_record,
 )
+from groundmill.shards import ShardWriter
 
 COLOURS: dict[str, tuple[int, int, int]] = {
     "red": (220, 40, 40),
@@ -39,7 +39,6 @@ COLOURS: dict[str, tuple[int, int, int]] = {
     "purple": (160, 60, 210),
 }
 SHAPES = ("circle", "square", "triangle")
-RELATIONS = ("left of", "right of", "above", "below")
 SIZE = 64
 
 
@@ -91,12 +90,6 @@ def relation(a: Shape, b: Shape) -> str | None:
     if abs(dx) >= abs(dy):
         return "left of" if dx < 0 else "right of"
     return "above" if dy < 0 else "below"
-
-
-def is_hard(target: Shape, scene: list[Shape]) -> bool:
-    """True if neither the colour alone nor the shape alone singles out the target."""
-    others = [s for s in scene if s is not target]
-    return any(s.colour == target.colour for s in others) and any(s.shape == target.shape for s in others)
 
 
 def pick_kinds(n: int, rng: random.Random) -> list[tuple[str, str]]:

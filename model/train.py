@@ -25,9 +25,10 @@ from tqdm import tqdm
 from transformers import PreTrainedTokenizerBase
 
 from groundmill.model.config import OptimConfig, TrainConfig, load_config, to_dict
-from groundmill.model.data import load_tokenizer, make_tokenizer, train_loader
+from groundmill.model.data import train_loader
 from groundmill.model.losses import total_loss
 from groundmill.model.modeling import X2SamModel, configure_trainable
+from groundmill.model.tokenizer import load_tokenizer, make_tokenizer
 
 CKPT_DIR = "checkpoints"
 

@@ -16,32 +16,12 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from groundmill.stages import stage_class
+from groundmill.stages.base import ModelSpec, Resources
+
 
 class ConfigError(ValueError):
     """A manifest or override is invalid; the message names the key."""
-
-
-@dataclass
-class ModelSpec:
-    # A hub id ("google/owlv2-base-patch16"), a local directory or file, or "tiny": the same model
-    # class built from a small config with random weights (offline tests, the demo).
-    id: str = "tiny"
-    revision: str | None = None
-    dtype: str = "float32"  # float32 | bfloat16 | float16
-    device: str = "auto"  # auto -> cuda when the actor has a GPU, else cpu
-
-    @property
-    def is_random(self) -> bool:
-        return self.id == "tiny"
-
-
-@dataclass
-class Resources:
-    num_cpus: float = 1.0
-    num_gpus: float = 0.0  # a fraction packs several actors on one GPU
-    batch_size: int = 4
-    min_actors: int = 1
-    max_actors: int = 1
 
 
 @dataclass
@@ -139,8 +119,6 @@ class Segment:
     @property
     def uses_model(self) -> bool:
         """Whether any of its stages loads a model: then it runs as an actor pool, else as tasks."""
-        from groundmill.stages import stage_class
-
         return any(stage_class(s.type or n).uses_model for n, s in self.stages.items())
 
 
@@ -196,8 +174,6 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
 
 
 def validate(cfg: Config) -> None:
-    from groundmill.stages import stage_class
-
     if not cfg.inputs:
         raise ConfigError("key 'inputs': no inputs given (set them in the manifest or with --input)")
     if cfg.output.shard_max_samples < 1:

@@ -8,22 +8,16 @@ retried one sample at a time, so only the sample that breaks it becomes an error
 from __future__ import annotations
 
 import time
-import uuid
-from collections.abc import Iterable
 from typing import Any
 
 import pyarrow as pa
 import ray
 from ray.data import ActorPoolStrategy, Dataset, TaskPoolStrategy
-from ray.data.block import BlockAccessor
-from ray.data.datasource import Datasink
 
 from groundmill.pipeline.config import Config, ConfigError, StageConfig, segments
 from groundmill.pipeline.load import load_batch
-from groundmill.pipeline.sink import ShardWriter
-from groundmill.schema import STATUS_ERROR, STATUS_OK, frame_records
 from groundmill.stages import stage_class
-from groundmill.stages.base import ROW_SCHEMA, STATUS_DUPLICATE, Sample, SampleError, Stage
+from groundmill.stages.base import ROW_SCHEMA, Sample, SampleError, Stage
 
 
 def build_stage(name: str, cfg: StageConfig, seed: int, cls: type[Stage] | None = None) -> Stage:
@@ -101,70 +95,6 @@ class StageActor:
 def stage_task(batch: pa.Table, specs: StageSpecs, seed: int) -> pa.Table:
     """Model-free stages as a plain Ray task."""
     return run_stages([(name, build_stage(name, cfg, seed, cls)) for name, cfg, cls in specs], batch)
-
-
-def index_row(sample: Sample) -> dict[str, Any]:
-    record = sample.record
-    media = record.get("media", {})
-    status = STATUS_OK if sample.status in (STATUS_OK, STATUS_DUPLICATE) else STATUS_ERROR
-    num_objects = sum(len(f.get("objects", [])) for f in frame_records(record)) if media else 0
-    return {
-        "key": sample.key,
-        "uri": sample.uri,
-        "media_type": sample.media_type or None,
-        "bytes": record.get("source", {}).get("bytes"),
-        "width": media.get("width"),
-        "height": media.get("height"),
-        "status": status,
-        "error": sample.error or None,
-        "duplicate_of": sample.duplicate_of,
-        "num_objects": num_objects if status == STATUS_OK and media else None,
-        "timings": sample.timings,
-        "stats": sample.stats,
-    }
-
-
-class ShardSink(Datasink):
-    """Writes each write task's rows as WebDataset shards + index parts (see pipeline.sink)."""
-
-    def __init__(self, out_dir: str, max_samples: int, max_bytes: int, prefix: str):
-        self.out_dir = out_dir
-        self.max_samples = max_samples
-        self.max_bytes = max_bytes
-        self.prefix = prefix
-
-    @property
-    def min_rows_per_write(self) -> int:
-        return self.max_samples
-
-    def _writer(self) -> ShardWriter:
-        return ShardWriter(self.out_dir, name=f"{self.prefix}-{uuid.uuid4().hex[:12]}")
-
-    def write(self, blocks: Iterable[Any], ctx: Any) -> dict[str, int]:
-        writer = self._writer()
-        counts = {"samples": 0, "rows": 0, "shards": 0}
-        try:
-            for block in blocks:
-                for row in BlockAccessor.for_block(block).to_arrow().to_pylist():
-                    sample = Sample.from_row(row)
-                    if sample.status == STATUS_OK:
-                        ext = sample.record["media"]["ext"]
-                        writer.add_sample(sample.key, sample.data, ext, sample.record, index_row(sample))
-                        counts["samples"] += 1
-                    else:
-                        writer.add_row(index_row(sample))
-                    counts["rows"] += 1
-                    if writer.num_samples >= self.max_samples or writer.nbytes >= self.max_bytes:
-                        writer.commit()
-                        counts["shards"] += 1
-                        writer = self._writer()
-            if len(writer):
-                writer.commit()
-                counts["shards"] += 1
-        except BaseException:
-            writer.discard()  # Ray retries the task; its inputs are not in the index yet
-            raise
-        return counts
 
 
 def check_resources(cfg: Config, cluster: dict[str, float]) -> None:

@@ -8,8 +8,8 @@ from pathlib import Path
 from typing import Any
 
 from groundmill.pipeline.run import RUN_RECORD
-from groundmill.pipeline.sink import SHARDS_DIR, read_index
 from groundmill.schema import STATUS_ERROR, STATUS_OK
+from groundmill.shards import SHARDS_DIR, read_index
 
 
 def error_reason(error: str) -> str:

@@ -14,8 +14,8 @@ from typing import Any
 import pyarrow as pa
 import ray
 
+from groundmill.media import FrameSampling, MediaError, is_video_uri, normalise_image, probe_video
 from groundmill.pipeline.config import LimitsConfig, VideoConfig
-from groundmill.pipeline.media import FrameSampling, MediaError, is_video_uri, normalise_image, probe_video
 from groundmill.pipeline.sources import read_uri
 from groundmill.schema import STATUS_ERROR, FrameRecord, Record, Source, content_key, new_record
 from groundmill.stages.base import ROW_SCHEMA, STATUS_DUPLICATE, Sample

@@ -19,11 +19,11 @@ import av
 import numpy as np
 from PIL import Image, ImageDraw
 
+from groundmill.media import decode_rgb
 from groundmill.pipeline.inspect import summarize
-from groundmill.pipeline.media import decode_rgb
 from groundmill.pipeline.run import RUN_RECORD
-from groundmill.pipeline.sink import SHARDS_DIR, iter_shard
 from groundmill.schema import Record, decode_mask, frame_records
+from groundmill.shards import SHARDS_DIR, iter_shard
 
 # Distinct, readable colours; object id i gets PALETTE[i % len].
 PALETTE = [

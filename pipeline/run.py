@@ -22,8 +22,8 @@ from typing import Any
 
 from groundmill import __version__
 from groundmill.pipeline.config import Config, ConfigError, to_container
-from groundmill.pipeline.sink import clean_uncommitted, read_index
 from groundmill.pipeline.sources import list_inputs
+from groundmill.shards import clean_uncommitted, read_index
 
 log = logging.getLogger("groundmill")
 
@@ -160,8 +160,9 @@ def run_pipeline(cfg: Config) -> dict[str, Any]:
     if pending:
         import ray
 
-        from groundmill.pipeline.graph import ShardSink, build_dataset, check_resources
+        from groundmill.pipeline.graph import build_dataset, check_resources
         from groundmill.pipeline.load import KeyRegistry
+        from groundmill.pipeline.sink import ShardSink
 
         start = time.perf_counter()
         init_ray(cfg)

@@ -1,202 +1,79 @@
-"""Exactly-once output: WebDataset tar shards plus a Parquet index, committed atomically.
-
-Layout of an output directory::
-
-    shards/<name>.tar        samples: {key}.{jpg|png|mp4|...} and {key}.json, adjacent
-    index/<name>.parquet     one row per input handled by that shard's writer (errors included)
-    run.json                 the run record
-
-A shard is committed in two atomic steps: the tar is written to a temp file and renamed, then the
-index part is written to a temp file and renamed. The index part is the commit marker: a tar
-without its index part is an orphan from a killed run, removed on the next start (its inputs are
-not in the index, so they are redone). Rerunning therefore never loses or duplicates a sample.
-"""
+"""The Ray Data sink: each write task's rows become WebDataset shards plus index parts, committed
+atomically through :mod:`groundmill.shards` (the on-disk format)."""
 
 from __future__ import annotations
 
-import contextlib
-import json
-import os
-import tarfile
 import uuid
 from collections.abc import Iterable
-from pathlib import Path
 from typing import Any
 
-import pyarrow as pa
-import pyarrow.parquet as pq
-import webdataset as wds
+from ray.data.block import BlockAccessor
+from ray.data.datasource import Datasink
 
-from groundmill.schema import INDEX_SCHEMA, Record, is_valid_key
-
-SHARDS_DIR = "shards"
-INDEX_DIR = "index"
-TMP_SUFFIX = ".tmp"
+from groundmill.schema import STATUS_ERROR, STATUS_OK, frame_records
+from groundmill.shards import ShardWriter
+from groundmill.stages.base import STATUS_DUPLICATE, Sample
 
 
-def _temp_path(path: Path) -> Path:
-    """A hidden, unique temp name beside `path` (what `clean_uncommitted` removes)."""
-    return path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}{TMP_SUFFIX}")
+def index_row(sample: Sample) -> dict[str, Any]:
+    record = sample.record
+    media = record.get("media", {})
+    status = STATUS_OK if sample.status in (STATUS_OK, STATUS_DUPLICATE) else STATUS_ERROR
+    num_objects = sum(len(f.get("objects", [])) for f in frame_records(record)) if media else 0
+    return {
+        "key": sample.key,
+        "uri": sample.uri,
+        "media_type": sample.media_type or None,
+        "bytes": record.get("source", {}).get("bytes"),
+        "width": media.get("width"),
+        "height": media.get("height"),
+        "status": status,
+        "error": sample.error or None,
+        "duplicate_of": sample.duplicate_of,
+        "num_objects": num_objects if status == STATUS_OK and media else None,
+        "timings": sample.timings,
+        "stats": sample.stats,
+    }
 
 
-def _publish(f: Any, path: Path) -> None:
-    """Make a written temp file durable (flush, fsync, close), then rename it over `path`."""
-    f.flush()
-    os.fsync(f.fileno())
-    f.close()
-    os.replace(f.name, path)
+class ShardSink(Datasink):
+    """Writes each write task's rows as WebDataset shards + index parts (see groundmill.shards)."""
 
-
-def _atomic_write(path: Path, write: Any) -> None:
-    """Write through `write(fileobj)` into a temp file beside `path`, fsync, then rename over it."""
-    tmp = _temp_path(path)
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-            _publish(f, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
-def index_table(rows: list[dict[str, Any]]) -> pa.Table:
-    """Rows (dicts with any subset of INDEX_SCHEMA's fields) -> a table of exactly that schema."""
-    columns = {}
-    for field in INDEX_SCHEMA:
-        values = [row.get(field.name) for row in rows]
-        if pa.types.is_map(field.type):
-            values = [list(v.items()) if v is not None else None for v in values]
-        columns[field.name] = pa.array(values, type=field.type)
-    return pa.table(columns, schema=INDEX_SCHEMA)
-
-
-class ShardWriter:
-    """Streams one shard's samples into a hidden temp file and keeps its index rows; `commit` makes
-    both visible atomically.
-
-    The tar goes straight to disk (no in-memory copy of the shard), so a write task holds only the
-    index rows, and a temp file left by a killed task is removed by `clean_uncommitted`.
-    """
-
-    def __init__(self, out_dir: str | os.PathLike, name: str | None = None):
-        self.out_dir = Path(out_dir)
-        self.name = name or uuid.uuid4().hex
-        self._file: Any = None  # opened at the first sample: a shard of error rows only has no tar
-        self._writer: wds.TarWriter | None = None
-        self._rows: list[dict[str, Any]] = []
-        self.num_samples = 0
+    def __init__(self, out_dir: str, max_samples: int, max_bytes: int, prefix: str):
+        self.out_dir = out_dir
+        self.max_samples = max_samples
+        self.max_bytes = max_bytes
+        self.prefix = prefix
 
     @property
-    def shard_file(self) -> str:
-        return f"{SHARDS_DIR}/{self.name}.tar"
+    def min_rows_per_write(self) -> int:
+        return self.max_samples
 
-    @property
-    def _tar_path(self) -> Path:
-        return self.out_dir / self.shard_file
+    def _writer(self) -> ShardWriter:
+        return ShardWriter(self.out_dir, name=f"{self.prefix}-{uuid.uuid4().hex[:12]}")
 
-    @property
-    def nbytes(self) -> int:
-        return self._file.tell() if self._file else 0
-
-    def add_sample(self, key: str, media: bytes, media_ext: str, record: Record, row: dict[str, Any]) -> None:
-        if not is_valid_key(key):
-            raise ValueError(f"sample key {key!r} is not a lowercase hex content hash")
-        if self._writer is None:
-            self._tar_path.parent.mkdir(parents=True, exist_ok=True)
-            self._file = open(_temp_path(self._tar_path), "wb")  # noqa: SIM115 (closed by commit/discard)
-            self._writer = wds.TarWriter(self._file, encoder=False)
-        body = json.dumps(record, ensure_ascii=False, separators=(",", ":")).encode()
-        self._writer.write({"__key__": key, media_ext: media, "json": body})
-        self._rows.append({**row, "key": key, "shard": self.shard_file})
-        self.num_samples += 1
-
-    def add_row(self, row: dict[str, Any]) -> None:
-        """An index row with no sample in this shard: an error, or a duplicate of another input."""
-        self._rows.append({**row, "shard": None})
-
-    def __len__(self) -> int:
-        return len(self._rows)
-
-    def commit(self) -> None:
-        if not self._rows:
-            return
+    def write(self, blocks: Iterable[Any], ctx: Any) -> dict[str, int]:
+        writer = self._writer()
+        counts = {"samples": 0, "rows": 0, "shards": 0}
         try:
-            if self._writer is not None:
-                self._writer.close()
-                _publish(self._file, self._tar_path)
+            for block in blocks:
+                for row in BlockAccessor.for_block(block).to_arrow().to_pylist():
+                    sample = Sample.from_row(row)
+                    if sample.status == STATUS_OK:
+                        ext = sample.record["media"]["ext"]
+                        writer.add_sample(sample.key, sample.data, ext, sample.record, index_row(sample))
+                        counts["samples"] += 1
+                    else:
+                        writer.add_row(index_row(sample))
+                    counts["rows"] += 1
+                    if writer.num_samples >= self.max_samples or writer.nbytes >= self.max_bytes:
+                        writer.commit()
+                        counts["shards"] += 1
+                        writer = self._writer()
+            if len(writer):
+                writer.commit()
+                counts["shards"] += 1
         except BaseException:
-            self.discard()
+            writer.discard()  # Ray retries the task; its inputs are not in the index yet
             raise
-        (self.out_dir / INDEX_DIR).mkdir(parents=True, exist_ok=True)
-        table = index_table(self._rows)
-        try:
-            _atomic_write(
-                self.out_dir / INDEX_DIR / f"{self.name}.parquet", lambda f: pq.write_table(table, f)
-            )
-        except BaseException:
-            # Not committed: leave no tar that readers could mistake for one.
-            self._tar_path.unlink(missing_ok=True)
-            raise
-
-    def discard(self) -> None:
-        """Drop what was written so far (a failed write task); nothing of it becomes visible."""
-        if self._file is None:
-            return
-        with contextlib.suppress(OSError, ValueError):  # the disk may be what failed
-            self._writer.close()  # else the tar stream writes its end into a closed file when collected
-        with contextlib.suppress(OSError, ValueError):
-            self._file.close()
-        Path(self._file.name).unlink(missing_ok=True)
-
-
-def read_index(out_dir: str | os.PathLike, columns: list[str] | None = None) -> pa.Table:
-    """All committed index parts of an output directory as one table (empty if none)."""
-    parts = sorted((Path(out_dir) / INDEX_DIR).glob("*.parquet"))
-    if not parts:
-        return INDEX_SCHEMA.empty_table().select(columns or INDEX_SCHEMA.names)
-    return pa.concat_tables(pq.read_table(p, columns=columns, schema=INDEX_SCHEMA) for p in parts)
-
-
-def clean_uncommitted(out_dir: str | os.PathLike) -> list[Path]:
-    """Remove temp files and orphan tars (no index part) left by a killed run; return what was removed."""
-    out = Path(out_dir)
-    committed = {p.stem for p in (out / INDEX_DIR).glob("*.parquet")}
-    removed = []
-    for folder in (out / SHARDS_DIR, out / INDEX_DIR):
-        for p in folder.glob(f".*{TMP_SUFFIX}"):
-            p.unlink(missing_ok=True)
-            removed.append(p)
-    for tar in (out / SHARDS_DIR).glob("*.tar"):
-        if tar.stem not in committed:
-            tar.unlink(missing_ok=True)
-            removed.append(tar)
-    return removed
-
-
-def safe_members(tar: tarfile.TarFile) -> Iterable[tarfile.TarInfo]:
-    """Members of a tar, refusing absolute paths, `..`, links and anything that is not a plain file."""
-    for member in tar:
-        name = member.name
-        if name.startswith("/") or ".." in Path(name).parts or "\\" in name:
-            raise ValueError(f"unsafe member path {name!r} in {tar.name}")
-        if not member.isfile():
-            raise ValueError(f"member {name!r} in {tar.name} is not a regular file")
-        yield member
-
-
-def iter_shard(path: str | os.PathLike) -> Iterable[tuple[str, dict[str, bytes]]]:
-    """(key, {ext: bytes}) per sample of one tar, members checked; a sample's files must be adjacent."""
-    with tarfile.open(path, "r") as tar:
-        key, files = None, {}
-        for member in safe_members(tar):
-            base = Path(member.name).name
-            k, _, ext = base.partition(".")
-            if k != key:
-                if key is not None:
-                    yield key, files
-                key, files = k, {}
-            if ext in files:
-                raise ValueError(f"{path}: member {member.name!r} repeats sample {k!r}")
-            files[ext] = tar.extractfile(member).read()
-        if key is not None:
-            yield key, files
+        return counts

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 
-from groundmill.pipeline.sink import safe_members
+from groundmill.shards import safe_members
 
 TAR_SEPARATOR = "#"  # "shard.tar#member" addresses one member of an input shard
 MEDIA_SUFFIXES = {

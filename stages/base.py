@@ -17,8 +17,7 @@ from typing import Any, ClassVar
 import pyarrow as pa
 from PIL import Image
 
-from groundmill.pipeline.config import ModelSpec, Resources
-from groundmill.pipeline.media import decode_rgb
+from groundmill.media import decode_rgb
 from groundmill.schema import STATUS_ERROR, STATUS_OK, FrameRecord, Record, frame_records
 
 # Between stages a row carries the stored media and the record as JSON, so a block is plain Arrow.
@@ -38,6 +37,29 @@ ROW_SCHEMA = pa.schema(
     ]
 )
 STATUS_DUPLICATE = "duplicate"  # internal: the index row says "ok" with duplicate_of set
+
+
+@dataclass
+class ModelSpec:
+    # A hub id ("google/owlv2-base-patch16"), a local directory or file, or "tiny": the same model
+    # class built from a small config with random weights (offline tests, the demo).
+    id: str = "tiny"
+    revision: str | None = None
+    dtype: str = "float32"  # float32 | bfloat16 | float16
+    device: str = "auto"  # auto -> cuda when the actor has a GPU, else cpu
+
+    @property
+    def is_random(self) -> bool:
+        return self.id == "tiny"
+
+
+@dataclass
+class Resources:
+    num_cpus: float = 1.0
+    num_gpus: float = 0.0  # a fraction packs several actors on one GPU
+    batch_size: int = 4
+    min_actors: int = 1
+    max_actors: int = 1
 
 
 class SampleError(Exception):

@@ -23,9 +23,8 @@ from typing import Any, Protocol
 import torch
 from PIL import Image
 
-from groundmill.pipeline.config import ModelSpec, Resources
 from groundmill.schema import Caption
-from groundmill.stages.base import Sample, SampleError, Stage
+from groundmill.stages.base import ModelSpec, Resources, Sample, SampleError, Stage
 from groundmill.stages.llm import FINISH_ERROR, Generation, LLMConfig, Message, SamplingParams
 from groundmill.stages.llm.http import OpenAIHTTPBackend, image_part
 from groundmill.stages.llm.parsing import parse_prose

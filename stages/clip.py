@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from groundmill.pipeline.config import ModelSpec, Resources
+from groundmill.stages.base import ModelSpec, Resources
 from groundmill.stages.models import device_for, dtype_for, local_path, seeded
 
 TINY_ARCH = "groundmill-tiny-clip"

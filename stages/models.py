@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from groundmill.pipeline.config import ModelSpec, Resources
+from groundmill.stages.base import ModelSpec, Resources
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 

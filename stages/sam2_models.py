@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from groundmill.pipeline.config import ModelSpec, Resources
+from groundmill.stages.base import ModelSpec, Resources
 from groundmill.stages.models import device_for, local_path, seeded
 
 TINY_CONFIG = "configs/sam2.1/sam2.1_hiera_t.yaml"

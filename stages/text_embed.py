@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from groundmill.pipeline.config import ModelSpec, Resources
+from groundmill.stages.base import ModelSpec, Resources
 from groundmill.stages.models import device_for, local_path, seeded
 from groundmill.stages.tokenizers import MINILM_HUB_ID, bert_wordpiece_tokenizer, minilm_dir
 

@@ -27,7 +27,7 @@ from typing import Any, Protocol
 import numpy as np
 from PIL import Image
 
-from groundmill.pipeline.media import FrameSampling, MediaError, sampled_frames, upright
+from groundmill.media import FrameSampling, MediaError, sampled_frames, upright
 from groundmill.schema import Record, decode_mask
 from groundmill.stages.base import Sample, SampleError, Stage
 from groundmill.stages.tracks import TrackBook, match_by_iou

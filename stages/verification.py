@@ -17,7 +17,7 @@ import numpy as np
 
 from groundmill.prompts import load_prompt
 from groundmill.schema import DenseDetail, FrameRecord
-from groundmill.stages.base import Sample
+from groundmill.stages.base import ModelSpec, Sample
 from groundmill.stages.dense_caption import DenseCaptioning
 from groundmill.stages.llm import generate_checked
 from groundmill.stages.llm.parsing import parse_json_list
@@ -162,7 +162,6 @@ class Verification(LLMStage):
     def setup(self) -> None:
         import spacy
 
-        from groundmill.pipeline.config import ModelSpec
         from groundmill.stages.text_embed import load_text_embedder
 
         super().setup()

@@ -25,7 +25,7 @@ import pytest
 
 from groundmill.pipeline.config import load_config
 from groundmill.pipeline.run import run_pipeline
-from groundmill.pipeline.sink import read_index
+from groundmill.shards import read_index
 from tests.media_factory import rgb_jpeg
 
 pytestmark = pytest.mark.slow

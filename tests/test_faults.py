@@ -23,7 +23,7 @@ from PIL import Image
 from groundmill.pipeline.cli import main
 from groundmill.pipeline.config import load_config
 from groundmill.pipeline.run import run_pipeline
-from groundmill.pipeline.sink import INDEX_DIR, SHARDS_DIR, ShardWriter, iter_shard, read_index
+from groundmill.shards import INDEX_DIR, SHARDS_DIR, ShardWriter, iter_shard, read_index
 from tests.fault_doubles import use_doubles
 from tests.media_factory import rgb_jpeg
 from tests.test_llm_http import fault_server  # noqa: F401  (the LLM engineer's misbehaving-endpoint double)
@@ -173,7 +173,7 @@ def test_read_only_output_is_a_clear_cli_error(tmp_path, capsys, doubles):
 def test_shard_commit_on_a_full_disk_leaves_nothing_visible(tmp_path, monkeypatch, fail_at):
     """The same without a mount: the disk fills while writing the tar, or later while writing its
     index part (the tar must then be withdrawn: a tar without its index part is not committed)."""
-    import groundmill.pipeline.sink as sink
+    import groundmill.shards as sink
 
     real_fsync = os.fsync
     writes = {"n": 0}

@@ -6,10 +6,10 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from groundmill.model.data import decode_video, load
+from groundmill.model.records import decode_video, load
 from groundmill.model.synthetic import COLOURS, SHAPES, write_split
-from groundmill.pipeline.sink import iter_shard, read_index
 from groundmill.schema import check_record, decode_mask
+from groundmill.shards import iter_shard, read_index
 
 
 @pytest.fixture(scope="module")

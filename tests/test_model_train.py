@@ -11,13 +11,14 @@ from PIL import Image
 
 from groundmill.model import data as data_module
 from groundmill.model.config import load_config
-from groundmill.model.data import TaskBatches, build_word_tokenizer, make_tokenizer
+from groundmill.model.data import TaskBatches
 from groundmill.model.eval import evaluate
 from groundmill.model.synthetic import write_split
+from groundmill.model.tokenizer import build_word_tokenizer, make_tokenizer
 from groundmill.model.train import build_model, train
 from groundmill.model.train import main as train_main
-from groundmill.pipeline.sink import ShardWriter
 from groundmill.schema import content_key, encode_mask, mask_bbox, new_record
+from groundmill.shards import ShardWriter
 
 # Small and quick: batches of 4 images / 2 videos of 4 frames.
 FAST = [

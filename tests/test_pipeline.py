@@ -14,8 +14,8 @@ import webdataset as wds
 from groundmill.pipeline.config import ConfigError, load_config
 from groundmill.pipeline.inspect import summarize
 from groundmill.pipeline.run import RUN_RECORD, run_pipeline
-from groundmill.pipeline.sink import INDEX_DIR, SHARDS_DIR, read_index
 from groundmill.schema import check_record
+from groundmill.shards import INDEX_DIR, SHARDS_DIR, read_index
 from tests.media_factory import rgb_jpeg, write_inputs
 
 pytestmark = pytest.mark.slow

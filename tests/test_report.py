@@ -16,8 +16,8 @@ from PIL import Image
 from groundmill.pipeline.cli import main
 from groundmill.pipeline.demo_data import write_shapes_video
 from groundmill.pipeline.report import build_report, grounded_caption_html, hex_colour, overlay
-from groundmill.pipeline.sink import ShardWriter
 from groundmill.schema import content_key, encode_mask, new_record
+from groundmill.shards import ShardWriter
 
 
 def _disc(h: int, w: int, cx: float, cy: float, r: float) -> np.ndarray:

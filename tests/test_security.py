@@ -13,9 +13,9 @@ from omegaconf.errors import OmegaConfBaseException
 
 from groundmill.pipeline.config import ConfigError, load_config
 from groundmill.pipeline.run import run_pipeline
-from groundmill.pipeline.sink import SHARDS_DIR, iter_shard
 from groundmill.pipeline.sources import list_inputs, read_uri
 from groundmill.schema import is_valid_key
+from groundmill.shards import SHARDS_DIR, iter_shard
 from tests.media_factory import rgb_jpeg
 
 REPO = Path(__file__).resolve().parents[1]

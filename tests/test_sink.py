@@ -6,7 +6,8 @@ import pyarrow.parquet as pq
 import pytest
 import webdataset as wds
 
-from groundmill.pipeline.sink import (
+from groundmill.schema import INDEX_SCHEMA, content_key
+from groundmill.shards import (
     INDEX_DIR,
     SHARDS_DIR,
     ShardWriter,
@@ -14,7 +15,6 @@ from groundmill.pipeline.sink import (
     iter_shard,
     read_index,
 )
-from groundmill.schema import INDEX_SCHEMA, content_key
 
 
 def _record(key):

@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from groundmill.pipeline.config import ModelSpec, Resources, stage_params
+from groundmill.pipeline.config import stage_params
 from groundmill.schema import check_record, decode_mask, mask_bbox, new_record
 from groundmill.stages import stage_class
-from groundmill.stages.base import Sample
+from groundmill.stages.base import ModelSpec, Resources, Sample
 from groundmill.stages.boxes import clip_mask_to_box, mask_within_box
 from groundmill.stages.depth import LAYERS
 from groundmill.stages.masks import distinct_boxes

@@ -10,8 +10,8 @@ from PIL import Image
 
 from groundmill.pipeline.config import load_config
 from groundmill.pipeline.run import run_pipeline
-from groundmill.pipeline.sink import SHARDS_DIR, read_index
 from groundmill.schema import check_record, decode_mask, mask_bbox
+from groundmill.shards import SHARDS_DIR, read_index
 from groundmill.stages.boxes import mask_within_box
 from tests.test_stage_models import png
 

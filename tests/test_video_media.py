@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from groundmill.media import FrameSampling, MediaError, probe_video, sampled_frames
 from groundmill.pipeline.config import ConfigError, load_config
 from groundmill.pipeline.demo_data import write_shapes_video
-from groundmill.pipeline.media import FrameSampling, MediaError, probe_video, sampled_frames
 
 VFR_MS = [0, 40, 80, 300, 340, 1000, 1040, 1500]  # irregular presentation times
 

@@ -19,12 +19,13 @@ import torch
 import webdataset as wds
 
 from groundmill.benchmarks.bench_tracking import PeakRss, colour_mask, run_once, shapes_detections
-from groundmill.pipeline.config import LimitsConfig, ModelSpec, Resources, VideoConfig, load_config
+from groundmill.pipeline.config import LimitsConfig, VideoConfig, load_config
 from groundmill.pipeline.demo_data import write_shapes_video
 from groundmill.pipeline.load import normalise_input
 from groundmill.pipeline.run import run_pipeline
-from groundmill.pipeline.sink import SHARDS_DIR, read_index
 from groundmill.schema import check_record, decode_mask, encode_mask
+from groundmill.shards import SHARDS_DIR, read_index
+from groundmill.stages.base import ModelSpec, Resources
 from groundmill.stages.tracking import (
     Detection,
     Sam2Propagator,

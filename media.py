@@ -1,4 +1,6 @@
-"""Decoding and normalising inputs: any valid image becomes upright 8-bit RGB; videos are probed and
+"""The one place that turns bytes into pixels (foundation: imports nothing of groundmill).
+
+Decoding and normalising inputs: any valid image becomes upright 8-bit RGB; videos are probed and
 their keyframes sampled with PyAV. Anything unreadable raises :class:`MediaError` with a reason that
 ends up in the index row.
 """
@@ -179,6 +181,19 @@ def sampled_frames(data: bytes, sampling: FrameSampling) -> Iterator[tuple[int, 
                 break
             kept += 1
             yield index, t, frame
+
+
+def video_frames(
+    data: bytes, rotation: int, indices: set[int] | None = None
+) -> Iterator[tuple[int, Image.Image]]:
+    """(frame_index, upright RGB image) of every decoded frame, or only of `indices` (decoding stops
+    after the last one). `rotation` is the record's clockwise display rotation (`media.rotation`)."""
+    last = max(indices) if indices else None
+    for index, _, frame in sampled_frames(data, FrameSampling()):
+        if indices is None or index in indices:
+            yield index, upright(frame, rotation).convert("RGB")
+        if last is not None and index >= last:
+            return
 
 
 def probe_video(
