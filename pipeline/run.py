@@ -115,6 +115,58 @@ def init_ray(cfg: Config) -> None:
         )
 
 
+def new_record(cfg: Config, num_inputs: int, previous: dict[str, Any]) -> dict[str, Any]:
+    """This attempt's run record: config, stage provenance, versions, the attempts so far."""
+    record: dict[str, Any] = {
+        "groundmill_version": __version__,
+        "config": to_container(cfg),
+        "stages": stage_provenance(cfg),
+        "versions": package_versions(),
+        "command": sys.argv,
+        "inputs": num_inputs,
+        "attempts": previous.get("attempts", []),
+    }
+    record["random_weight_models"] = [n for n, s in record["stages"].items() if s.get("random_weights")]
+    return record
+
+
+def refuse_changed_settings(out: Path, previous: dict[str, Any], record: dict[str, Any]) -> None:
+    """One output never mixes two configurations: a resume with other annotation settings fails."""
+    changes = settings_changes(previous, record)
+    if changes:
+        shown = ", ".join(changes[:6]) + (f" and {len(changes) - 6} more" if len(changes) > 6 else "")
+        raise ConfigError(
+            f"{out} holds samples annotated with other settings (changed: {shown}); resuming would mix "
+            f"the two in one dataset: write to a new --output, or delete {out} to start over"
+        )
+
+
+def annotate(cfg: Config, out: Path, pending: list[str], index: Any, attempt_number: int) -> None:
+    """Start (or join) Ray and stream the pending inputs through the graph into the shard sink."""
+    import ray
+
+    from groundmill.pipeline.graph import build_dataset, check_resources
+    from groundmill.pipeline.load import KeyRegistry
+    from groundmill.pipeline.sink import ShardSink
+
+    init_ray(cfg)
+    try:
+        check_resources(cfg, ray.cluster_resources())
+    except ConfigError as e:
+        if not (cfg.ray.address or os.environ.get("RAY_ADDRESS")):
+            raise
+        log.warning("%s; continuing, as an existing cluster may autoscale", e)
+    ray.data.DataContext.get_current().max_errored_blocks = cfg.ray.max_errored_blocks
+    columns = (index.column(c).to_pylist() for c in ("key", "uri", "shard"))
+    committed = {k: u for k, u, s in zip(*columns, strict=True) if s}
+    registry = KeyRegistry.remote(committed)
+    prefix = f"{re.sub(r'[^A-Za-z0-9_-]', '-', cfg.run.name)}-{attempt_number:03d}"
+    sink = ShardSink(str(out), cfg.output.shard_max_samples, cfg.output.shard_max_mb * 2**20, prefix)
+    step = cfg.run.inputs_per_dataset
+    for i in range(0, len(pending), step):  # bounded driver memory (see RunConfig.inputs_per_dataset)
+        build_dataset(cfg, pending[i : i + step], registry).write_datasink(sink)
+
+
 def run_pipeline(cfg: Config) -> dict[str, Any]:
     """Annotate every pending input of `cfg`; returns the run record."""
     out = Path(cfg.output.dir)
@@ -130,23 +182,9 @@ def run_pipeline(cfg: Config) -> dict[str, Any]:
 
     record_path = out / RUN_RECORD
     previous = json.loads(record_path.read_text()) if record_path.exists() else {}
-    record: dict[str, Any] = {
-        "groundmill_version": __version__,
-        "config": to_container(cfg),
-        "stages": stage_provenance(cfg),
-        "versions": package_versions(),
-        "command": sys.argv,
-        "inputs": len(uris),
-        "attempts": previous.get("attempts", []),
-    }
-    record["random_weight_models"] = [n for n, s in record["stages"].items() if s.get("random_weights")]
-    changes = settings_changes(previous, record) if previous and done else []
-    if changes:
-        shown = ", ".join(changes[:6]) + (f" and {len(changes) - 6} more" if len(changes) > 6 else "")
-        raise ConfigError(
-            f"{out} holds samples annotated with other settings (changed: {shown}); resuming would mix "
-            f"the two in one dataset: write to a new --output, or delete {out} to start over"
-        )
+    record = new_record(cfg, len(uris), previous)
+    if previous and done:
+        refuse_changed_settings(out, previous, record)
     attempt = {"started": datetime.now(UTC).isoformat(), "pending": len(pending), "already_done": len(done)}
     record["attempts"].append(attempt)
     record["status"] = "running"
@@ -156,35 +194,9 @@ def run_pipeline(cfg: Config) -> dict[str, Any]:
             "stages %s use RANDOM weights: their annotations are not real (see run.json)",
             ", ".join(record["random_weight_models"]),
         )
-
     if pending:
-        import ray
-
-        from groundmill.pipeline.graph import build_dataset, check_resources
-        from groundmill.pipeline.load import KeyRegistry
-        from groundmill.pipeline.sink import ShardSink
-
         start = time.perf_counter()
-        init_ray(cfg)
-        try:
-            check_resources(cfg, ray.cluster_resources())
-        except ConfigError as e:
-            if not (cfg.ray.address or os.environ.get("RAY_ADDRESS")):
-                raise
-            log.warning("%s; continuing, as an existing cluster may autoscale", e)
-        ctx = ray.data.DataContext.get_current()
-        ctx.max_errored_blocks = cfg.ray.max_errored_blocks
-        committed = {
-            k: u
-            for k, u, s in zip(*(index.column(c).to_pylist() for c in ("key", "uri", "shard")), strict=True)
-            if s
-        }
-        registry = KeyRegistry.remote(committed)
-        prefix = f"{re.sub(r'[^A-Za-z0-9_-]', '-', cfg.run.name)}-{len(record['attempts']):03d}"
-        sink = ShardSink(str(out), cfg.output.shard_max_samples, cfg.output.shard_max_mb * 2**20, prefix)
-        step = cfg.run.inputs_per_dataset
-        for i in range(0, len(pending), step):  # bounded driver memory (see RunConfig.inputs_per_dataset)
-            build_dataset(cfg, pending[i : i + step], registry).write_datasink(sink)
+        annotate(cfg, out, pending, index, len(record["attempts"]))
         attempt["seconds"] = round(time.perf_counter() - start, 3)
     else:
         log.info("nothing to do: all %d inputs are already in %s", len(uris), out)
