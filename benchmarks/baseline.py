@@ -6,7 +6,7 @@ pipeline (`pipeline.graph.run_stage`), so the two differ only in orchestration. 
 process time over the whole input is also each stage's *isolated model time*, from which the
 benchmark computes the ideal pipeline throughput.
 
-    .venv/bin/python -m benchmarks.baseline MANIFEST --input DIR --work DIR [--json FILE]
+    .venv/bin/python -m groundmill.benchmarks.baseline MANIFEST --input DIR --work DIR [--json FILE]
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """LLM throughput per backend and the share of the language stages' time spent generating.
 
-    .venv/bin/python -m benchmarks.bench_llm [--samples 4] [--max-new-tokens 32] [--backends transformers,http]
+    .venv/bin/python -m groundmill.benchmarks.bench_llm [--samples 4] [--max-new-tokens 32] [--backends transformers,http]
 
 For each available backend (in-process transformers; HTTP to a `transformers serve` started here on
 127.0.0.1; vLLM through ray.data.llm when vllm is installed) the real SmolLM2-135M-Instruct writes

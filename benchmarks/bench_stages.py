@@ -2,8 +2,8 @@
 
 Run from the repository root::
 
-    .venv/bin/python -m benchmarks.bench_stages                 # 5 bundled photos, table + one JSON line
-    .venv/bin/python -m benchmarks.bench_stages --images 8 --max-side 512
+    .venv/bin/python -m groundmill.benchmarks.bench_stages                 # 5 bundled photos, table + one JSON line
+    .venv/bin/python -m groundmill.benchmarks.bench_stages --images 8 --max-side 512
 
 Each stage is built with its `tiny` model (random weights; the text embedder of `grounding` is the
 real MiniLM), set up once, warmed on one image, then run over the batch in the demo manifest's order,

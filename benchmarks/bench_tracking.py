@@ -2,8 +2,8 @@
 
 Run from the repository root::
 
-    .venv/bin/python -m benchmarks.bench_tracking                  # frames/s table + one JSON line
-    .venv/bin/python -m benchmarks.bench_tracking --memory --frames 24 --chunk-frames 4
+    .venv/bin/python -m groundmill.benchmarks.bench_tracking                  # frames/s table + one JSON line
+    .venv/bin/python -m groundmill.benchmarks.bench_tracking --memory --frames 24 --chunk-frames 4
 
 The keyframe objects are the shapes themselves (colour masks of the decoded keyframes), so the tracker
 has real objects to follow whatever the detector's weights. `--image-size` sets the input size of the

@@ -16,8 +16,8 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from groundmill.stages import stage_class
-from groundmill.stages.base import ModelSpec, Resources
+from groundmill.stages import REGISTRY, stage_class
+from groundmill.stages.base import LOADED_FIELDS, ModelSpec, Resources
 
 
 class ConfigError(ValueError):
@@ -194,11 +194,44 @@ def validate(cfg: Config) -> None:
                 f"key '{where}.model.dtype': {stage.model.dtype!r} is not float32/bfloat16/float16"
             )
         stage.params = stage_params(cls, stage.params, where)
+    check_order(cfg)
     for name, resources in cfg.groups.items():
         if name in cfg.stages:
             raise ConfigError(f"key 'groups.{name}': a group cannot share its name with a stage")
         _check_resources(resources, f"groups.{name}")
     segments(cfg)  # groups split by other stages fail here
+
+
+def _writers(name: str) -> list[str]:
+    """Registered stage types that declare they write `name`."""
+    return sorted(n for n in REGISTRY if name in stage_class(n).provides)
+
+
+def check_order(cfg: Config) -> None:
+    """Every enabled stage's `requires` is written by the loader or an earlier enabled stage, and no
+    field it `uses` is written only by a later one; the error names both stages and the field."""
+    stages = [(n, s, stage_class(s.type or n)) for n, s in cfg.stages.items() if s.enabled]
+    for i, (name, _, cls) in enumerate(stages):
+        earlier = {f for _, _, c in stages[:i] for f in c.provides} | set(LOADED_FIELDS)
+        later = {f: n for n, _, c in reversed(stages[i + 1 :]) for f in c.provides}
+        for key in cls.requires:
+            if key in earlier:
+                continue
+            if key in later:
+                raise ConfigError(
+                    f"key 'stages.{name}': it requires '{key}', which stage {later[key]!r} writes "
+                    f"after it: move {later[key]!r} before {name!r}"
+                )
+            raise ConfigError(
+                f"key 'stages.{name}': it requires '{key}', which no earlier stage writes "
+                f"(add one of the stage types {_writers(key)} before {name!r})"
+            )
+        for key in cls.uses:
+            if key in later and key not in earlier:
+                raise ConfigError(
+                    f"key 'stages.{name}': it reads '{key}', which stage {later[key]!r} writes after "
+                    f"it: move {later[key]!r} before {name!r}"
+                )
 
 
 def _check_resources(r: Resources, where: str) -> None:

@@ -91,10 +91,22 @@ class StageActor:
     def __call__(self, batch: pa.Table) -> pa.Table:
         return run_stages(self.stages, batch)
 
+    def __del__(self) -> None:  # Ray Data deletes the UDF when the actor shuts down gracefully
+        teardown(self.stages)
+
+
+def teardown(stages: list[tuple[str, Stage]]) -> None:
+    for _, stage in stages:
+        stage.teardown()
+
 
 def stage_task(batch: pa.Table, specs: StageSpecs, seed: int) -> pa.Table:
     """Model-free stages as a plain Ray task."""
-    return run_stages([(name, build_stage(name, cfg, seed, cls)) for name, cfg, cls in specs], batch)
+    stages = [(name, build_stage(name, cfg, seed, cls)) for name, cfg, cls in specs]
+    try:
+        return run_stages(stages, batch)
+    finally:
+        teardown(stages)
 
 
 def check_resources(cfg: Config, cluster: dict[str, float]) -> None:

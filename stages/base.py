@@ -140,17 +140,24 @@ class Sample:
         }
 
 
+# Record fields every sample has before the first stage (written by the loader).
+LOADED_FIELDS = ("source", "media", "normalisation", "keyframes", "sparse_frames")
+
+
 class Stage(ABC):
     """Base class of a pipeline step.
 
     Subclasses set `name`, `provides` (record fields they write), `requires` (fields that must
-    already be there), nest a `Params` dataclass (validated from the manifest), and implement
-    `process`. Model stages load their model in `setup`, which runs once per actor.
+    already be there), `uses` (fields read when an earlier stage wrote them), nest a `Params`
+    dataclass (validated from the manifest), and implement `process`. Model stages load their model
+    in `setup`, which runs once per actor, and release what it holds (servers, clients) in `teardown`.
+    The manifest's stage order is checked against these declarations before a run starts.
     """
 
     name: ClassVar[str]
     provides: ClassVar[tuple[str, ...]] = ()
     requires: ClassVar[tuple[str, ...]] = ()
+    uses: ClassVar[tuple[str, ...]] = ()
     uses_model: ClassVar[bool] = True  # False: cheap CPU logic, run as Ray tasks instead of actors
 
     @dataclass
@@ -171,6 +178,9 @@ class Stage(ABC):
 
     def setup(self) -> None:  # noqa: B027 - stages without a model have nothing to load
         """Load models; called once per actor before the first batch."""
+
+    def teardown(self) -> None:  # noqa: B027 - most stages hold nothing to release
+        """Release what `setup` opened (LLM backends, HTTP clients); called once when the actor ends."""
 
     @abstractmethod
     def process(self, samples: list[Sample]) -> None:

@@ -15,6 +15,7 @@ import numpy as np
 from groundmill.schema import Object
 
 Detection = dict[str, Any]
+Box = tuple[float, ...]  # a detection box as a dict key
 
 
 def box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:

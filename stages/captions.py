@@ -39,6 +39,10 @@ class Captioner(Protocol):
         """Up to `num_captions` captions per image; `seeds` (one per image) make sampling reproducible."""
         ...
 
+    def close(self) -> None:
+        """Release clients and connections."""
+        ...
+
 
 @dataclass
 class GenerationParams:
@@ -107,6 +111,9 @@ class BlipCaptioner:
         texts = self.processor.batch_decode(ids, skip_special_tokens=True)
         return [" ".join(t.split()) for t in texts]
 
+    def close(self) -> None:
+        """The model is freed with the actor; nothing else to release."""
+
 
 class ChatCaptioner:
     """Captions from an OpenAI-compatible chat endpoint serving a vision-language model."""
@@ -125,6 +132,9 @@ class ChatCaptioner:
         self.instruction = params.instruction
         g = params.generation
         self.sampling = SamplingParams(g.max_new_tokens, g.temperature if g.sample else 0.0, g.top_p)
+
+    def close(self) -> None:
+        self.backend.close()
 
     def messages(self, image: Image.Image) -> list[Message]:
         content = [image_part(image), {"type": "text", "text": self.instruction}]
@@ -190,6 +200,9 @@ class ShortCaptions(Stage):
             raise ValueError(f"params.backend: {self.params.backend!r} is not one of {sorted(CAPTIONERS)}")
         factory = CAPTIONERS[self.params.backend]
         self.captioner = factory(self.model_spec, self.resources, self.seed, self.params)
+
+    def teardown(self) -> None:
+        self.captioner.close()
 
     def process(self, samples: list[Sample]) -> None:
         n = self.params.num_captions

@@ -188,7 +188,7 @@ DETECTORS = {"owlv2": _Owlv2, "grounding_dino": _GroundingDino}
 class OpenVocabDetection(Stage):
     name = "detection"
     provides = ("detections",)
-    requires = ("tags",)
+    uses = ("tags",)  # queried with the image's tags (when a tagging stage ran) plus `classes`
 
     @dataclass
     class Params:

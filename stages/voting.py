@@ -9,11 +9,10 @@ attribute vocabulary (`stages/vocab/attributes.txt`: colour, material, state) an
 one of the frame's tags (so the tag "orange", the fruit, stays an object). Attribute-only detections
 take no part in voting; each becomes `{bbox, attributes (the label's words), score, detector}`.
 
-This stage runs before any mask exists, so it can only compare boxes. It writes the rule it applied
-into each frame (`record["voting"]`, with `masks: false`); the masks stage, which prompts SAM2 with
-every voting detection's box, re-applies that same rule with mask Dice as well (GranD's full rule:
-box IoU >= 0.65 and mask Dice >= 0.75) and sets `masks: true`. The thresholds are configured once,
-here.
+Masks. When the masks stage ran before (detection -> masks -> voting), every detection carries its
+SAM2 mask and GranD's full rule applies in one vote: box IoU >= 0.65 and mask Dice >= 0.75. Without
+masks the rule compares boxes alone. Each mask is then stored once: it moves from the detection to
+the object or floating object that detection leads (`record["voting"]["masks"]` says which rule ran).
 """
 
 from __future__ import annotations
@@ -24,12 +23,17 @@ from typing import Any
 
 import numpy as np
 
-from groundmill.schema import FloatingAttribute, FrameRecord, Object, VotingRule
+from groundmill.schema import (
+    DETECTION_MASK_FIELDS,
+    FloatingAttribute,
+    FrameRecord,
+    Object,
+    VotingRule,
+    decode_mask,
+)
 from groundmill.stages.base import Sample, Stage, views_of
-from groundmill.stages.boxes import Detection, vote
+from groundmill.stages.boxes import Box, Detection, vote
 from groundmill.stages.vocab_groups import load_groups
-
-Box = tuple[float, ...]
 
 
 @lru_cache(maxsize=8)
@@ -83,10 +87,31 @@ def merge(
     return objects[:limit], floating[: max(0, limit - len(objects))]
 
 
+def detection_masks(frame: FrameRecord) -> dict[Box, np.ndarray] | None:
+    """box -> mask of a frame's detections when every one carries its mask (the masks stage ran
+    before voting), else None."""
+    dets = [d for ds in frame.get("detections", {}).values() for d in ds]
+    if not all("segmentation" in d for d in dets):  # a frame without detections: vacuously all
+        return None
+    return {tuple(d["bbox"]): decode_mask(d["segmentation"]) for d in dets}
+
+
+def move_masks(frame: FrameRecord) -> None:
+    """Each object takes its lead detection's mask fields (the lead's box is the object's box); the
+    detections keep their raw form, so every mask is stored once."""
+    fields: dict[Box, dict[str, Any]] = {}
+    for dets in frame.get("detections", {}).values():
+        for d in dets:
+            fields[tuple(d["bbox"])] = {k: d.pop(k) for k in DETECTION_MASK_FIELDS if k in d}
+    for obj in frame["objects"] + frame["floating_objects"]:
+        obj.update(fields[tuple(obj["bbox"])])
+
+
 class BoxVoting(Stage):
     name = "voting"
     provides = ("voting", "objects", "floating_objects", "floating_attributes")
     requires = ("detections",)
+    uses = ("detections.segmentation",)  # the masks stage must run before voting to take part
     uses_model = False
 
     @dataclass
@@ -109,10 +134,14 @@ class BoxVoting(Stage):
     def process(self, samples: list[Sample]) -> None:
         words = attribute_words(self.params.attribute_vocabulary)
         for view in views_of(samples):
-            rule = self.rule()
-            per_model, view.record["floating_attributes"] = separate_attributes(view.record, words)
-            view.record["objects"], view.record["floating_objects"] = merge(per_model, rule)
-            view.record["voting"] = rule
+            record = view.record
+            per_model, record["floating_attributes"] = separate_attributes(record, words)
+            masks = detection_masks(record)
+            rule = VotingRule(**{**self.rule(), "masks": masks is not None})
+            record["objects"], record["floating_objects"] = merge(per_model, rule, masks)
+            record["voting"] = rule
+            if masks is not None:
+                move_masks(record)
 
     def provenance(self) -> dict[str, Any]:
         p = self.params

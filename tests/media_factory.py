@@ -4,12 +4,34 @@ from __future__ import annotations
 
 import io
 import zlib
+from fractions import Fraction
 from pathlib import Path
 
+import av
 import numpy as np
 from PIL import Image
 
 from groundmill.pipeline.demo_data import write_shapes_video
+
+
+def h264(frames: list[np.ndarray], times_ms: list[int], rotation: int = 0, fmt: str = "mp4") -> bytes:
+    """An H.264 file with explicit per-frame timestamps and, optionally, a display rotation (CCW)."""
+    height, width = frames[0].shape[:2]
+    buf = io.BytesIO()
+    with av.open(buf, "w", format=fmt) as container:
+        stream = container.add_stream("libx264", rate=25)
+        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+        stream.codec_context.time_base = stream.time_base = Fraction(1, 1000)
+        if rotation:
+            stream.set_display_rotation(rotation)
+        for array, ms in zip(frames, times_ms, strict=True):
+            frame = av.VideoFrame.from_ndarray(array, format="rgb24")
+            frame.pts, frame.time_base = ms, Fraction(1, 1000)
+            for packet in stream.encode(frame):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return buf.getvalue()
 
 
 def _save(im: Image.Image, fmt: str, **kw) -> bytes:

@@ -26,7 +26,7 @@ import pytest
 from groundmill.pipeline.config import load_config
 from groundmill.pipeline.run import run_pipeline
 from groundmill.shards import read_index
-from tests.media_factory import rgb_jpeg
+from groundmill.tests.media_factory import rgb_jpeg
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]

@@ -86,7 +86,7 @@ def test_cli_overrides_go_before_or_after_the_options(tmp_path, capsys, where):
 
 GROUPED = (
     "inputs: [x]\ngroups: {light: {batch_size: 8, max_actors: 2}}\nstages:\n"
-    "  tagging: {group: light}\n  landmark: {group: light}\n  voting: {}\n"
+    "  tagging: {group: light}\n  landmark: {group: light}\n  captions: {}\n"
 )
 
 
@@ -94,22 +94,67 @@ def test_consecutive_group_members_become_one_segment(tmp_path):
     cfg = load_config(_manifest(tmp_path, GROUPED))
     assert [(seg.name, list(seg.stages), seg.resources.max_actors) for seg in segments(cfg)] == [
         ("light", ["tagging", "landmark"], 2),
-        ("voting", ["voting"], 1),
+        ("captions", ["captions"], 1),
     ]
 
 
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
-        (["stages.voting.group=heavy"], "key 'stages.voting.group': no group 'heavy'"),
+        (["stages.captions.group=heavy"], "key 'stages.captions.group': no group 'heavy'"),
         (
-            ["stages.voting.group=light", "stages.landmark.group=null"],
-            "'stages.voting.group'.*follow one another",
+            ["stages.captions.group=light", "stages.landmark.group=null"],
+            "'stages.captions.group'.*follow one another",
         ),
         (["groups.light.batch_size=0"], "key 'groups.light'"),
-        (["groups.voting.batch_size=1"], "key 'groups.voting'.*share its name"),
+        (["groups.captions.batch_size=1"], "key 'groups.captions'.*share its name"),
     ],
 )
 def test_bad_groups_fail_naming_the_key(tmp_path, overrides, message):
     with pytest.raises(ConfigError, match=message):
         load_config(_manifest(tmp_path, GROUPED), overrides)
+
+
+ORDERED = (
+    "inputs: [x]\nstages:\n  tagging: {}\n  owl: {type: detection}\n  masks: {}\n  voting: {}\n"
+    "  depth: {}\n  scene_graph: {}\n  dense_caption: {}\n  gcg: {}\n"
+)
+
+
+def test_stage_order_follows_provides_and_requires(tmp_path):
+    cfg = load_config(_manifest(tmp_path, ORDERED))
+    assert list(cfg.stages) == [
+        "tagging",
+        "owl",
+        "masks",
+        "voting",
+        "depth",
+        "scene_graph",
+        "dense_caption",
+        "gcg",
+    ]
+    # a disabled stage writes nothing: what needs it must go too
+    with pytest.raises(ConfigError, match=r"'stages\.masks': it requires 'detections'.*\['detection'\]"):
+        load_config(_manifest(tmp_path, ORDERED), ["stages.owl.enabled=false"])
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        # a required field written only later: both stages and the field are named
+        (
+            "inputs: [x]\nstages:\n  gcg: {}\n  scene_graph: {}\n  dense_caption: {}\n",
+            r"'stages\.gcg': it requires 'dense_caption', which stage 'dense_caption' writes after it",
+        ),
+        # a required field nobody writes: the stage types that would
+        ("inputs: [x]\nstages:\n  depth: {}\n", r"'stages\.depth': it requires 'objects'.*\['voting'\]"),
+        # an optional input written only later: masks after voting would never take part in the vote
+        (
+            "inputs: [x]\nstages:\n  d: {type: detection}\n  voting: {}\n  masks: {}\n",
+            r"'stages\.voting': it reads 'detections\.segmentation', which stage 'masks' writes after it",
+        ),
+    ],
+)
+def test_stage_order_errors_name_both_stages_and_the_field(tmp_path, text, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(_manifest(tmp_path, text))

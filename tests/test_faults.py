@@ -24,9 +24,8 @@ from groundmill.pipeline.cli import main
 from groundmill.pipeline.config import load_config
 from groundmill.pipeline.run import run_pipeline
 from groundmill.shards import INDEX_DIR, SHARDS_DIR, ShardWriter, iter_shard, read_index
-from tests.fault_doubles import use_doubles
-from tests.media_factory import rgb_jpeg
-from tests.test_llm_http import fault_server  # noqa: F401  (the LLM engineer's misbehaving-endpoint double)
+from groundmill.tests.fault_doubles import use_doubles
+from groundmill.tests.media_factory import rgb_jpeg
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]

@@ -5,15 +5,11 @@ stop, timeouts, 503s). The HTTP captioner goes to the real server through a reco
 No `from __future__ import annotations` here: FastAPI must resolve the handler's `Request` annotation."""
 
 import base64
-import contextlib
 import io
 import os
-import socket
 import subprocess
 import sys
-import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -31,16 +27,11 @@ from groundmill.stages.llm import (
     require_stop,
 )
 from groundmill.stages.llm.hf import converted_gguf, smollm2_gguf
-from tests.test_stage_models import build, image_sample
+from groundmill.tests.llm_servers import free_port, serving
+from groundmill.tests.stage_samples import build, image_sample
 
 pytestmark = pytest.mark.slow
 PROMPT = [{"role": "user", "content": "Name one colour. Answer with one word."}]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_healthy(url: str, proc: subprocess.Popen | None, limit_s: float) -> None:
@@ -98,74 +89,6 @@ def test_http_backend_against_real_server(served_smollm2):
     for g in gens:
         assert g.finish_reason != FINISH_ERROR, g.error
         assert g.text.strip() and 0 < g.tokens <= 8
-
-
-# ---------------------------------------------------------------------------------------------------
-# Fault server (test double for misbehaving endpoints): the requested model name picks the fault.
-
-
-@pytest.fixture(scope="module")
-def fault_server():
-    from fastapi import FastAPI, Request
-    from fastapi.responses import JSONResponse, PlainTextResponse
-
-    app = FastAPI()
-    hits: dict[str, int] = {}
-    inflight = {"now": 0, "max": 0}
-
-    def completion(text: str, finish: str) -> dict:
-        return {"choices": [{"message": {"role": "assistant", "content": text}, "finish_reason": finish}],
-                "usage": {"completion_tokens": 3}}  # fmt: skip
-
-    @app.post("/v1/chat/completions")
-    async def chat(request: Request):
-        model = (await request.json())["model"]
-        hits[model] = hits.get(model, 0) + 1
-        if model == "garbage":
-            return PlainTextResponse("<html>oops", status_code=200)
-        if model == "wrong-shape":
-            return JSONResponse({"choices": []})
-        if model == "no-stop":
-            return JSONResponse(completion("A dog sat on", "length"))
-        if model == "slow":
-            await _sleep(3)
-            return JSONResponse(completion("late.", "stop"))
-        if model == "count":  # hold each request a moment and record how many overlap
-            inflight["now"] += 1
-            inflight["max"] = max(inflight["max"], inflight["now"])
-            await _sleep(0.3)
-            inflight["now"] -= 1
-        if model == "flaky" and hits[model] <= 2:
-            return PlainTextResponse("busy", status_code=503)
-        return JSONResponse(completion("A dog.", "stop"))
-
-    with serving(app) as base_url:
-        yield base_url, hits, inflight
-
-
-@contextlib.contextmanager
-def serving(app) -> Iterator[str]:
-    """Serve a FastAPI app on loopback in a thread; yields its /v1 base URL."""
-    import uvicorn
-
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started and time.monotonic() < deadline:
-        time.sleep(0.05)
-    try:
-        yield f"http://127.0.0.1:{port}/v1"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
-
-
-async def _sleep(seconds: float) -> None:
-    import asyncio
-
-    await asyncio.sleep(seconds)
 
 
 def _backend(base_url: str, model: str, **kw):
@@ -287,3 +210,26 @@ def test_http_captioner_without_a_server_is_a_clear_sample_error():
     stage.setup()
     with pytest.raises(SampleError, match="caption requests failed: .*ConnectError"):
         stage.process([image_sample(3)])
+
+
+def test_actor_teardown_closes_the_llm_clients(fault_server):
+    """A stage actor ending (Ray Data deletes its UDF) closes every LLM backend its stages opened."""
+    import gc
+
+    from groundmill.pipeline.config import StageConfig, stage_params
+    from groundmill.pipeline.graph import StageActor
+    from groundmill.stages import stage_class
+    from groundmill.stages.base import ModelSpec
+
+    llm = {"backend": "http", "base_url": fault_server[0]}
+    specs = []
+    for name, params in (("dense_caption", {"llm": llm}), ("captions", {"backend": "http", "llm": llm})):
+        cls = stage_class(name)
+        cfg = StageConfig(model=ModelSpec(id="some-model"), params=stage_params(cls, params, name))
+        specs.append((name, cfg, cls))
+    actor = StageActor(specs, seed=0)
+    clients = [actor.stages[0][1].backend.client, actor.stages[1][1].captioner.backend.client]
+    assert not any(c.is_closed for c in clients)
+    del actor
+    gc.collect()
+    assert all(c.is_closed for c in clients)

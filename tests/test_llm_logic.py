@@ -10,7 +10,6 @@ from groundmill.stages.llm import (
     FINISH_LENGTH,
     FINISH_STOP,
     Generation,
-    LLMBackend,
     LLMConfig,
     LLMUnavailable,
     SamplingParams,
@@ -19,23 +18,9 @@ from groundmill.stages.llm import (
     require_stop,
 )
 from groundmill.stages.llm.parsing import parse_json_list, parse_phrase, parse_prose
+from groundmill.tests.llm_doubles import ScriptedBackend
 
 SHIPPED = ["dense_caption", "extra_context", "verification_checklist", "referring_expression", "gcg_rewrite"]
-
-
-class ScriptedBackend(LLMBackend):
-    """Test double: answers each prompt from a per-prompt script of Generations, logging calls."""
-
-    name = "scripted"
-
-    def __init__(self, scripts: dict[str, list[Generation]]):
-        super().__init__(LLMConfig(), "scripted")
-        self.scripts = {k: list(v) for k, v in scripts.items()}
-        self.calls: list[str] = []
-
-    def generate(self, prompts, params):
-        self.calls += prompts
-        return [self.scripts[p].pop(0) for p in prompts]
 
 
 @pytest.mark.parametrize("name", SHIPPED)

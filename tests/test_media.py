@@ -6,7 +6,7 @@ from PIL import Image
 
 from groundmill.media import MediaError, normalise_image, probe_video
 from groundmill.pipeline.demo_data import write_shapes_video
-from tests import media_factory as mf
+from groundmill.tests import media_factory as mf
 
 LIMITS = {"max_pixels": 100_000_000, "max_side": 4096}
 

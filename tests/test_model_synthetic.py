@@ -1,15 +1,19 @@
 """The synthetic shapes shards are in the engine's format and are not easy by construction."""
 
+import io
 import json
 from collections import Counter
 
 import numpy as np
 import pytest
+from PIL import Image
 
-from groundmill.model.records import decode_video, load
+from groundmill.media import probe_video
+from groundmill.model.records import decode_video, load, mask_at
 from groundmill.model.synthetic import COLOURS, SHAPES, write_split
-from groundmill.schema import check_record, decode_mask
+from groundmill.schema import check_record, decode_mask, encode_mask
 from groundmill.shards import iter_shard, read_index
+from groundmill.tests.media_factory import h264
 
 
 @pytest.fixture(scope="module")
@@ -86,3 +90,22 @@ def test_colours_survive_encoding(samples):
             if m.sum() > 20:
                 mean = frames[0][m].mean(0)
                 assert np.abs(mean - COLOURS[name.split()[0]]).max() < 40, name
+
+
+def test_trainer_frames_of_a_rotated_video_are_upright_like_its_masks():
+    """The trainer decodes through groundmill.media with the record's rotation, so its frames are the
+    upright frames the engine annotated (and its masks, in upright pixels, cover the same content)."""
+    frames = [np.full((32, 64, 3), 20, np.uint8) for _ in range(3)]
+    for f in frames:
+        f[:, :8] = 255  # a white band on the stored frame's left edge: the bottom once upright
+    data = h264(frames, [0, 40, 80], rotation=90)
+    v = probe_video(data, "mp4", keyframes=1, sparse_frames=1)
+    record = {"media": {"type": "video", "ext": "mp4", "rotation": v.rotation}}
+    _, got = load({"json": json.dumps(record).encode(), "mp4": data}, 16)
+    assert len(got) == 3 and got[0].shape == (16, 16, 3)
+    engine = np.asarray(Image.open(io.BytesIO(v.keyframes[0])).convert("RGB").resize((16, 16)))
+    assert np.abs(got[v.keyframe_indices[0]].astype(int) - engine).mean() < 12
+    band = np.zeros((64, 32), bool)
+    band[-8:] = True  # where a mask of the band lies in the upright frame
+    mask = mask_at(encode_mask(band), 16)
+    assert got[1][mask].mean() > 200 and got[1][~mask].mean() < 80

@@ -16,7 +16,7 @@ from groundmill.pipeline.inspect import summarize
 from groundmill.pipeline.run import RUN_RECORD, run_pipeline
 from groundmill.schema import check_record
 from groundmill.shards import INDEX_DIR, SHARDS_DIR, read_index
-from tests.media_factory import rgb_jpeg, write_inputs
+from groundmill.tests.media_factory import rgb_jpeg, write_inputs
 
 pytestmark = pytest.mark.slow
 

@@ -16,7 +16,7 @@ from groundmill.pipeline.run import run_pipeline
 from groundmill.pipeline.sources import list_inputs, read_uri
 from groundmill.schema import is_valid_key
 from groundmill.shards import SHARDS_DIR, iter_shard
-from tests.media_factory import rgb_jpeg
+from groundmill.tests.media_factory import rgb_jpeg
 
 REPO = Path(__file__).resolve().parents[1]
 SKIP_DIRS = {".venv", "tests", "out", ".git", "build", "groundmill.egg-info", "__pycache__"}

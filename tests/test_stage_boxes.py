@@ -115,9 +115,9 @@ def box_mask(box, shape=(160, 160), rows=slice(None)):
     return m
 
 
-def test_revote_with_masks_of_boxes():
-    """The masks stage's re-vote: one mask per distinct box; boxes that agree (IoU 0.9) but whose masks
-    do not (Dice 0.61) float, identical boxes of two models share a mask and agree."""
+def test_vote_with_masks_of_boxes():
+    """Voting with the masks stage's masks: one mask per distinct box; boxes that agree (IoU 0.9) but
+    whose masks do not (Dice 0.61) float, identical boxes of two models share a mask and agree."""
     per_model = {
         "owl": [det([0, 0, 40, 40], 0.9, "cat"), det([100, 100, 140, 140], 0.8, "dog")],
         "gdino": [det([2, 2, 40, 40], 0.7, "kitten"), det([100, 100, 140, 140], 0.6, "puppy")],

@@ -12,7 +12,7 @@ from groundmill.stages.llm import FINISH_LENGTH, FINISH_STOP, Generation
 from groundmill.stages.refexp import ExpressionSpec, ReferringExpressions, keeps_meaning, unique_expression
 from groundmill.stages.scene_graph import build_scene_graph
 from groundmill.stages.verification import Verification
-from tests.test_llm_logic import ScriptedBackend
+from groundmill.tests.llm_doubles import ScriptedBackend
 
 H, W = 60, 80
 

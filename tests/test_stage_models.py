@@ -7,16 +7,15 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from groundmill.pipeline.config import stage_params
-from groundmill.schema import check_record, decode_mask, mask_bbox, new_record
-from groundmill.stages import stage_class
-from groundmill.stages.base import ModelSpec, Resources, Sample
+from groundmill.schema import check_record, decode_mask, mask_bbox
+from groundmill.stages.base import ModelSpec, Resources
 from groundmill.stages.boxes import clip_mask_to_box, mask_within_box
 from groundmill.stages.depth import LAYERS
 from groundmill.stages.masks import distinct_boxes
 from groundmill.stages.sam2_models import predict_boxes
 from groundmill.stages.vocab_groups import load_groups
 from groundmill.stages.voting import attribute_words, merge, separate_attributes
+from groundmill.tests.stage_samples import build, image_sample, png, video_sample
 
 MINILM = "sentence-transformers/all-MiniLM-L6-v2"
 # (stage, params, model id): the order of the demo manifest
@@ -29,44 +28,14 @@ PLAN = [
         "tiny",
     ),
     ("detection", {"detector": "grounding_dino", "score_threshold": 0.05, "max_boxes": 4}, "tiny"),
+    ("masks", {}, "tiny"),
     # every box pairs with one of the other model (random SAM2 masks never agree: Dice 0 too): objects exist
     ("voting", {"min_iou": 0.0, "min_dice": 0.0}, "tiny"),
-    ("masks", {}, "tiny"),
     ("depth", {}, "tiny"),
     ("attributes", {"min_attribute_prob": 0.0}, "tiny"),
     ("captions", {"num_captions": 2, "generation": {"max_new_tokens": 8}}, "tiny"),
     ("grounding", {"min_similarity": -1.0}, MINILM),  # real MiniLM; accept any similarity: exercise spans
 ]
-
-
-def png(seed: int, size=(96, 72)) -> bytes:
-    rng = np.random.default_rng(seed)
-    arr = rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)
-    arr[10:50, 20:60] = (200, 30, 30)  # a red block
-    buf = io.BytesIO()
-    Image.fromarray(arr).save(buf, "PNG")
-    return buf.getvalue()
-
-
-def image_sample(seed: int, size=(96, 72)) -> Sample:
-    data = png(seed, size)
-    key = f"{seed:016x}"
-    media = {"type": "image", "ext": "png", "width": size[0], "height": size[1]}
-    record = new_record(key, {"uri": key, "sha256": "", "bytes": len(data), "format": "PNG"}, media, [])
-    return Sample(uri=key, key=key, media_type="image", data=data, frames=[], record=record)
-
-
-def video_sample() -> Sample:
-    frames = [png(10), png(11)]
-    media = {"type": "video", "ext": "mp4", "width": 96, "height": 72}
-    record = new_record("f" * 16, {"uri": "v", "sha256": "", "bytes": 0, "format": "mp4"}, media, [])
-    record["keyframes"] = [{"frame_index": 0, "time_s": 0.0}, {"frame_index": 5, "time_s": 0.2}]
-    return Sample(uri="v", key="f" * 16, media_type="video", data=b"", frames=frames, record=record)
-
-
-def build(name, params, model_id):
-    cls = stage_class(name)
-    return cls(stage_params(cls, params, name), ModelSpec(id=model_id), Resources(), seed=0)
 
 
 @pytest.fixture(scope="module")
@@ -226,42 +195,40 @@ def hand_detections() -> dict[str, list[dict]]:
 
 
 @pytest.mark.parametrize("min_dice", [0.75, 0.0])
-def test_masks_revote_with_sam2_masks_of_every_detection(annotated, monkeypatch, min_dice):
-    """The masks stage re-applies the voting stage's rule with tiny SAM2's masks of every raw detection
-    (one predictor call per image), and the objects keep exactly those masks."""
+def test_masks_then_one_vote_with_sam2_masks_of_every_detection(annotated, monkeypatch, min_dice):
+    """Data flows one way: the masks stage gives every raw detection tiny SAM2's mask (one predictor
+    call per image), then voting applies GranD's rule once with box IoU and mask Dice, and the objects
+    keep exactly those masks; each mask is stored once, on its object."""
     masks_stage = annotated[1]["masks"]
     predictor = masks_stage.predictor
     sample = image_sample(7)
     sample.record["detections"] = hand_detections()
-    build("voting", {"min_dice": min_dice}, "tiny").process([sample])
-    assert sample.record["voting"]["masks"] is False and len(sample.record["objects"]) == 2
-
     view = sample.views()[0]
-    per_model, attrs = separate_attributes(sample.record, attribute_words("attributes"))
-    assert (
-        [a["attributes"] for a in attrs]
-        == [["wooden"]]
-        == [a["attributes"] for a in sample.record["floating_attributes"]]
-    )
-    boxes = distinct_boxes(per_model)
+    boxes = distinct_boxes(sample.record["detections"])
     raw, _ = predict_boxes(predictor, view.image, [list(b) for b in boxes])
     mask_of = {b: clip_mask_to_box(m, list(b)) for b, m in zip(boxes, raw, strict=True)}
-    expected = merge(per_model, sample.record["voting"], mask_of)
 
     calls = []
     set_image = predictor.set_image
     monkeypatch.setattr(predictor, "set_image", lambda image: calls.append(1) or set_image(image))
     masks_stage.process([sample])
-    rec = sample.record
     assert len(calls) == 1  # one batched SAM2 call for the image
-    assert rec["voting"] == {
-        "min_iou": 0.65, "min_dice": min_dice, "max_objects": 100, "masks": True, "attribute_vocabulary": "attributes"
-    }  # fmt: skip
+    for det in (d for dets in sample.record["detections"].values() for d in dets):
+        assert np.array_equal(decode_mask(det["segmentation"]), mask_of[tuple(det["bbox"])])
+        assert isinstance(det["mask_in_box"], bool) and det["segmentation_source"] == "SAM2"
+
+    per_model, attrs = separate_attributes(sample.record, attribute_words("attributes"))
+    assert [a["attributes"] for a in attrs] == [["wooden"]]
+    rule = {"min_iou": 0.65, "min_dice": min_dice, "max_objects": 100, "masks": True, "attribute_vocabulary": "attributes"}  # fmt: skip
+    expected = merge(per_model, rule, mask_of)
+    build("voting", {"min_dice": min_dice}, "tiny").process([sample])
+    rec = sample.record
+    assert rec["voting"] == rule
     assert rec["floating_attributes"] == attrs
     got = (rec["objects"], rec["floating_objects"])
     strip = ("segmentation", "segmentation_source", "predicted_iou", "mask_in_box")
     assert [[{k: v for k, v in o.items() if k not in strip} for o in g] for g in got] == list(expected)
-    if min_dice == 0.0:  # without the Dice check, re-voting keeps what box voting found
+    if min_dice == 0.0:  # without the Dice check, voting with masks finds what box voting finds
         assert [o["labels"] for o in rec["objects"]] == [["cat", "kitten"], ["lamp", "light"]]
     assert check_record(rec) == []
     h, w = view.image.height, view.image.width
@@ -270,22 +237,27 @@ def test_masks_revote_with_sam2_masks_of_every_detection(annotated, monkeypatch,
         assert mask.shape == (h, w) and np.array_equal(mask, mask_of[tuple(obj["bbox"])])
         assert mask_within_box(mask_bbox(obj["segmentation"]), obj["bbox"])
         assert isinstance(obj["mask_in_box"], bool) and obj["segmentation_source"] == "SAM2"
+    assert not any(set(strip) & set(d) for dets in rec["detections"].values() for d in dets)
 
 
-def test_masks_without_revote_keep_box_voting(annotated):
-    masks_stage = annotated[1]["masks"]
+def test_voting_without_masks_compares_boxes_alone(annotated):
+    """No masks stage before voting: the rule says so and compares boxes; with masks and no Dice
+    threshold the same objects form, now with masks."""
     sample = image_sample(8)
     sample.record["detections"] = hand_detections()
-    build("voting", {}, "tiny").process([sample])
-    before = [[o["labels"] for o in sample.record[g]] for g in ("objects", "floating_objects")]
-    masks_stage.params.revote = False
-    try:
-        masks_stage.process([sample])
-    finally:
-        masks_stage.params.revote = True
+    build("voting", {"min_dice": 0.0}, "tiny").process([sample])
     rec = sample.record
-    assert [[o["labels"] for o in rec[g]] for g in ("objects", "floating_objects")] == before
+    before = [[o["labels"] for o in rec[g]] for g in ("objects", "floating_objects")]
     assert rec["voting"]["masks"] is False and check_record(rec) == []
+    assert not any("segmentation" in o for o in rec["objects"] + rec["floating_objects"])
+
+    masked = image_sample(8)
+    masked.record["detections"] = hand_detections()
+    annotated[1]["masks"].process([masked])
+    build("voting", {"min_dice": 0.0}, "tiny").process([masked])
+    rec = masked.record
+    assert [[o["labels"] for o in rec[g]] for g in ("objects", "floating_objects")] == before
+    assert rec["voting"]["masks"] is True and check_record(rec) == []
     assert all(
         decode_mask(o["segmentation"]).shape == (72, 96) for o in rec["objects"] + rec["floating_objects"]
     )

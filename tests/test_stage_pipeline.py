@@ -13,7 +13,7 @@ from groundmill.pipeline.run import run_pipeline
 from groundmill.schema import check_record, decode_mask, mask_bbox
 from groundmill.shards import SHARDS_DIR, read_index
 from groundmill.stages.boxes import mask_within_box
-from tests.test_stage_models import png
+from groundmill.tests.stage_samples import png
 
 pytestmark = pytest.mark.slow
 # Ten model actors start on 2 shared cores: under load a worker can take more than Ray's default 60 s
@@ -37,9 +37,9 @@ stages:
     model: {id: tiny}
     resources: {num_cpus: 0.1, batch_size: 2}
     params: {detector: grounding_dino, score_threshold: 0.05, max_boxes: 3}
+  masks: {group: after_detection, model: {id: tiny}, resources: {batch_size: 2}}
   # every box pairs up, and random SAM2 masks never agree, so no Dice check either: objects exist
   voting: {group: after_detection, resources: {batch_size: 2}, params: {min_iou: 0.0, min_dice: 0.0}}
-  masks: {group: after_detection, model: {id: tiny}, resources: {batch_size: 2}}
   depth: {group: after_detection, model: {id: tiny}, resources: {batch_size: 2}}
   attributes: {group: after_detection, model: {id: tiny}, resources: {batch_size: 2}}
   captions:

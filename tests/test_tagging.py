@@ -3,7 +3,7 @@ import pytest
 
 from groundmill.stages.base import Sample
 from groundmill.stages.tagging import ClipTagging, load_vocabulary, select_tags
-from tests.media_factory import rgb_jpeg
+from groundmill.tests.media_factory import rgb_jpeg
 
 
 def test_select_tags_keeps_top_k_above_threshold_best_first():

@@ -4,7 +4,6 @@ rotation, and files with no usable frames."""
 from __future__ import annotations
 
 import io
-from fractions import Fraction
 
 import av
 import numpy as np
@@ -14,28 +13,9 @@ from PIL import Image
 from groundmill.media import FrameSampling, MediaError, probe_video, sampled_frames
 from groundmill.pipeline.config import ConfigError, load_config
 from groundmill.pipeline.demo_data import write_shapes_video
+from groundmill.tests.media_factory import h264 as encode
 
 VFR_MS = [0, 40, 80, 300, 340, 1000, 1040, 1500]  # irregular presentation times
-
-
-def encode(frames: list[np.ndarray], times_ms: list[int], rotation: int = 0, fmt: str = "mp4") -> bytes:
-    """An H.264 file with explicit per-frame timestamps and, optionally, a display rotation (CCW)."""
-    height, width = frames[0].shape[:2]
-    buf = io.BytesIO()
-    with av.open(buf, "w", format=fmt) as container:
-        stream = container.add_stream("libx264", rate=25)
-        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
-        stream.codec_context.time_base = stream.time_base = Fraction(1, 1000)
-        if rotation:
-            stream.set_display_rotation(rotation)
-        for array, ms in zip(frames, times_ms, strict=True):
-            frame = av.VideoFrame.from_ndarray(array, format="rgb24")
-            frame.pts, frame.time_base = ms, Fraction(1, 1000)
-            for packet in stream.encode(frame):
-                container.mux(packet)
-        for packet in stream.encode():
-            container.mux(packet)
-    return buf.getvalue()
 
 
 def blank(n: int, height: int = 32, width: int = 64) -> list[np.ndarray]:

@@ -62,6 +62,10 @@ class LLMStage(Stage):
             self.backend = make_backend(self.params.llm, spec.id, spec.device, spec.dtype, seed=self.seed)
             self.backend.setup()
 
+    def teardown(self) -> None:
+        if self.backend is not None:
+            self.backend.close()
+
     def sampling(self) -> SamplingParams:
         p = self.params
         return SamplingParams(p.max_new_tokens, p.temperature, p.top_p, seed=self.seed)

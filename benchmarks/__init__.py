@@ -1,0 +1,1 @@
+"""`make bench` and the per-stage benchmarks (import name: `groundmill.benchmarks`)."""
