@@ -135,6 +135,7 @@ class VotingRule(TypedDict):
 
     min_iou: float
     min_dice: float
+    min_agreeing: NotRequired[int]  # other detection stages that must agree (absent in older records: 1)
     max_objects: int
     masks: bool  # True: mask Dice was checked too (the masks stage ran before voting); False: boxes alone
     attribute_vocabulary: str  # detections named only by these words are floating attributes

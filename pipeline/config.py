@@ -246,6 +246,9 @@ def stage_params(cls: type, params: dict[str, Any], where: str) -> Any:
         return OmegaConf.to_object(merged)
     except OmegaConfBaseException as e:
         raise ConfigError(f"{where}.params: key '{e.full_key}': {e.msg}") from None
+    except ValueError as e:  # a Params.__post_init__ range check: ValueError(param, reason)
+        param, reason = e.args if len(e.args) == 2 else ("", str(e))
+        raise ConfigError(f"key '{where}.params.{param}': {reason}") from None
 
 
 def to_container(cfg: Config) -> dict[str, Any]:

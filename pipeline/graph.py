@@ -21,7 +21,7 @@ from groundmill.stages.base import ROW_SCHEMA, Sample, SampleError, Stage
 
 
 def build_stage(name: str, cfg: StageConfig, seed: int, cls: type[Stage] | None = None) -> Stage:
-    return (cls or stage_class(cfg.type or name))(cfg.params, cfg.model, cfg.resources, seed)
+    return (cls or stage_class(cfg.type or name))(cfg.params, cfg.model, cfg.resources, seed, stage_id=name)
 
 
 def _fail(sample: Sample, stage: str, exc: BaseException) -> None:

@@ -170,11 +170,13 @@ class Stage(ABC):
         model: ModelSpec | None = None,
         resources: Resources | None = None,
         seed: int = 0,
+        stage_id: str | None = None,
     ):
         self.params = params if params is not None else self.Params()
         self.seed = seed
         self.model_spec = model or ModelSpec()
         self.resources = resources or Resources()
+        self.stage_id = stage_id or self.name  # the manifest's key: two stages of one type differ by it
 
     def setup(self) -> None:  # noqa: B027 - stages without a model have nothing to load
         """Load models; called once per actor before the first batch."""

@@ -96,14 +96,17 @@ def vote(
     min_iou: float = 0.65,
     min_dice: float = 0.75,
     masks: dict[str, list[np.ndarray | None]] | None = None,
+    min_agreeing: int = 1,
 ) -> tuple[list[Object], list[Object]]:
-    """GranD's cross-model agreement: (objects, floating_objects).
+    """GranD's cross-model agreement: (objects, floating_objects). `per_model` is keyed by detection
+    stage, so two checkpoints of one family are two voters.
 
-    Detections are visited best score first. A detection becomes an object when at least one other
-    model has an unclaimed detection with box IoU >= min_iou (and mask Dice >= min_dice when both
-    carry masks); the object keeps the leading box and score, and takes the labels of all agreeing
-    detections (best first) and the names of their models. Detections nobody agrees with become
-    floating objects. Ids are unique over both lists (objects first).
+    Detections are visited best score first. Each other stage may lend its best unclaimed detection
+    with box IoU >= min_iou (and mask Dice >= min_dice when both carry masks). With at least
+    `min_agreeing` such stages (GranD: one second model) the detection becomes an object: it keeps
+    the leading box and score, and takes the labels of all agreeing detections (best first) and the
+    names of their stages. Otherwise it becomes a floating object and the detections it had found are
+    free again. Ids are unique over both lists (objects first).
     """
     pool = [(m, i, d) for m, dets in per_model.items() for i, d in enumerate(dets)]
     pool.sort(key=lambda t: -t[2]["score"])
@@ -129,8 +132,11 @@ def vote(
                 claimed.add((other, int(j)))
                 group.append((other, int(j), dets[j]))
                 break
-        target = objects if len(group) > 1 else floating
-        target.append(_object(group))
+        if len(group) - 1 >= min_agreeing:
+            objects.append(_object(group))
+        else:
+            claimed.difference_update((m, j) for m, j, _ in group[1:])
+            floating.append(_object(group[:1]))
     for n, obj in enumerate(objects + floating):
         obj["id"] = n
     return objects, floating

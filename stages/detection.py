@@ -214,8 +214,8 @@ class OpenVocabDetection(Stage):
             queries = detection_queries(view.record.get("tags", []), p.classes, p.use_tags, p.max_queries)
             dets = self.detector.detect(view.image, queries, p.query_template) if queries else []
             kept = filter_detections(dets, p.score_threshold, p.nms_iou, p.max_boxes)
-            # keyed by detector: the voting stage needs to know which model proposed each box
-            view.record.setdefault("detections", {})[p.detector] = kept
+            # keyed by stage: voting counts agreeing stages, two checkpoints of one family included
+            view.record.setdefault("detections", {})[self.stage_id] = kept
 
     def provenance(self) -> dict[str, Any]:
         p = self.params

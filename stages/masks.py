@@ -1,7 +1,7 @@
 """SAM2 masks for every raw detection, one batched box-prompt call per image, before voting.
 
-Data flows one way: detection -> masks -> voting. Each distinct detection box of a frame gets one
-SAM2 mask (identical boxes of two models share the prompt and so the mask), clipped to its box
+Data flows one way: detection -> masks -> voting. Each distinct detection box of a frame without a
+mask of its own (a segmenting detector's) gets one SAM2 mask (identical boxes of two models share the prompt and so the mask), clipped to its box
 (rounded outwards) so every stored mask lies in its box. Whether SAM2's raw mask agreed with the
 prompt box (each edge within `box_tolerance` of the box's side) is recorded as `mask_in_box`.
 The masks are written onto the detections (`DetectionMask` fields); the voting stage then applies
@@ -63,8 +63,12 @@ class Sam2Masks(Stage):
             self._mask_detections(view)
 
     def _mask_detections(self, view: View) -> None:
-        per_model = view.record.get("detections", {})
-        boxes = distinct_boxes(per_model)
+        # A detector that segments (Mask2Former, ...) brought its own mask, as GranD's EVA did.
+        unmasked = {
+            m: [d for d in dets if "segmentation" not in d]
+            for m, dets in view.record.get("detections", {}).items()
+        }
+        boxes = distinct_boxes(unmasked)
         if not boxes:
             return
         masks, ious = predict_boxes(self.predictor, view.image, [list(b) for b in boxes])
@@ -72,6 +76,6 @@ class Sam2Masks(Stage):
             b: mask_fields(m, list(b), float(iou), self.params.box_tolerance)
             for b, m, iou in zip(boxes, masks, ious, strict=True)
         }
-        for dets in per_model.values():
+        for dets in unmasked.values():
             for d in dets:
                 d.update(found[tuple(d["bbox"])])

@@ -82,7 +82,7 @@ def merge(
     masks = None
     if mask_of is not None:
         masks = {model: [mask_of[tuple(d["bbox"])] for d in dets] for model, dets in per_model.items()}
-    objects, floating = vote(per_model, rule["min_iou"], rule["min_dice"], masks)
+    objects, floating = vote(per_model, rule["min_iou"], rule["min_dice"], masks, rule.get("min_agreeing", 1))
     limit = rule["max_objects"]
     return objects[:limit], floating[: max(0, limit - len(objects))]
 
@@ -117,15 +117,21 @@ class BoxVoting(Stage):
     @dataclass
     class Params:
         min_iou: float = 0.65  # GranD: box IoU >= 0.65 ...
-        min_dice: float = 0.75  # ... and mask Dice >= 0.75 (applied when the masks stage re-votes)
+        min_dice: float = 0.75  # ... and mask Dice >= 0.75 (when the masks stage ran before voting)
+        min_agreeing: int = 1  # other detection stages that must agree (GranD: a second model)
         max_objects: int = 100  # per image, best first (objects before floating ones)
         attribute_vocabulary: str = "attributes"  # a grouped vocabulary: `group: value, value, ...`
+
+        def __post_init__(self) -> None:
+            if self.min_agreeing < 1:
+                raise ValueError("min_agreeing", f"{self.min_agreeing} is not >= 1")
 
     def rule(self) -> VotingRule:
         p = self.params
         return VotingRule(
             min_iou=p.min_iou,
             min_dice=p.min_dice,
+            min_agreeing=p.min_agreeing,
             max_objects=p.max_objects,
             masks=False,
             attribute_vocabulary=p.attribute_vocabulary,
@@ -148,6 +154,7 @@ class BoxVoting(Stage):
         return {
             "min_iou": p.min_iou,
             "min_dice": p.min_dice,
+            "min_agreeing": p.min_agreeing,
             "max_objects": p.max_objects,
             "attribute_vocabulary": p.attribute_vocabulary,
         }

@@ -39,6 +39,8 @@ def video_sample() -> Sample:
     return Sample(uri="v", key="f" * 16, media_type="video", data=b"", frames=frames, record=record)
 
 
-def build(name, params, model_id):
+def build(name, params, model_id, stage_id=None):
     cls = stage_class(name)
-    return cls(stage_params(cls, params, name), ModelSpec(id=model_id), Resources(), seed=0)
+    return cls(
+        stage_params(cls, params, name), ModelSpec(id=model_id), Resources(), seed=0, stage_id=stage_id
+    )

@@ -76,6 +76,45 @@ def test_vote_needs_a_second_model():
     assert [o["id"] for o in objects + floating] == [0, 1, 2]
 
 
+def test_vote_counts_stages_so_two_checkpoints_of_one_family_agree():
+    """Detections are keyed by stage: two OWLv2 checkpoints are two voters."""
+    per_model = {
+        "owlv2_base": [det([0, 0, 100, 100], 0.9, "cat")],
+        "owlv2_large": [det([2, 2, 100, 100], 0.8, "cat")],
+    }
+    objects, floating = vote(per_model)
+    assert len(objects) == 1 and floating == [] and objects[0]["detectors"] == ["owlv2_base", "owlv2_large"]
+
+
+def test_vote_min_agreeing_stages_and_freed_partners():
+    """min_agreeing=2: an object needs two other stages; a detection that finds only one floats, and the
+    one it found is free again to float on its own (or to join another)."""
+    per_model = {
+        "a": [det([0, 0, 100, 100], 0.9, "cat"), det([200, 0, 300, 100], 0.8, "dog")],
+        "b": [det([1, 1, 100, 100], 0.7, "kitten"), det([201, 0, 300, 100], 0.6, "puppy")],
+        "c": [det([0, 1, 100, 100], 0.5, "cat")],
+    }
+    objects, floating = vote(per_model, min_agreeing=2)
+    assert [(o["labels"], o["detectors"]) for o in objects] == [(["cat", "kitten"], ["a", "b", "c"])]
+    assert [f["labels"] for f in floating] == [["dog"], ["puppy"]] and [f["detectors"] for f in floating] == [
+        ["a"],
+        ["b"],
+    ]
+    objects, floating = vote(per_model, min_agreeing=1)  # GranD: a second model is enough
+    assert [o["labels"] for o in objects] == [["cat", "kitten"], ["dog", "puppy"]] and floating == []
+
+
+def test_voting_min_agreeing_must_be_positive(tmp_path):
+    from groundmill.pipeline.config import ConfigError, load_config
+
+    manifest = tmp_path / "m.yaml"
+    manifest.write_text(
+        "inputs: [x]\nstages:\n  d: {type: detection}\n  voting: {params: {min_agreeing: 0}}\n"
+    )
+    with pytest.raises(ConfigError, match=r"key 'stages\.voting\.params\.min_agreeing': 0 is not >= 1"):
+        load_config(manifest)
+
+
 def test_vote_iou_below_threshold_floats_and_same_model_never_agrees():
     per_model = {
         "owl": [det([0, 0, 100, 100], 0.9), det([0, 0, 100, 100], 0.8)],

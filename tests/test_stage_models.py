@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from groundmill.schema import check_record, decode_mask, mask_bbox
+from groundmill.schema import check_record, decode_mask, encode_mask, mask_bbox
 from groundmill.stages.base import ModelSpec, Resources
 from groundmill.stages.boxes import clip_mask_to_box, mask_within_box
 from groundmill.stages.depth import LAYERS
@@ -43,7 +43,7 @@ def annotated():
     samples = [image_sample(1), image_sample(2, (64, 80)), video_sample()]
     stages = {}
     for name, params, model_id in PLAN:
-        stage = build(name, params, model_id)
+        stage = build(name, params, model_id, stage_id=params.get("detector"))  # detections keyed by stage
         stage.setup()
         stage.process(samples)
         stages[name + params.get("detector", "")] = stage
@@ -219,7 +219,8 @@ def test_masks_then_one_vote_with_sam2_masks_of_every_detection(annotated, monke
 
     per_model, attrs = separate_attributes(sample.record, attribute_words("attributes"))
     assert [a["attributes"] for a in attrs] == [["wooden"]]
-    rule = {"min_iou": 0.65, "min_dice": min_dice, "max_objects": 100, "masks": True, "attribute_vocabulary": "attributes"}  # fmt: skip
+    rule = {"min_iou": 0.65, "min_dice": min_dice, "min_agreeing": 1, "max_objects": 100, "masks": True,
+            "attribute_vocabulary": "attributes"}  # fmt: skip
     expected = merge(per_model, rule, mask_of)
     build("voting", {"min_dice": min_dice}, "tiny").process([sample])
     rec = sample.record
@@ -261,3 +262,44 @@ def test_voting_without_masks_compares_boxes_alone(annotated):
     assert all(
         decode_mask(o["segmentation"]).shape == (72, 96) for o in rec["objects"] + rec["floating_objects"]
     )
+
+
+def test_two_detection_stages_of_one_family_write_their_own_keys(annotated):
+    """Detections are keyed by the manifest's stage name, so two OWLv2 stages never overwrite."""
+    sample = image_sample(9)
+    sample.record["tags"] = [{"label": "person", "score": 1.0}]
+    owl = annotated[1]["detectionowlv2"]
+    for stage_id in ("owl_a", "owl_b"):
+        twin = build(
+            "detection", {"detector": "owlv2", "score_threshold": 0.0, "max_boxes": 2}, "tiny", stage_id
+        )
+        twin.detector = owl.detector  # the same tiny model: no second load
+        twin.process([sample])
+    dets = sample.record["detections"]
+    assert set(dets) == {"owl_a", "owl_b"} and dets["owl_a"] == dets["owl_b"] and dets["owl_a"]
+
+
+def test_masks_keep_a_segmenting_detectors_own_masks(annotated, monkeypatch):
+    """A detection that brought its own mask (a Mask2Former-style detector) keeps it; SAM2 is prompted
+    only with the boxes that have none."""
+    masks_stage = annotated[1]["masks"]
+    sample = image_sample(10)
+    sample.record["detections"] = hand_detections()
+    own = np.zeros((72, 96), bool)
+    own[12:50, 12:50] = True
+    kitten = sample.record["detections"]["grounding_dino"][0]
+    kitten.update(segmentation=encode_mask(own), segmentation_source="Mask2Former")
+    prompted = []
+    predict = masks_stage.predictor.predict
+    monkeypatch.setattr(
+        masks_stage.predictor,
+        "predict",
+        lambda box, **kw: prompted.append(len(box)) or predict(box=box, **kw),
+    )
+    masks_stage.process([sample])
+    assert prompted == [len(distinct_boxes(hand_detections())) - 1]
+    assert kitten["segmentation_source"] == "Mask2Former" and np.array_equal(
+        decode_mask(kitten["segmentation"]), own
+    )
+    others = [d for dets in sample.record["detections"].values() for d in dets if d is not kitten]
+    assert all(d["segmentation_source"] == "SAM2" for d in others)
