@@ -1,11 +1,13 @@
-"""Stage registry: manifest stage names -> stage classes (imported on first use)."""
+"""Stage registry: manifest stage types -> stage classes (imported on first use). `register` adds a
+class at runtime (plug-ins, test doubles); the graph ships resolved classes to the Ray workers."""
 
 from __future__ import annotations
 
 import importlib
 
-# name -> "module:Class" under groundmill.stages. Keep heavy imports (torch models) inside setup().
-REGISTRY: dict[str, str] = {
+# name -> "module:Class" under groundmill.stages, or a registered class. Keep heavy imports (torch
+# models) inside setup().
+REGISTRY: dict[str, str | type] = {
     "tagging": "tagging:ClipTagging",
     "landmark": "landmark:ClipLandmark",
     "detection": "detection:OpenVocabDetection",
@@ -31,5 +33,12 @@ def stage_class(name: str) -> type:
         target = REGISTRY[name]
     except KeyError:
         raise KeyError(f"unknown stage {name!r}; known stages: {', '.join(sorted(REGISTRY))}") from None
+    if isinstance(target, type):
+        return target
     module, cls = target.split(":")
     return getattr(importlib.import_module(f"groundmill.stages.{module}"), cls)
+
+
+def register(name: str, cls: type) -> None:
+    """Make `cls` the stage type `name` (a manifest's `type:` or stage key)."""
+    REGISTRY[name] = cls

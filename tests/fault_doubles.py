@@ -1,9 +1,9 @@
 """TEST DOUBLES: stages that fail on purpose, for the fault-injection tests (never registered in the
-package). `use_doubles` makes the registry lookup find them; the graph ships the resolved class to
-the Ray workers, which import this module by name (the driver's working directory is on their path).
+package). `use_doubles` registers them; the graph ships the resolved classes to the Ray workers,
+which import this module by name (`groundmill.tests.fault_doubles`).
 
-`python -m tests.fault_doubles ARGS` is `groundmill ARGS` with the doubles registered, for tests
-that run (and kill) the pipeline in a subprocess.
+`python -m groundmill.tests.fault_doubles ARGS` is `groundmill ARGS` with the doubles registered,
+for tests that run (and kill) the pipeline in a subprocess.
 """
 
 from __future__ import annotations
@@ -16,7 +16,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-import groundmill.pipeline.graph
 import groundmill.stages
 from groundmill.stages.base import Sample, SampleError, Stage
 
@@ -109,15 +108,10 @@ DOUBLES: dict[str, type[Stage]] = {
 }
 
 
-def use_doubles(setattr_: Callable[[object, str, object], None] = setattr) -> None:
-    """Make `stage_class` find DOUBLES too (pass pytest's `monkeypatch.setattr` to undo it after a test)."""
-    original = groundmill.stages.stage_class
-
-    def stage_class(name: str) -> type:
-        return DOUBLES[name] if name in DOUBLES else original(name)
-
-    setattr_(groundmill.stages, "stage_class", stage_class)
-    setattr_(groundmill.pipeline.graph, "stage_class", stage_class)
+def use_doubles(setitem: Callable[[dict, str, object], None] = dict.__setitem__) -> None:
+    """Register DOUBLES as stage types (pass pytest's `monkeypatch.setitem` to undo it after a test)."""
+    for name, cls in DOUBLES.items():
+        setitem(groundmill.stages.REGISTRY, name, cls)
 
 
 if __name__ == "__main__":

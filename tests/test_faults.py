@@ -33,7 +33,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 @pytest.fixture()
 def doubles(monkeypatch):
-    use_doubles(monkeypatch.setattr)
+    use_doubles(monkeypatch.setitem)
 
 
 def _inputs(folder: Path, n: int) -> list[str]:
@@ -102,7 +102,7 @@ def test_killed_driver_then_rerun_loses_and_duplicates_nothing(tmp_path, ray_loc
     manifest = _manifest(tmp_path, tmp_path / "in", out, "slow", "{seconds: 0.3}")
     env = {**os.environ, "RAY_DATA_DISABLE_PROGRESS_BARS": "1"}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "tests.fault_doubles", "run", str(manifest)],
+        [sys.executable, "-m", "groundmill.tests.fault_doubles", "run", str(manifest)],
         cwd=REPO, env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )  # fmt: skip
     try:
