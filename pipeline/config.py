@@ -116,6 +116,15 @@ class Segment:
     stages: dict[str, StageConfig]
     resources: Resources
 
+    def stage_resources(self, name: str) -> Resources:
+        """What stage `name` runs with: its own batch size, and the devices of the actor it runs in
+        (a group's, for a member of a group), so its model lands on the GPU the actor was given."""
+        own = self.stages[name].resources
+        if self.stages[name].group is None:
+            return own
+        shared = self.resources
+        return dataclasses.replace(shared, batch_size=own.batch_size)
+
     @property
     def uses_model(self) -> bool:
         """Whether any of its stages loads a model: then it runs as an actor pool, else as tasks."""

@@ -7,6 +7,7 @@ retried one sample at a time, so only the sample that breaks it becomes an error
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from typing import Any
 
@@ -14,7 +15,7 @@ import pyarrow as pa
 import ray
 from ray.data import ActorPoolStrategy, Dataset, TaskPoolStrategy
 
-from groundmill.pipeline.config import Config, ConfigError, StageConfig, segments
+from groundmill.pipeline.config import Config, ConfigError, Segment, StageConfig, segments
 from groundmill.pipeline.load import load_batch
 from groundmill.stages import stage_class
 from groundmill.stages.base import ROW_SCHEMA, Sample, SampleError, Stage
@@ -135,6 +136,20 @@ def check_resources(cfg: Config, cluster: dict[str, float]) -> None:
             )
 
 
+def operator_specs(seg: Segment) -> StageSpecs:
+    """(name, config, class) of an operator's stages, each config with the resources the stage gets in
+    that operator's actor (see `Segment.stage_resources`). Classes are resolved here and shipped to
+    the workers, whose own registry lacks stages registered at runtime."""
+    return [
+        (
+            name,
+            dataclasses.replace(stage_cfg, resources=seg.stage_resources(name)),
+            stage_class(stage_cfg.type or name),
+        )
+        for name, stage_cfg in seg.stages.items()
+    ]
+
+
 def build_dataset(cfg: Config, uris: list[str], registry: Any) -> Dataset:
     """The lazy Ray Data graph for `uris`; nothing runs until it is written."""
     batch_size = cfg.load.batch_size
@@ -149,10 +164,7 @@ def build_dataset(cfg: Config, uris: list[str], registry: Any) -> Dataset:
     for seg in segments(cfg):
         r = seg.resources
         common = {"batch_format": "pyarrow", "batch_size": r.batch_size, "num_cpus": r.num_cpus}
-        # Classes resolved here and shipped to the workers, whose own registry lacks stages registered at runtime.
-        specs = [
-            (name, stage_cfg, stage_class(stage_cfg.type or name)) for name, stage_cfg in seg.stages.items()
-        ]
+        specs = operator_specs(seg)
         if seg.uses_model:
             ds = ds.map_batches(
                 StageActor,

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from functools import cached_property
 from typing import Any, ClassVar
 
 import pyarrow as pa
@@ -70,12 +69,18 @@ class SampleError(Exception):
 class View:
     """One image a stage annotates: an image sample, or one keyframe of a video."""
 
-    data: bytes
+    sample: Sample
+    index: int  # 0 for an image, the keyframe's position for a video
     record: FrameRecord  # where the stage writes (the record itself, or a keyframe sub-record)
 
-    @cached_property
+    @property
+    def data(self) -> bytes:
+        return self.sample.frames[self.index] if self.sample.media_type == "video" else self.sample.data
+
+    @property
     def image(self) -> Image.Image:
-        return decode_rgb(self.data)
+        """Decoded once per sample in an actor: a group's stages share it. Treat it as read-only."""
+        return self.sample.image(self.index)
 
 
 @dataclass
@@ -93,6 +98,7 @@ class Sample:
     timings: dict[str, float] = field(default_factory=dict)
     stats: dict[str, float] = field(default_factory=dict)
     duplicate_of: str | None = None  # set (with status "duplicate") when another input has this content
+    _images: dict[int, Image.Image] = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def ok(self) -> bool:
@@ -105,8 +111,17 @@ class Sample:
 
     def views(self) -> list[View]:
         if self.media_type == "video":
-            return [View(f, r) for f, r in zip(self.frames, frame_records(self.record), strict=True)]
-        return [View(self.data, self.record)]
+            records = frame_records(self.record)
+            if len(records) != len(self.frames):
+                raise ValueError(f"{len(self.frames)} keyframes but {len(records)} keyframe records")
+            return [View(self, i, r) for i, r in enumerate(records)]
+        return [View(self, 0, self.record)]
+
+    def image(self, index: int) -> Image.Image:
+        """The `index`-th picture (the image, or a keyframe) as RGB, decoded on first use only."""
+        if index not in self._images:
+            self._images[index] = decode_rgb(self.frames[index] if self.media_type == "video" else self.data)
+        return self._images[index]
 
     @classmethod
     def from_row(cls, row: dict[str, Any]) -> Sample:

@@ -12,13 +12,13 @@ from groundmill.stages.base import ModelSpec, Resources
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def device_for(spec: ModelSpec, resources: Resources) -> torch.device:
-    """`auto` picks the GPU only when the stage asked Ray for one and one is visible."""
+def device_for(spec: ModelSpec, resources: Resources, cuda_available: bool | None = None) -> torch.device:
+    """`auto` picks the GPU only when the stage's actor was given one (`resources` are the actor's:
+    a group's for a grouped stage) and one is visible."""
     if spec.device != "auto":
         return torch.device(spec.device)
-    if resources.num_gpus > 0 and torch.cuda.is_available():
-        return torch.device("cuda")
-    return torch.device("cpu")
+    visible = torch.cuda.is_available() if cuda_available is None else cuda_available
+    return torch.device("cuda" if resources.num_gpus > 0 and visible else "cpu")
 
 
 def dtype_for(spec: ModelSpec, device: torch.device) -> torch.dtype:
