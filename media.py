@@ -8,6 +8,7 @@ ends up in the index row.
 from __future__ import annotations
 
 import io
+import math
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -256,6 +257,19 @@ def probe_video(
         sparse_indices=[i for i, _ in sparse],
         sparse_times=[t for _, t in sparse],
     )
+
+
+def pad_to_aspect(im: Image.Image, max_aspect: float) -> Image.Image:
+    """`im` padded with black on the right or bottom so that its long side is at most `max_aspect`
+    times its short side (unchanged when it already is). Pixel coordinates inside `im` stay the same,
+    so a model's boxes or maps over the padded picture crop back to `im` by clipping."""
+    w, h = im.size
+    if max(w, h) <= max_aspect * min(w, h):
+        return im
+    size = (w, max(h, math.ceil(w / max_aspect))) if w > h else (max(w, math.ceil(h / max_aspect)), h)
+    padded = Image.new(im.mode, size)
+    padded.paste(im, (0, 0))
+    return padded
 
 
 def decode_rgb(data: bytes) -> Image.Image:

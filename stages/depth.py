@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from groundmill.media import pad_to_aspect
 from groundmill.schema import decode_mask
 from groundmill.stages.base import Sample, Stage, views_of
 from groundmill.stages.models import device_for, dtype_for, local_path, seeded
@@ -78,13 +79,22 @@ class Depth(Stage):
         depth processors keep each image's aspect ratio, so differently shaped images do not stack."""
         maps = []
         for image in images:
-            inputs = self.processor(images=[image], return_tensors="pt").to(self.device)
+            padded = pad_to_aspect(image, self.max_aspect)
+            inputs = self.processor(images=[padded], return_tensors="pt").to(self.device)
             out = self.model(pixel_values=inputs["pixel_values"].to(self.dtype))
             post = self.processor.post_process_depth_estimation(
-                out, target_sizes=[(image.height, image.width)]
+                out, target_sizes=[(padded.height, padded.width)]
             )
-            maps.append(post[0]["predicted_depth"].float().cpu().numpy())
+            maps.append(post[0]["predicted_depth"].float().cpu().numpy()[: image.height, : image.width])
         return maps
+
+    @property
+    def max_aspect(self) -> float:
+        """The processor fits the side nearest its size and rounds to a patch multiple: a side thinner
+        than two patches after that would vanish, so more elongated pictures are padded first."""
+        size = self.processor.size
+        side = min(size.get("height") or 518, size.get("width") or 518)
+        return max(1.0, side / (2 * (getattr(self.processor, "ensure_multiple_of", 1) or 1)))
 
     def process(self, samples: list[Sample]) -> None:
         views = views_of(samples)

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from groundmill.media import pad_to_aspect
 from groundmill.stages.base import Sample, Stage, views_of
 from groundmill.stages.boxes import Detection, decode_boxes, filter_detections
 from groundmill.stages.models import device_for, dtype_for, local_path, seeded
@@ -120,6 +121,9 @@ class _Owlv2(_Detector):
         return decode_boxes(out.pred_boxes[0].float().cpu().numpy(), probs, queries, (side, side), image.size)
 
 
+MIN_FEATURE_SIDE = 64  # pixels the short side needs at the model's input: two cells at stride 32
+
+
 class _GroundingDino(_Detector):
     """Grounding DINO: queries joined into one prompt; a box's query is its best-scoring query token.
     The query template is OWL's sentence form and is not used: Grounding DINO takes bare words."""
@@ -172,10 +176,13 @@ class _GroundingDino(_Detector):
         offsets = self.processor.tokenizer(
             prompt, return_offsets_mapping=True, truncation=True, max_length=max_len
         )
-        out = self.model(**self.inputs(images=[image], text=[prompt], truncation=True, max_length=max_len))
+        # The processor fits the long side into `longest_edge`: an extreme aspect ratio would leave the
+        # short side below the backbone's stride, so such pictures are padded (boxes clip back).
+        padded = pad_to_aspect(image, self.processor.image_processor.size["longest_edge"] / MIN_FEATURE_SIDE)
+        out = self.model(**self.inputs(images=[padded], text=[prompt], truncation=True, max_length=max_len))
         token_probs = out.logits[0].float().sigmoid().cpu().numpy()  # (boxes, max_text_len)
         scores = query_token_scores(token_probs, offsets["offset_mapping"], spans)
-        return decode_boxes(out.pred_boxes[0].float().cpu().numpy(), scores, queries, image.size, image.size)
+        return decode_boxes(out.pred_boxes[0].float().cpu().numpy(), scores, queries, padded.size, image.size)
 
 
 def _tiny_encoder() -> dict[str, int]:

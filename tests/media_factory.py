@@ -82,6 +82,23 @@ def very_wide_png() -> bytes:
     return _save(Image.fromarray(gradient(6000, 20)), "PNG")
 
 
+def awkward_images() -> dict[str, bytes]:
+    """Odd but valid pictures every stage must annotate: extreme aspect ratios, a 1-pixel side, a
+    single pixel, 16-bit, CMYK, grayscale, alpha, EXIF-rotated."""
+    return {
+        "wide_4000x12": _save(Image.fromarray(gradient(4000, 12)), "PNG"),
+        "tall_9x2500": _save(Image.fromarray(gradient(9, 2500)), "PNG"),
+        "one_pixel_high_300x1": _save(Image.fromarray(gradient(300, 1)), "PNG"),
+        "one_pixel_wide_1x200": _save(Image.fromarray(gradient(1, 200)), "PNG"),
+        "single_pixel": _save(Image.fromarray(gradient(1, 1)), "PNG"),
+        "gray16": gray16_png(),
+        "cmyk": cmyk_jpeg(),
+        "grayscale": grayscale_png(),
+        "rgba": rgba_png(),
+        "exif_rotated": exif_rotated_jpeg(),
+    }
+
+
 def truncated_jpeg() -> bytes:
     data = rgb_jpeg(99)
     return data[: len(data) // 2]

@@ -86,3 +86,18 @@ def test_video_probe_samples_dense_and_sparse_frames(tmp_path):
 def test_unreadable_video_raises(data):
     with pytest.raises(MediaError):
         probe_video(data, "mp4", keyframes=4, sparse_frames=8)
+
+
+def test_pad_to_aspect_keeps_pixels_in_place():
+    from PIL import Image
+
+    from groundmill.media import pad_to_aspect
+
+    wide = Image.new("RGB", (400, 10), (255, 0, 0))
+    padded = pad_to_aspect(wide, 8)
+    assert padded.size == (400, 50) and padded.getpixel((399, 9)) == (255, 0, 0)
+    assert padded.getpixel((0, 10)) == (0, 0, 0)
+    tall = pad_to_aspect(Image.new("L", (1, 300), 7), 3)
+    assert tall.size == (100, 300) and tall.getpixel((0, 299)) == 7
+    square = Image.new("RGB", (30, 20))
+    assert pad_to_aspect(square, 2) is square  # within the ratio: unchanged

@@ -7,14 +7,16 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from groundmill.schema import check_record, decode_mask, encode_mask, mask_bbox
-from groundmill.stages.base import ModelSpec, Resources
+from groundmill.media import normalise_image
+from groundmill.schema import check_record, decode_mask, encode_mask, mask_bbox, new_record
+from groundmill.stages.base import ModelSpec, Resources, Sample
 from groundmill.stages.boxes import clip_mask_to_box, mask_within_box
 from groundmill.stages.depth import LAYERS
 from groundmill.stages.masks import distinct_boxes
 from groundmill.stages.sam2_models import predict_boxes
 from groundmill.stages.vocab_groups import load_groups
 from groundmill.stages.voting import attribute_words, merge, separate_attributes
+from groundmill.tests.media_factory import awkward_images
 from groundmill.tests.stage_samples import build, image_sample, png, video_sample
 
 MINILM = "sentence-transformers/all-MiniLM-L6-v2"
@@ -303,3 +305,34 @@ def test_masks_keep_a_segmenting_detectors_own_masks(annotated, monkeypatch):
     )
     others = [d for dets in sample.record["detections"].values() for d in dets if d is not kitten]
     assert all(d["segmentation_source"] == "SAM2" for d in others)
+
+
+@pytest.mark.parametrize("name", sorted(awkward_images()))
+def test_every_image_stage_annotates_awkward_pictures(annotated, name):
+    """Normalised like any input, then through every stage of the plan with its tiny model: no stage
+    fails on an extreme aspect ratio, a 1-pixel side, 16-bit or CMYK input."""
+    im = normalise_image(awkward_images()[name], max_pixels=100_000_000, max_side=4096)
+    media = {"type": "image", "ext": im.ext, "width": im.width, "height": im.height}
+    record = new_record(
+        "a" * 16,
+        {"uri": name, "sha256": "", "bytes": len(im.data), "format": im.source_format},
+        media,
+        im.steps,
+    )
+    sample = Sample(uri=name, key="a" * 16, media_type="image", data=im.data, frames=[], record=record)
+    for stage_name, params, _ in PLAN:
+        annotated[1][stage_name + params.get("detector", "")].process([sample])
+    rec = sample.record
+    for field in (
+        "tags",
+        "landmark",
+        "detections",
+        "objects",
+        "floating_objects",
+        "captions",
+        "relationships",
+    ):
+        assert field in rec, field
+    assert check_record(rec) == []
+    for obj in rec["objects"] + rec["floating_objects"]:
+        assert decode_mask(obj["segmentation"]).shape == (im.height, im.width) and "depth" in obj
