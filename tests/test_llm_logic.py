@@ -106,3 +106,58 @@ def test_vllm_backend_without_vllm_says_how_to_install():
 def test_http_backend_needs_a_base_url():
     with pytest.raises(LLMUnavailable, match="base_url"):
         make_backend(LLMConfig(backend="http"), "m").setup()
+
+
+class CountingEngineDouble:
+    """Test double for `vllm.LLM`: counts constructions and batches, answers every prompt."""
+
+    built = 0
+
+    def __init__(self, model_id, engine_kwargs):
+        CountingEngineDouble.built += 1
+        self.batches = []
+
+    def chat(self, conversations, sampling):
+        self.batches.append(len(conversations))
+        return [("A dog sits beside a red ball.", "stop", 7) for _ in conversations]
+
+
+def test_vllm_engine_is_built_once_per_actor_over_many_batches(monkeypatch):
+    import pyarrow as pa
+
+    import groundmill.stages.llm.vllm as vllm_backend
+    from groundmill.pipeline.config import StageConfig, stage_params
+    from groundmill.pipeline.graph import StageActor
+    from groundmill.stages import stage_class
+    from groundmill.stages.base import ROW_SCHEMA, ModelSpec
+    from groundmill.tests.stage_samples import image_sample
+
+    monkeypatch.setattr(vllm_backend, "build_engine", CountingEngineDouble)
+    CountingEngineDouble.built = 0
+    specs = []
+    for name, params in (("scene_graph", {}), ("dense_caption", {"llm": {"backend": "vllm"}, "attempts": 1})):
+        cls = stage_class(name)
+        specs.append(
+            (name, StageConfig(model=ModelSpec(id="some/llm"), params=stage_params(cls, params, name)), cls)
+        )
+    actor = StageActor(specs, seed=0)
+    objects = [
+        {
+            "id": 0,
+            "bbox": [4, 4, 40, 40],
+            "labels": ["dog"],
+            "attributes": [],
+            "score": 0.9,
+            "detectors": ["x"],
+        }
+    ]
+    for batch in range(5):
+        samples = [image_sample(10 * batch + i) for i in range(3)]
+        for s in samples:
+            s.record["objects"] = objects
+        out = actor(pa.Table.from_pylist([s.to_row() for s in samples], schema=ROW_SCHEMA)).to_pylist()
+        assert all(r["status"] == "ok" and '"dense_caption"' in r["record"] for r in out)
+    engine = actor.stages[1][1].backend.engine
+    assert CountingEngineDouble.built == 1 and len(engine.batches) == 5
+    StageActor(specs, seed=0)  # a second actor: its own engine
+    assert CountingEngineDouble.built == 2

@@ -64,7 +64,7 @@ class LLMConfig:
     max_concurrency: int = 4  # http: requests in flight at once
     timeout_s: float = 120.0  # http: per request
     request_retries: int = 2  # http: transport-level retries (connection errors, 5xx, timeouts)
-    batch_size: int = 8  # transformers: prompts per generate() call; vllm: rows per engine batch
+    batch_size: int = 8  # transformers: prompts per generate() call (vLLM batches on its own)
     engine_kwargs: dict[str, Any] = field(default_factory=dict)  # vllm: passed to the engine
 
 

@@ -1,16 +1,17 @@
-"""vLLM inside Ray Data through `ray.data.llm` (GPU clusters; `pip install 'groundmill[vllm]'`).
+"""vLLM in-process, one engine per Ray actor (GPU clusters; `pip install 'groundmill[vllm]'`).
 
-`processor(params)` is a `ray.data.llm` Processor: apply it to any Dataset with a `messages` column
-to run vLLM engine actors as part of a Ray Data pipeline. `generate` runs one batch of prompts
-through it, so stages use this backend exactly like the others.
+The LLM stages run as actor pools; each actor's `setup` builds this backend's engine once
+(`vllm.LLM` on the actor's GPU), and every batch goes through that engine's `chat`, which batches
+the prompts itself (continuous batching). Nothing is started per batch. For tensor parallelism
+beyond one GPU, serve the model with `vllm serve` and use the `http` backend.
 """
 
 from __future__ import annotations
 
-import importlib.util
-from typing import Any
+from typing import Any, Protocol
 
 from groundmill.stages.llm.base import (
+    FINISH_ERROR,
     FINISH_LENGTH,
     FINISH_STOP,
     Generation,
@@ -22,9 +23,42 @@ from groundmill.stages.llm.base import (
 )
 from groundmill.stages.llm.hf import resolve_checkpoint
 
+FINISH_REASONS = {"stop": FINISH_STOP, "length": FINISH_LENGTH}
+
+
+class Engine(Protocol):
+    def chat(self, conversations: list[list[dict]], sampling: dict[str, Any]) -> list[tuple[str, str, int]]:
+        """(text, vLLM finish reason, generated tokens) per conversation, in order."""
+        ...
+
+
+class VLLMEngine:
+    """`vllm.LLM` behind the `Engine` protocol."""
+
+    def __init__(self, model_id: str, engine_kwargs: dict[str, Any]):
+        try:
+            from vllm import LLM
+        except ImportError:
+            raise LLMUnavailable(
+                "llm.backend 'vllm' needs vLLM, which is not installed: pip install 'groundmill[vllm]' "
+                "(GPU machines), or use llm.backend 'transformers' or 'http'"
+            ) from None
+        self.llm = LLM(model=resolve_checkpoint(model_id), **engine_kwargs)
+
+    def chat(self, conversations: list[list[dict]], sampling: dict[str, Any]) -> list[tuple[str, str, int]]:
+        from vllm import SamplingParams as VLLMSampling
+
+        outs = self.llm.chat(conversations, VLLMSampling(**sampling), use_tqdm=False)
+        return [(o.outputs[0].text, o.outputs[0].finish_reason, len(o.outputs[0].token_ids)) for o in outs]
+
+
+def build_engine(model_id: str, engine_kwargs: dict[str, Any]) -> Engine:
+    """The engine of one actor (a test may stand in a counting double here)."""
+    return VLLMEngine(model_id, engine_kwargs)
+
 
 def sampling_dict(params: SamplingParams) -> dict[str, Any]:
-    """SamplingParams -> vLLM's sampling_params mapping."""
+    """SamplingParams -> vLLM's SamplingParams arguments."""
     out: dict[str, Any] = {"max_tokens": params.max_new_tokens, "temperature": params.temperature}
     out["top_p"] = params.top_p
     if params.stop:
@@ -38,49 +72,19 @@ class RayVLLMBackend(LLMBackend):
     name = "vllm"
 
     def setup(self) -> None:
-        if importlib.util.find_spec("vllm") is None:
-            raise LLMUnavailable(
-                "llm.backend 'vllm' needs vLLM, which is not installed: pip install 'groundmill[vllm]' "
-                "(GPU machines), or use llm.backend 'transformers' or 'http'"
-            )
-        from ray.data.llm import vLLMEngineProcessorConfig
-
         engine_kwargs = {"dtype": self.dtype, **self.config.engine_kwargs}
-        self.processor_config = vLLMEngineProcessorConfig(
-            model_source=resolve_checkpoint(self.model_id),
-            engine_kwargs=engine_kwargs,
-            batch_size=self.config.batch_size,
-            concurrency=1,
-        )
-
-    def processor(self, params: SamplingParams) -> Any:
-        from ray.data.llm import build_processor
-
-        sampling = sampling_dict(params)
-        return build_processor(
-            self.processor_config,
-            preprocess=lambda row: {"messages": row["messages"], "sampling_params": sampling},
-            postprocess=lambda row: {
-                "index": row["index"],
-                "text": row["generated_text"],
-                "tokens": row["num_generated_tokens"],
-            },
-        )
+        self.engine = build_engine(self.model_id, engine_kwargs)
 
     def generate(self, prompts: list[Prompt], params: SamplingParams) -> list[Generation]:
-        import ray
-
         if not prompts:
             return []
-        ds = ray.data.from_items([{"index": i, "messages": as_messages(p)} for i, p in enumerate(prompts)])
-        rows = sorted(self.processor(params)(ds).take_all(), key=lambda r: r["index"])
-        # vLLM's batch output carries no finish reason: a generation that used every allowed token
-        # was cut, anything shorter ended on EOS or a stop string.
+        outputs = self.engine.chat([as_messages(p) for p in prompts], sampling_dict(params))
         return [
             Generation(
-                r["text"],
-                FINISH_LENGTH if r["tokens"] >= params.max_new_tokens else FINISH_STOP,
-                int(r["tokens"]),
+                text,
+                FINISH_REASONS.get(reason, FINISH_ERROR),
+                tokens,
+                error="" if reason in FINISH_REASONS else f"vLLM finish reason {reason!r}",
             )
-            for r in rows
+            for text, reason, tokens in outputs
         ]
