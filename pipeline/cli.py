@@ -16,6 +16,7 @@ DELEGATED = {
     "train": ("groundmill.model.train:main", "train the X2SAM model on shards"),
     "eval": ("groundmill.model.eval:main", "evaluate a checkpoint"),
     "bench-train": ("groundmill.model.bench:main", "train the tiny config on synthetic data and evaluate"),
+    "plan": ("groundmill.pipeline.plan:main", "GPU-hours, wall-clock and dollars of a manifest on a corpus"),
 }
 
 

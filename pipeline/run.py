@@ -141,8 +141,9 @@ def refuse_changed_settings(out: Path, previous: dict[str, Any], record: dict[st
         )
 
 
-def annotate(cfg: Config, out: Path, pending: list[str], index: Any, attempt_number: int) -> None:
-    """Start (or join) Ray and stream the pending inputs through the graph into the shard sink."""
+def annotate(cfg: Config, out: Path, pending: list[str], index: Any, attempt_number: int) -> dict[str, float]:
+    """Start (or join) Ray and stream the pending inputs through the graph into the shard sink;
+    returns the cluster's CPUs and GPUs (the planner reads where timings were measured)."""
     import ray
 
     from groundmill.pipeline.graph import build_dataset, check_resources
@@ -150,8 +151,9 @@ def annotate(cfg: Config, out: Path, pending: list[str], index: Any, attempt_num
     from groundmill.pipeline.sink import ShardSink
 
     init_ray(cfg)
+    cluster = {kind: float(ray.cluster_resources().get(kind, 0.0)) for kind in ("CPU", "GPU")}
     try:
-        check_resources(cfg, ray.cluster_resources())
+        check_resources(cfg, cluster)
     except ConfigError as e:
         if not (cfg.ray.address or os.environ.get("RAY_ADDRESS")):
             raise
@@ -165,6 +167,7 @@ def annotate(cfg: Config, out: Path, pending: list[str], index: Any, attempt_num
     step = cfg.run.inputs_per_dataset
     for i in range(0, len(pending), step):  # bounded driver memory (see RunConfig.inputs_per_dataset)
         build_dataset(cfg, pending[i : i + step], registry).write_datasink(sink)
+    return cluster
 
 
 def run_pipeline(cfg: Config) -> dict[str, Any]:
@@ -196,7 +199,7 @@ def run_pipeline(cfg: Config) -> dict[str, Any]:
         )
     if pending:
         start = time.perf_counter()
-        annotate(cfg, out, pending, index, len(record["attempts"]))
+        attempt["cluster"] = annotate(cfg, out, pending, index, len(record["attempts"]))
         attempt["seconds"] = round(time.perf_counter() - start, 3)
     else:
         log.info("nothing to do: all %d inputs are already in %s", len(uris), out)
