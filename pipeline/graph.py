@@ -8,6 +8,7 @@ retried one sample at a time, so only the sample that breaks it becomes an error
 from __future__ import annotations
 
 import dataclasses
+import sys
 import time
 from typing import Any
 
@@ -42,11 +43,24 @@ def run_stage(stage: Stage, name: str, samples: list[Sample]) -> None:
             s.record.setdefault("provenance", {})[name] = provenance
 
 
+def _cuda() -> Any:
+    """torch.cuda when this process has initialised it (a GPU stage ran here), else None."""
+    torch = sys.modules.get("torch")
+    return torch.cuda if torch is not None and torch.cuda.is_initialized() else None
+
+
+def _elapsed(start: float) -> float:
+    """Seconds since `start`, after the GPU's queued work is done: timings are GPU-synchronised."""
+    if (cuda := _cuda()) is not None:
+        cuda.synchronize()
+    return time.perf_counter() - start
+
+
 def _run_chunk(stage: Stage, name: str, todo: list[Sample]) -> None:
     start = time.perf_counter()
     try:
         stage.process(todo)
-        per_sample = (time.perf_counter() - start) / len(todo)
+        per_sample = _elapsed(start) / len(todo)
         for s in todo:
             s.timings[name] = per_sample
     except Exception as batch_error:
@@ -59,7 +73,7 @@ def _run_chunk(stage: Stage, name: str, todo: list[Sample]) -> None:
                 stage.process([s])
             except Exception as e:
                 _fail(s, name, e)
-            s.timings[name] = time.perf_counter() - one_start
+            s.timings[name] = _elapsed(one_start)
 
 
 def _samples(batch: pa.Table) -> list[Sample]:
@@ -75,9 +89,13 @@ StageSpecs = list[tuple[str, StageConfig, type[Stage]]]
 
 def run_stages(stages: list[tuple[str, Stage]], batch: pa.Table) -> pa.Table:
     samples = _samples(batch)
+    annotate(stages, samples)
+    return _table(samples)
+
+
+def annotate(stages: list[tuple[str, Stage]], samples: list[Sample]) -> None:
     for name, stage in stages:
         run_stage(stage, name, samples)
-    return _table(samples)
 
 
 class StageActor:
@@ -90,7 +108,13 @@ class StageActor:
             stage.setup()
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        return run_stages(self.stages, batch)
+        samples = _samples(batch)
+        annotate(self.stages, samples)
+        if (cuda := _cuda()) is not None:  # this actor's peak so far, for the GPU benchmark
+            peak = round(cuda.max_memory_allocated() / 2**20, 1)
+            for s in samples:
+                s.stats[f"gpu_peak_mib.{'+'.join(n for n, _ in self.stages)}"] = peak
+        return _table(samples)
 
     def __del__(self) -> None:  # Ray Data deletes the UDF when the actor shuts down gracefully
         teardown(self.stages)
