@@ -28,7 +28,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import webdataset as wds
 
-from groundmill.schema import INDEX_SCHEMA, Record, is_valid_key
+from groundmill.schema import INDEX_SCHEMA, ErrorCode, Record, is_valid_key
 
 SHARDS_DIR = "shards"
 INDEX_DIR = "index"
@@ -174,14 +174,22 @@ def clean_uncommitted(out_dir: str | os.PathLike) -> list[Path]:
     return removed
 
 
+def member_problem(member: tarfile.TarInfo) -> tuple[ErrorCode, str] | None:
+    """Why a tar member must not be read as a file (an absolute path, `..`, a link, a device), or None."""
+    name = member.name
+    if name.startswith("/") or ".." in Path(name).parts or "\\" in name:
+        return ErrorCode.UNSAFE_PATH, f"unsafe member path {name!r}"
+    if not member.isfile():
+        return ErrorCode.NOT_REGULAR_FILE, f"member {name!r} is not a regular file"
+    return None
+
+
 def safe_members(tar: tarfile.TarFile) -> Iterable[tarfile.TarInfo]:
     """Members of a tar, refusing absolute paths, `..`, links and anything that is not a plain file."""
     for member in tar:
-        name = member.name
-        if name.startswith("/") or ".." in Path(name).parts or "\\" in name:
-            raise ValueError(f"unsafe member path {name!r} in {tar.name}")
-        if not member.isfile():
-            raise ValueError(f"member {name!r} in {tar.name} is not a regular file")
+        problem = member_problem(member)
+        if problem:
+            raise ValueError(f"{problem[1]} in {tar.name}")
         yield member
 
 

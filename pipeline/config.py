@@ -50,7 +50,15 @@ class OutputConfig:
 class LimitsConfig:
     max_file_mb: int = 1024
     max_image_pixels: int = 100_000_000  # larger images are refused as decompression bombs
-    max_side: int = 4096  # longer sides are downscaled when normalising (recorded in the record)
+    max_side: int = (
+        4096  # longer image sides are downscaled (recorded in the record); longer video sides refused
+    )
+    # Videos are stored as they are, so these refuse rather than shrink (media.VideoLimits):
+    max_video_frames: int = 18_000  # decoded frames
+    max_video_seconds: float = 1800.0
+    max_video_pixels: int = (
+        40_000_000_000  # frames x width x height (each frame also within max_image_pixels)
+    )
 
 
 @dataclass
