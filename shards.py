@@ -33,6 +33,7 @@ from groundmill.schema import INDEX_SCHEMA, ErrorCode, Record, is_valid_key
 SHARDS_DIR = "shards"
 INDEX_DIR = "index"
 TMP_SUFFIX = ".tmp"
+SHARD_BYTES = b"groundmill.shard_bytes"  # index part metadata: the size of its committed tar
 
 
 def _temp_path(path: Path) -> Path:
@@ -130,6 +131,8 @@ class ShardWriter:
             raise
         (self.out_dir / INDEX_DIR).mkdir(parents=True, exist_ok=True)
         table = index_table(self._rows)
+        if self._writer is not None:  # lets a resume see a tar truncated or replaced since
+            table = table.replace_schema_metadata({SHARD_BYTES: str(self._tar_path.stat().st_size)})
         try:
             _atomic_write(
                 self.out_dir / INDEX_DIR / f"{self.name}.parquet", lambda f: pq.write_table(table, f)
@@ -150,12 +153,13 @@ class ShardWriter:
         Path(self._file.name).unlink(missing_ok=True)
 
 
-def read_index(out_dir: str | os.PathLike, columns: list[str] | None = None) -> pa.Table:
-    """All committed index parts of an output directory as one table (empty if none)."""
-    parts = sorted((Path(out_dir) / INDEX_DIR).glob("*.parquet"))
-    if not parts:
+def read_index(out_dir: str | os.PathLike, columns: list[str] | None = None, parts: str = "*") -> pa.Table:
+    """The committed index parts of an output directory (all, or those whose name matches the glob
+    `parts`) as one table (empty if none)."""
+    found = sorted((Path(out_dir) / INDEX_DIR).glob(f"{parts}.parquet"))
+    if not found:
         return INDEX_SCHEMA.empty_table().select(columns or INDEX_SCHEMA.names)
-    return pa.concat_tables(pq.read_table(p, columns=columns, schema=INDEX_SCHEMA) for p in parts)
+    return pa.concat_tables(pq.read_table(p, columns=columns, schema=INDEX_SCHEMA) for p in found)
 
 
 def clean_uncommitted(out_dir: str | os.PathLike) -> list[Path]:
@@ -172,6 +176,47 @@ def clean_uncommitted(out_dir: str | os.PathLike) -> list[Path]:
             tar.unlink(missing_ok=True)
             removed.append(tar)
     return removed
+
+
+def _tar_holds(tar: Path, members: int) -> bool:
+    """Whether a tar (written before SHARD_BYTES existed) reads whole with at least `members` members."""
+    size = tar.stat().st_size
+    try:
+        with tarfile.open(tar, "r:") as t:
+            found = [m for m in t if m.offset_data + m.size <= size]
+    except (tarfile.TarError, OSError):
+        return False
+    return len(found) >= members
+
+
+def _tar_is_whole(tar: Path, part: Path, samples: int) -> bool:
+    if not tar.is_file():
+        return False
+    recorded = (pq.read_schema(part).metadata or {}).get(SHARD_BYTES)
+    if recorded is not None:
+        return tar.stat().st_size == int(recorded)
+    return _tar_holds(tar, 2 * samples)  # media + json per sample
+
+
+def lost_shards(out_dir: str | os.PathLike) -> list[str]:
+    """Names of committed shards whose tar is missing, truncated or replaced since its commit."""
+    out = Path(out_dir)
+    lost = []
+    for part in sorted((out / INDEX_DIR).glob("*.parquet")):
+        shard = pq.read_table(part, columns=["shard"]).column("shard")
+        samples = len(shard) - shard.null_count
+        if not samples:
+            continue  # a part of error / duplicate rows only has no tar
+        if not _tar_is_whole(out / SHARDS_DIR / f"{part.stem}.tar", part, samples):
+            lost.append(part.stem)
+    return lost
+
+
+def forget_shard(out_dir: str | os.PathLike, name: str) -> None:
+    """Withdraw a commit: the index part first (its inputs become pending again), then the tar."""
+    out = Path(out_dir)
+    (out / INDEX_DIR / f"{name}.parquet").unlink(missing_ok=True)
+    (out / SHARDS_DIR / f"{name}.tar").unlink(missing_ok=True)
 
 
 def member_problem(member: tarfile.TarInfo) -> tuple[ErrorCode, str] | None:
