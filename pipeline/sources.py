@@ -193,6 +193,7 @@ class _Lister:
         self.excluded_paths = [Path(p).resolve() for p in excluded]
         self.follow_links = follow_links
         self._uris: dict[str, None] = {}
+        self._walkers: list[_Walker] = []
 
     def add(self, uri: str) -> None:
         self._uris.setdefault(uri, None)
@@ -201,7 +202,9 @@ class _Lister:
         self.listing.failures.setdefault(redact_uri(uri), error_reason(code, reason))
 
     def walker(self, root: Path) -> _Walker:
-        return _Walker(root, self.excluded, self.follow_links)
+        walker = _Walker(root, self.excluded, self.follow_links)
+        self._walkers.append(walker)
+        return walker
 
     def is_excluded(self, path: Path) -> bool:
         real = path.resolve()
@@ -217,8 +220,9 @@ class _Lister:
         elif os.path.lexists(path):
             self.given_file(path)
         else:
+            skipped = self.skipped()
             matches = list(_glob(spec, self.walker))
-            if not matches:
+            if not matches and self.skipped() == skipped:
                 raise SourceError(f"input {spec!r} matches no file or folder")
             for match in matches:
                 self.found_file(match)
@@ -226,10 +230,11 @@ class _Lister:
     def folder(self, path: Path) -> None:
         if self.is_excluded(path):
             raise SourceError(f"input {str(path)!r} is inside the output directory")
-        walker = self.walker(path)
-        for found in walker.walk(path):
+        for found in self.walker(path).walk(path):
             self.found_file(found)
-        self.listing.skipped += walker.skipped
+
+    def skipped(self) -> int:
+        return self.listing.skipped + sum(w.skipped for w in self._walkers)
 
     def given_file(self, path: Path) -> None:
         """A file named as an input: a list of URIs, a tar of inputs, or one input."""
@@ -279,6 +284,7 @@ class _Lister:
 
     def result(self) -> Listing:
         self.listing.uris = list(self._uris)
+        self.listing.skipped = self.skipped()
         return self.listing
 
 
@@ -390,10 +396,11 @@ def _read_local(path: str, max_bytes: int, offset: int = 0, size: int | None = N
         raise InputError(ErrorCode.NOT_FOUND, "no such file") from None
     except OSError as e:
         raise InputError(ErrorCode.UNREADABLE, e.strerror or str(e)) from None
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode):
+        os.close(fd)
+        raise InputError(ErrorCode.NOT_REGULAR_FILE, "not a regular file (a FIFO, device or folder)")
     with os.fdopen(fd, "rb") as f:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise InputError(ErrorCode.NOT_REGULAR_FILE, "not a regular file (a FIFO, device or folder)")
         want = st.st_size - offset if size is None else size
         if want > max_bytes:
             raise _too_large(want, max_bytes)
