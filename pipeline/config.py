@@ -82,6 +82,7 @@ class LimitsConfig:
 class LoadConfig:
     batch_size: int = 8  # inputs read, hashed and normalised per task
     num_cpus: float = 1.0
+    follow_links: bool = False  # follow symlinks in input folders that point outside them (never loops)
 
 
 @dataclass

@@ -243,7 +243,7 @@ def run_pipeline(cfg: Config) -> dict[str, Any]:
 def _pending(cfg: Config, out: Path, done: set[str]) -> tuple[list[dict[str, Any]], int]:
     """The inputs not yet in the index as {uri, failure} items (failure: refused while listing), and
     how many inputs there are in all."""
-    listing = list_sources(cfg.inputs, exclude=[out])
+    listing = list_sources(cfg.inputs, exclude=[out], follow_links=cfg.load.follow_links)
     if listing.skipped:
         log.warning("skipped %d input(s) inside the output directory %s", listing.skipped, out)
     pending = [{"uri": u, "failure": None} for u in listing.uris if redact_uri(u) not in done]

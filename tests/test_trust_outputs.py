@@ -79,9 +79,9 @@ def test_a_second_run_on_one_output_is_refused_naming_the_holder(tmp_path):
     out = tmp_path / "out"
     cfg = load_config(_manifest(tmp_path, out))
     claim_output(out)
-    with output_lock(out):
-        with pytest.raises(OutputError, match=f"being written by another run \\(pid {os.getpid()} on "):
-            run_pipeline(cfg)
+    holder = f"being written by another run \\(pid {os.getpid()} on "
+    with output_lock(out), pytest.raises(OutputError, match=holder):
+        run_pipeline(cfg)
     with output_lock(out):  # released: the next run gets it
         pass
 
@@ -125,7 +125,10 @@ def _block(uris: list[str]) -> pa.Table:
     rows = []
     for uri in uris:
         data = rgb_jpeg(seed=int(uri.rsplit("-", 1)[1]) + 1)
-        record = {"key": content_key(data), "media": {"type": "image", "ext": "jpg", "width": 96, "height": 64}}
+        record = {
+            "key": content_key(data),
+            "media": {"type": "image", "ext": "jpg", "width": 96, "height": 64},
+        }
         rows.append(Sample(uri, content_key(data), "image", data, [], record).to_row())
     return pa.Table.from_pylist(rows, schema=ROW_SCHEMA)
 
@@ -159,7 +162,14 @@ def test_run_json_keeps_secrets_out(tmp_path, monkeypatch):
         "stages:\n  tagging:\n    model: {id: tiny, revision: '${oc.env:GM_SECRET}'}\n",
     )
     overrides = ["stages.tagging.params.top_k=3", "run.seed=1"]
-    argv = ["groundmill", "run", str(manifest), "--input", "s3://AK:SK@bucket/x.jpg", "llm.api_key=sk-live-123"]
+    argv = [
+        "groundmill",
+        "run",
+        str(manifest),
+        "--input",
+        "s3://AK:SK@bucket/x.jpg",
+        "llm.api_key=sk-live-123",
+    ]
     monkeypatch.setattr(sys, "argv", argv)
     cfg = load_config(manifest, overrides)
     assert cfg.run.name == "hunter2-secret"  # resolved for the run itself
@@ -188,7 +198,13 @@ def _index_with_shard(source: Path, shard: str) -> None:
 
 @pytest.mark.parametrize(
     "shard",
-    ["pipe:touch {canary}", "/etc/passwd", "../outside.tar", "shards/../../outside.tar", "file:///etc/passwd"],
+    [
+        "pipe:touch {canary}",
+        "/etc/passwd",
+        "../outside.tar",
+        "shards/../../outside.tar",
+        "file:///etc/passwd",
+    ],
 )
 def test_the_trainer_opens_only_shard_files_inside_their_source(tmp_path, monkeypatch, shard):
     canary = tmp_path / "pwned"
