@@ -1,8 +1,14 @@
 """The one place that turns bytes into pixels (foundation: imports nothing of groundmill).
 
 Decoding and normalising inputs: any valid image becomes upright 8-bit RGB; videos are probed and
-their keyframes sampled with PyAV. Anything unreadable raises :class:`MediaError` with a reason that
-ends up in the index row.
+their keyframes sampled with PyAV. Anything unreadable raises :class:`MediaError` with a reason and
+an :class:`~groundmill.schema.ErrorCode` that end up in the index row.
+
+Hostile bytes meet allowlists and limits before any decoder runs: only the image formats of
+:data:`IMAGE_FORMATS` are tried (Pillow would otherwise try every plugin, EPS calling Ghostscript),
+only the demuxers of :data:`VIDEO_DEMUXERS` open a video (no concat scripts or playlists that read
+other files), an image's pixel limit is weighted by its bytes per sample, and videos are bounded in
+side, pixels, frames and duration (:class:`VideoLimits`).
 """
 
 from __future__ import annotations
@@ -18,13 +24,36 @@ import av
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from groundmill.schema import ErrorCode
+
 VIDEO_EXTENSIONS = {".mp4", ".mov", ".mkv", ".webm", ".avi", ".m4v", ".mpg", ".mpeg"}
 # Our own bomb check runs before decoding, with the limit from the config; PIL's global one is off.
 Image.MAX_IMAGE_PIXELS = None
+IMAGE_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF")  # Pillow plugins tried (JPEG also opens MPO)
+# FFmpeg demuxer names (format_whitelist): containers that never open another file or URL.
+VIDEO_DEMUXERS = "mov,mp4,m4a,3gp,3g2,mj2,matroska,webm,avi,mpeg,mpegts"
+_EINVAL = 22  # what avformat_open_input returns for a demuxer outside the whitelist
+# Bytes per sample of high-depth modes: the pixel limit counts such an image this many times over.
+_SAMPLE_BYTES = {"I;16": 2, "I;16B": 2, "I;16L": 2, "I;16N": 2, "I": 4, "F": 4}
 
 
 class MediaError(Exception):
-    """The input cannot be used; `str(e)` is the reason recorded in the index."""
+    """The input cannot be used; `str(e)` is the reason recorded in the index, `code` its ErrorCode."""
+
+    def __init__(self, reason: str, code: ErrorCode = ErrorCode.CORRUPT):
+        super().__init__(reason)
+        self.code = code
+
+
+@dataclass(frozen=True)
+class VideoLimits:
+    """What a video may cost to decode; the stored file is kept as is, so larger ones are refused."""
+
+    max_side: int = 4096
+    max_pixels: int = 100_000_000  # per frame
+    max_frames: int = 18_000  # decoded frames
+    max_seconds: float = 1800.0
+    max_total_pixels: int = 40_000_000_000  # frames x width x height: bounds the decoding work
 
 
 @dataclass
@@ -64,10 +93,8 @@ def _to_rgb(im: Image.Image, steps: list[str]) -> Image.Image:
     mode = im.mode
     if mode == "RGB":
         return im
-    if mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-        arr = np.asarray(im, dtype=np.float64)
-        hi = 65535.0 if mode.startswith("I;16") or arr.max() > 255 else 255.0
-        im = Image.fromarray(np.clip(arr / hi * 255.0 + 0.5, 0, 255).astype(np.uint8), "L")
+    if mode in _SAMPLE_BYTES:
+        im = _to_8bit(im)
         steps.append(f"{mode}->8bit")
     if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
         rgba = im.convert("RGBA")
@@ -79,20 +106,41 @@ def _to_rgb(im: Image.Image, steps: list[str]) -> Image.Image:
     return im.convert("RGB")
 
 
+def _to_8bit(im: Image.Image, chunk_pixels: int = 2**20) -> Image.Image:
+    """A 16/32-bit single-channel image -> 8-bit "L", scaled (not clipped), in row chunks so the
+    float working copy stays a few MB whatever the image size."""
+    arr = np.asarray(im)
+    hi = 65535.0 if im.mode.startswith("I;16") or arr.max() > 255 else 255.0
+    out = np.empty(arr.shape, np.uint8)
+    rows = max(1, chunk_pixels // max(1, arr.shape[1]))
+    for r in range(0, arr.shape[0], rows):
+        out[r : r + rows] = np.clip(arr[r : r + rows].astype(np.float32) * (255.0 / hi) + 0.5, 0, 255)
+    return Image.fromarray(out, "L")
+
+
+def _check_pixels(im: Image.Image, max_pixels: int) -> None:
+    """Refuse before decoding: pixels weighted by bytes per sample (a 16-bit image counts twice)."""
+    weight = _SAMPLE_BYTES.get(im.mode, 1)
+    cost = im.width * im.height * weight
+    if cost > max_pixels:
+        depth = f" x {weight} (bytes per sample of mode {im.mode})" if weight > 1 else ""
+        raise MediaError(
+            f"decompression bomb: {im.width}x{im.height} = {im.width * im.height} pixels{depth} "
+            f"> limits.max_image_pixels {max_pixels}",
+            ErrorCode.BOMB,
+        )
+
+
 def normalise_image(data: bytes, *, max_pixels: int, max_side: int) -> NormalisedImage:
     """Bytes of any image file -> upright RGB, re-encoded only when something changed."""
     if not data:
-        raise MediaError("empty file")
+        raise MediaError("empty file", ErrorCode.EMPTY)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            im = Image.open(io.BytesIO(data))
+            im = Image.open(io.BytesIO(data), formats=IMAGE_FORMATS)
             fmt = im.format or "unknown"
-            if im.width * im.height > max_pixels:
-                raise MediaError(
-                    f"decompression bomb: {im.width}x{im.height} = {im.width * im.height} pixels "
-                    f"> limits.max_image_pixels {max_pixels}"
-                )
+            _check_pixels(im, max_pixels)
             steps: list[str] = []
             n_frames = getattr(im, "n_frames", 1)
             if n_frames > 1:
@@ -107,9 +155,12 @@ def normalise_image(data: bytes, *, max_pixels: int, max_side: int) -> Normalise
     except MediaError:
         raise
     except UnidentifiedImageError:
-        raise MediaError("not a recognised image format") from None
+        raise MediaError(
+            f"not a recognised image format (allowed: {', '.join(IMAGE_FORMATS)})",
+            ErrorCode.UNSUPPORTED_FORMAT,
+        ) from None
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-        raise MediaError(f"corrupt or truncated image: {e}") from None
+        raise MediaError(f"corrupt or truncated image: {e}", ErrorCode.CORRUPT) from None
     if im.width == 0 or im.height == 0:
         raise MediaError("image has zero width or height")
     if max(im.size) > max_side:
@@ -153,6 +204,19 @@ def upright(frame: av.VideoFrame, rotation: int) -> Image.Image:
     return im.rotate(-rotation, expand=True) if rotation else im
 
 
+def open_video(data: bytes) -> av.container.InputContainer:
+    """A PyAV container over the bytes, opened only by an allowlisted demuxer (VIDEO_DEMUXERS)."""
+    try:
+        return av.open(io.BytesIO(data), mode="r", options={"format_whitelist": VIDEO_DEMUXERS})
+    except av.error.FFmpegError as e:
+        if e.errno == _EINVAL:
+            raise MediaError(
+                f"not an allowed video container (allowed demuxers: {VIDEO_DEMUXERS})",
+                ErrorCode.UNSUPPORTED_FORMAT,
+            ) from None
+        raise
+
+
 def sampled_frames(data: bytes, sampling: FrameSampling) -> Iterator[tuple[int, float, av.VideoFrame]]:
     """(frame_index, time_s, frame) of the frames `sampling` keeps, decoded one at a time.
 
@@ -161,7 +225,7 @@ def sampled_frames(data: bytes, sampling: FrameSampling) -> Iterator[tuple[int, 
     """
     if sampling.stride < 1 or sampling.fps < 0 or sampling.max_frames < 0:
         raise ValueError(f"bad frame sampling {sampling}")
-    with av.open(io.BytesIO(data), mode="r") as container:
+    with open_video(data) as container:
         if not container.streams.video:
             raise MediaError("no video stream")
         stream = container.streams.video[0]
@@ -197,25 +261,72 @@ def video_frames(
             return
 
 
+def _check_video_header(stream: av.video.stream.VideoStream, limits: VideoLimits) -> None:
+    width, height = stream.codec_context.width, stream.codec_context.height
+    if max(width, height) > limits.max_side:
+        raise MediaError(
+            f"video is {width}x{height}: a side > limits.max_side {limits.max_side}", ErrorCode.TOO_LARGE
+        )
+    if width * height > limits.max_pixels:
+        raise MediaError(
+            f"video frames are {width}x{height} > limits.max_image_pixels {limits.max_pixels}", ErrorCode.BOMB
+        )
+    declared = float(stream.duration * stream.time_base) if stream.duration and stream.time_base else 0.0
+    if declared > limits.max_seconds:
+        raise MediaError(
+            f"video lasts {declared:.0f} s > limits.max_video_seconds {limits.max_seconds:g}",
+            ErrorCode.TOO_LARGE,
+        )
+
+
+def _check_video_frame(index: int, t: float, frame: av.VideoFrame, limits: VideoLimits) -> None:
+    """Limits on what decoding found (headers can lie): size, frame count, time, total pixels."""
+    pixels = frame.width * frame.height
+    if max(frame.width, frame.height) > limits.max_side or pixels > limits.max_pixels:
+        raise MediaError(f"video frame {index} is {frame.width}x{frame.height}: over limits", ErrorCode.BOMB)
+    if index + 1 > limits.max_frames:
+        raise MediaError(
+            f"video has more than limits.max_video_frames {limits.max_frames} frames", ErrorCode.TOO_LARGE
+        )
+    if t > limits.max_seconds:
+        raise MediaError(
+            f"video runs past limits.max_video_seconds {limits.max_seconds:g} s", ErrorCode.TOO_LARGE
+        )
+    if (index + 1) * pixels > limits.max_total_pixels:
+        raise MediaError(
+            f"video decodes to more than limits.max_video_pixels {limits.max_total_pixels} pixels",
+            ErrorCode.BOMB,
+        )
+
+
 def probe_video(
-    data: bytes, ext: str, *, keyframes: int, sparse_frames: int, sampling: FrameSampling = FrameSampling()
+    data: bytes,
+    ext: str,
+    *,
+    keyframes: int,
+    sparse_frames: int,
+    sampling: FrameSampling = FrameSampling(),
+    limits: VideoLimits = VideoLimits(),
 ) -> VideoSample:
     """Probe a video and sample its dense keyframes (JPEG) and sparse frame times, in bounded memory.
 
-    Two decoding passes (count, then select) keep memory to one frame at a time whatever the length.
+    Two decoding passes (count, then select) keep memory to one frame at a time whatever the length;
+    `limits` are checked on the header, then on every frame the count pass decodes.
     """
     if not data:
-        raise MediaError("empty file")
+        raise MediaError("empty file", ErrorCode.EMPTY)
     try:
-        with av.open(io.BytesIO(data), mode="r") as container:
+        with open_video(data) as container:
             if not container.streams.video:
                 raise MediaError("no video stream")
             stream = container.streams.video[0]
+            _check_video_header(stream, limits)
             width, height = stream.codec_context.width, stream.codec_context.height
             fps = float(stream.average_rate or 0.0)
         considered: list[tuple[int, float]] = []
         rotation, decoded = 0, 0
         for index, t, frame in sampled_frames(data, sampling):
+            _check_video_frame(index, t, frame, limits)
             if not considered:
                 rotation = frame_rotation(frame)
             considered.append((index, t))

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+from enum import StrEnum
 from typing import Any, NotRequired, TypedDict
 
 import numpy as np
@@ -291,6 +292,28 @@ def check_record(record: Record) -> list[str]:
 
 STATUS_OK = "ok"
 STATUS_ERROR = "error"
+
+
+class ErrorCode(StrEnum):
+    """Stable machine codes of per-input failures (an error row's reason starts with `[code]`)."""
+
+    UNREADABLE = "unreadable"  # an I/O error reading the input
+    NOT_FOUND = "not_found"
+    TOO_LARGE = "too_large"  # over limits.max_file_mb, or a video over its size / length limits
+    CORRUPT = "corrupt"  # truncated or malformed file or tar
+    UNSUPPORTED_FORMAT = "unsupported_format"  # not an allowlisted image format or video demuxer
+    BOMB = "bomb"  # decodes to more pixels or bytes than limits allow
+    UNSAFE_PATH = "unsafe_path"  # a tar member that is absolute or traverses with `..`
+    UNSAFE_URI = "unsafe_uri"  # a scheme not allowlisted, credentials or options in a URI
+    NOT_REGULAR_FILE = "not_regular_file"  # a FIFO, device, directory or link where a file was expected
+    TIMEOUT = "timeout"
+    EMPTY = "empty"
+
+
+def error_reason(code: ErrorCode | str, reason: str) -> str:
+    """The index's error text: `[code] reason`, so the code survives in the free-text column."""
+    return f"[{code}] {reason}"
+
 
 INDEX_SCHEMA = pa.schema(
     [

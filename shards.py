@@ -28,11 +28,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import webdataset as wds
 
-from groundmill.schema import INDEX_SCHEMA, Record, is_valid_key
+from groundmill.schema import INDEX_SCHEMA, ErrorCode, Record, is_valid_key
 
 SHARDS_DIR = "shards"
 INDEX_DIR = "index"
 TMP_SUFFIX = ".tmp"
+SHARD_BYTES = b"groundmill.shard_bytes"  # index part metadata: the size of its committed tar
 
 
 def _temp_path(path: Path) -> Path:
@@ -130,6 +131,8 @@ class ShardWriter:
             raise
         (self.out_dir / INDEX_DIR).mkdir(parents=True, exist_ok=True)
         table = index_table(self._rows)
+        if self._writer is not None:  # lets a resume see a tar truncated or replaced since
+            table = table.replace_schema_metadata({SHARD_BYTES: str(self._tar_path.stat().st_size)})
         try:
             _atomic_write(
                 self.out_dir / INDEX_DIR / f"{self.name}.parquet", lambda f: pq.write_table(table, f)
@@ -150,12 +153,13 @@ class ShardWriter:
         Path(self._file.name).unlink(missing_ok=True)
 
 
-def read_index(out_dir: str | os.PathLike, columns: list[str] | None = None) -> pa.Table:
-    """All committed index parts of an output directory as one table (empty if none)."""
-    parts = sorted((Path(out_dir) / INDEX_DIR).glob("*.parquet"))
-    if not parts:
+def read_index(out_dir: str | os.PathLike, columns: list[str] | None = None, parts: str = "*") -> pa.Table:
+    """The committed index parts of an output directory (all, or those whose name matches the glob
+    `parts`) as one table (empty if none)."""
+    found = sorted((Path(out_dir) / INDEX_DIR).glob(f"{parts}.parquet"))
+    if not found:
         return INDEX_SCHEMA.empty_table().select(columns or INDEX_SCHEMA.names)
-    return pa.concat_tables(pq.read_table(p, columns=columns, schema=INDEX_SCHEMA) for p in parts)
+    return pa.concat_tables(pq.read_table(p, columns=columns, schema=INDEX_SCHEMA) for p in found)
 
 
 def clean_uncommitted(out_dir: str | os.PathLike) -> list[Path]:
@@ -174,14 +178,63 @@ def clean_uncommitted(out_dir: str | os.PathLike) -> list[Path]:
     return removed
 
 
+def _tar_holds(tar: Path, members: int) -> bool:
+    """Whether a tar (written before SHARD_BYTES existed) reads whole with at least `members` members."""
+    size = tar.stat().st_size
+    try:
+        with tarfile.open(tar, "r:") as t:
+            found = [m for m in t if m.offset_data + m.size <= size]
+    except (tarfile.TarError, OSError):
+        return False
+    return len(found) >= members
+
+
+def _tar_is_whole(tar: Path, part: Path, samples: int) -> bool:
+    if not tar.is_file():
+        return False
+    recorded = (pq.read_schema(part).metadata or {}).get(SHARD_BYTES)
+    if recorded is not None:
+        return tar.stat().st_size == int(recorded)
+    return _tar_holds(tar, 2 * samples)  # media + json per sample
+
+
+def lost_shards(out_dir: str | os.PathLike) -> list[str]:
+    """Names of committed shards whose tar is missing, truncated or replaced since its commit."""
+    out = Path(out_dir)
+    lost = []
+    for part in sorted((out / INDEX_DIR).glob("*.parquet")):
+        shard = pq.read_table(part, columns=["shard"]).column("shard")
+        samples = len(shard) - shard.null_count
+        if not samples:
+            continue  # a part of error / duplicate rows only has no tar
+        if not _tar_is_whole(out / SHARDS_DIR / f"{part.stem}.tar", part, samples):
+            lost.append(part.stem)
+    return lost
+
+
+def forget_shard(out_dir: str | os.PathLike, name: str) -> None:
+    """Withdraw a commit: the index part first (its inputs become pending again), then the tar."""
+    out = Path(out_dir)
+    (out / INDEX_DIR / f"{name}.parquet").unlink(missing_ok=True)
+    (out / SHARDS_DIR / f"{name}.tar").unlink(missing_ok=True)
+
+
+def member_problem(member: tarfile.TarInfo) -> tuple[ErrorCode, str] | None:
+    """Why a tar member must not be read as a file (an absolute path, `..`, a link, a device), or None."""
+    name = member.name
+    if name.startswith("/") or ".." in Path(name).parts or "\\" in name:
+        return ErrorCode.UNSAFE_PATH, f"unsafe member path {name!r}"
+    if not member.isfile():
+        return ErrorCode.NOT_REGULAR_FILE, f"member {name!r} is not a regular file"
+    return None
+
+
 def safe_members(tar: tarfile.TarFile) -> Iterable[tarfile.TarInfo]:
     """Members of a tar, refusing absolute paths, `..`, links and anything that is not a plain file."""
     for member in tar:
-        name = member.name
-        if name.startswith("/") or ".." in Path(name).parts or "\\" in name:
-            raise ValueError(f"unsafe member path {name!r} in {tar.name}")
-        if not member.isfile():
-            raise ValueError(f"member {name!r} in {tar.name} is not a regular file")
+        problem = member_problem(member)
+        if problem:
+            raise ValueError(f"{problem[1]} in {tar.name}")
         yield member
 
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 import io
 import json
 from collections.abc import Iterator
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import numpy as np
@@ -20,18 +20,48 @@ from groundmill.schema import STATUS_OK, decode_mask
 from groundmill.shards import read_index
 
 
+def safe_shard_path(source: str | Path, shard: str) -> str:
+    """The file an index's `shard` names, as an absolute local path inside `source`.
+
+    The index is data, so its paths are untrusted: webdataset would run a `pipe:` URL through a
+    shell, and an absolute or `..` path would read outside the output. Only a relative, scheme-free
+    path without `..` that resolves inside `source` is accepted; the absolute path returned has no
+    scheme, so webdataset opens it as a plain file."""
+    root = Path(source).resolve()
+    parts = PurePosixPath(shard).parts
+    if ":" in shard or "\\" in shard or shard.startswith("/") or ".." in parts or not parts:
+        raise ValueError(
+            f"{source}: index names an unsafe shard path {shard!r} (must be relative, in the output)"
+        )
+    path = (root / shard).resolve()
+    if not path.is_relative_to(root):
+        raise ValueError(f"{source}: shard {shard!r} resolves outside the output ({path})")
+    return str(path)
+
+
 def shard_urls(source: str | Path) -> list[str]:
-    """The committed shards of an engine output dir (rows with status ok and a shard)."""
+    """The committed shards of an engine output dir (rows with status ok and a shard), as safe paths."""
     table = read_index(source, columns=["shard", "status"]).to_pylist()
     shards = sorted({r["shard"] for r in table if r["status"] == STATUS_OK and r["shard"]})
     if not shards:
         raise FileNotFoundError(f"no committed shards under {source}")
-    return [str(Path(source) / s) for s in shards]
+    return [safe_shard_path(source, s) for s in shards]
 
 
-def decode_video(data: bytes, rotation: int = 0) -> list[np.ndarray]:
-    """Every frame of a video as displayed (clockwise `rotation` applied), RGB uint8."""
-    return [np.asarray(im) for _, im in video_frames(data, rotation)]
+def decode_video(data: bytes, rotation: int = 0, indices: set[int] | None = None) -> list[np.ndarray | None]:
+    """The frames of a video as displayed (clockwise `rotation` applied), RGB uint8, by frame index:
+    all of them, or only `indices` (the others are None, so memory holds only what is used)."""
+    frames: list[np.ndarray | None] = []
+    for index, im in video_frames(data, rotation, indices):
+        frames += [None] * (index - len(frames))
+        frames.append(np.asarray(im))
+    return frames
+
+
+def annotated_frames(record: dict) -> set[int]:
+    """The frame indices a video record annotates (keyframes and track masklets): what tasks sample."""
+    indices = {int(k) for t in record.get("tracks", []) for k in t.get("masklet", {})}
+    return indices | {f["frame_index"] for f in record.get("keyframes", [])} | {0}
 
 
 def load(sample: dict[str, Any], size: int) -> tuple[dict, list[np.ndarray]]:
@@ -39,11 +69,11 @@ def load(sample: dict[str, Any], size: int) -> tuple[dict, list[np.ndarray]]:
     record = json.loads(sample["json"])
     data = sample[record["media"]["ext"]]
     if record["media"]["type"] == "video":
-        frames = decode_video(data, record["media"].get("rotation", 0))
+        frames = decode_video(data, record["media"].get("rotation", 0), annotated_frames(record))
     else:
         frames = [np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))]
     frames = [
-        f if f.shape[:2] == (size, size) else np.asarray(Image.fromarray(f).resize((size, size)))
+        f if f is None or f.shape[:2] == (size, size) else np.asarray(Image.fromarray(f).resize((size, size)))
         for f in frames
     ]
     return record, frames

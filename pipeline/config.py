@@ -8,6 +8,7 @@ per-stage ``params`` which each stage declares as a dataclass.
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,22 @@ from groundmill.stages.base import LOADED_FIELDS, ModelSpec, Resources
 
 class ConfigError(ValueError):
     """A manifest or override is invalid; the message names the key."""
+
+
+# Keys whose values are masked wherever the config is recorded or echoed (`*_env` keys name a variable).
+SECRET_KEY = re.compile(r"secret|passw|token|credential|api_?key|access_?key|private_?key", re.IGNORECASE)
+MASK = "***"
+
+
+def is_secret_key(dotted: str) -> bool:
+    name = dotted.rsplit(".", 1)[-1]
+    return bool(SECRET_KEY.search(name)) and not name.endswith("_env")
+
+
+def mask_override(arg: str) -> str:
+    """`key=value` with the value masked when the key looks secret; other arguments unchanged."""
+    key, sep, _ = arg.partition("=")
+    return f"{key}={MASK}" if sep and not key.startswith("-") and is_secret_key(key) else arg
 
 
 @dataclass
@@ -50,13 +67,22 @@ class OutputConfig:
 class LimitsConfig:
     max_file_mb: int = 1024
     max_image_pixels: int = 100_000_000  # larger images are refused as decompression bombs
-    max_side: int = 4096  # longer sides are downscaled when normalising (recorded in the record)
+    max_side: int = (
+        4096  # longer image sides are downscaled (recorded in the record); longer video sides refused
+    )
+    # Videos are stored as they are, so these refuse rather than shrink (media.VideoLimits):
+    max_video_frames: int = 18_000  # decoded frames
+    max_video_seconds: float = 1800.0
+    max_video_pixels: int = (
+        40_000_000_000  # frames x width x height (each frame also within max_image_pixels)
+    )
 
 
 @dataclass
 class LoadConfig:
     batch_size: int = 8  # inputs read, hashed and normalised per task
     num_cpus: float = 1.0
+    follow_links: bool = False  # follow symlinks in input folders that point outside them (never loops)
 
 
 @dataclass
@@ -172,14 +198,40 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
     if overrides:
         bad = [o for o in overrides if "=" not in o]
         if bad:
-            raise ConfigError(f"override {bad[0]!r} is not key=value")
-        conf = _merge(conf, OmegaConf.from_dotlist(overrides), "overrides")
+            raise ConfigError(f"override {mask_override(bad[0])!r} is not key=value")
+        try:
+            conf = _merge(conf, OmegaConf.from_dotlist(overrides), "overrides")
+        except ConfigError as e:
+            raise ConfigError(_mask_values(str(e), overrides)) from None
     try:
         cfg: Config = OmegaConf.to_object(conf)  # resolves interpolations: a bad one fails here
     except OmegaConfBaseException as e:
         raise ConfigError(f"key '{e.full_key}': {e.msg}") from None
     validate(cfg)
+    # What run.json records: interpolations as written, so ${oc.env:SECRET} never reaches an output.
+    object.__setattr__(cfg, "_interpolations", _interpolations(OmegaConf.to_container(conf, resolve=False)))
     return cfg
+
+
+def _mask_values(message: str, overrides: list[str]) -> str:
+    for arg in overrides:
+        key, _, value = arg.partition("=")
+        if value and is_secret_key(key):
+            message = message.replace(value, MASK)
+    return message
+
+
+def _interpolations(data: Any, prefix: str = "") -> dict[str, str]:
+    """Dotted key -> the unresolved `${...}` text, for every interpolated value of a config."""
+    if isinstance(data, dict):
+        return {
+            k: v for key, value in data.items() for k, v in _interpolations(value, f"{prefix}{key}.").items()
+        }
+    if isinstance(data, list):
+        return {
+            k: v for i, value in enumerate(data) for k, v in _interpolations(value, f"{prefix}{i}.").items()
+        }
+    return {prefix.rstrip("."): data} if isinstance(data, str) and "${" in data else {}
 
 
 def validate(cfg: Config) -> None:
@@ -261,5 +313,29 @@ def stage_params(cls: type, params: dict[str, Any], where: str) -> Any:
 
 
 def to_container(cfg: Config) -> dict[str, Any]:
-    """The resolved config as plain data, for the run record."""
+    """The resolved config as plain data."""
     return dataclasses.asdict(cfg)
+
+
+def recorded_config(cfg: Config) -> dict[str, Any]:
+    """The config as run.json records it: interpolations unresolved (as written in the manifest),
+    values of secret-looking keys masked."""
+    data = to_container(cfg)
+    for dotted, text in getattr(cfg, "_interpolations", {}).items():
+        *parents, leaf = dotted.split(".")
+        node = data
+        for part in parents:
+            node = node[int(part)] if isinstance(node, list) else node[part]
+        node[int(leaf) if isinstance(node, list) else leaf] = text
+    return _masked(data)
+
+
+def _masked(data: Any, prefix: str = "") -> Any:
+    if isinstance(data, dict):
+        return {
+            k: MASK if is_secret_key(f"{prefix}{k}") and v not in (None, "") else _masked(v, f"{prefix}{k}.")
+            for k, v in data.items()
+        }
+    if isinstance(data, list):
+        return [_masked(v, prefix) for v in data]
+    return data

@@ -174,10 +174,11 @@ def operator_specs(seg: Segment) -> StageSpecs:
     ]
 
 
-def build_dataset(cfg: Config, uris: list[str], registry: Any) -> Dataset:
-    """The lazy Ray Data graph for `uris`; nothing runs until it is written."""
+def build_dataset(cfg: Config, items: list[dict[str, Any]], registry: Any) -> Dataset:
+    """The lazy Ray Data graph for `items` ({uri, failure}: see load_batch); nothing runs until it is
+    written."""
     batch_size = cfg.load.batch_size
-    ds = ray.data.from_items([{"uri": u} for u in uris], override_num_blocks=max(1, len(uris) // batch_size))
+    ds = ray.data.from_items(items, override_num_blocks=max(1, len(items) // batch_size))
     ds = ds.map_batches(
         load_batch,
         batch_format="pyarrow",

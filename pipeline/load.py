@@ -14,10 +14,26 @@ from typing import Any
 import pyarrow as pa
 import ray
 
-from groundmill.media import FrameSampling, MediaError, is_video_uri, normalise_image, probe_video
+from groundmill.media import (
+    FrameSampling,
+    MediaError,
+    VideoLimits,
+    is_video_uri,
+    normalise_image,
+    probe_video,
+)
 from groundmill.pipeline.config import LimitsConfig, VideoConfig
-from groundmill.pipeline.sources import read_uri
-from groundmill.schema import STATUS_ERROR, FrameRecord, Record, Source, content_key, new_record
+from groundmill.pipeline.sources import InputError, read_uri, redact_uri
+from groundmill.schema import (
+    STATUS_ERROR,
+    ErrorCode,
+    FrameRecord,
+    Record,
+    Source,
+    content_key,
+    error_reason,
+    new_record,
+)
 from groundmill.stages.base import ROW_SCHEMA, STATUS_DUPLICATE, Sample
 
 LOAD_STAGE = "load"
@@ -46,10 +62,33 @@ class Loaded:
 
 
 def _error(uri: str, key: str | None, reason: str, record: Record | None = None) -> Sample:
+    """An error row of the load step; `reason` is `error_reason(code, ...)`, so it starts with [code]."""
     return Sample(
         uri=uri, key=key, media_type="", data=b"", frames=[], record=record or {},
         status=STATUS_ERROR, error=f"{LOAD_STAGE}: {reason}",
     )  # fmt: skip
+
+
+def _read(uri: str, max_bytes: int) -> bytes | str:
+    """The input's bytes, or the `[code] reason` of why it cannot be read."""
+    try:
+        return read_uri(uri, max_bytes)
+    except InputError as e:
+        return error_reason(e.code, str(e))
+    except (OSError, ValueError) as e:  # pyarrow's and the OS's own errors
+        return error_reason(ErrorCode.UNREADABLE, getattr(e, "strerror", None) or str(e))
+
+
+def _normalised(s: Sample, raw: bytes, limits: LimitsConfig, video: VideoConfig) -> Sample:
+    """normalise_input, any failure of it turned into this input's error row."""
+    try:
+        return normalise_input(s.uri, s.key, raw, limits, video)
+    except MediaError as e:
+        reason = error_reason(e.code, str(e))
+    except Exception as e:  # a decoder bug on hostile bytes is still this input's failure only
+        reason = error_reason(ErrorCode.CORRUPT, f"{type(e).__name__}: {e}")
+    source = Source(uri=s.uri, sha256=s.key, bytes=len(raw), format="")
+    return _error(s.uri, s.key, reason, Record(source=source))
 
 
 def normalise_input(uri: str, key: str, raw: bytes, limits: LimitsConfig, video: VideoConfig) -> Sample:
@@ -58,8 +97,20 @@ def normalise_input(uri: str, key: str, raw: bytes, limits: LimitsConfig, video:
     if is_video_uri(uri):
         ext = uri.rsplit(".", 1)[-1].lower()
         sampling = FrameSampling(fps=video.fps, stride=video.stride, max_frames=video.max_frames)
+        bounds = VideoLimits(
+            max_side=limits.max_side,
+            max_pixels=limits.max_image_pixels,
+            max_frames=limits.max_video_frames,
+            max_seconds=limits.max_video_seconds,
+            max_total_pixels=limits.max_video_pixels,
+        )
         v = probe_video(
-            raw, ext, keyframes=video.keyframes, sparse_frames=video.sparse_frames, sampling=sampling
+            raw,
+            ext,
+            keyframes=video.keyframes,
+            sparse_frames=video.sparse_frames,
+            sampling=sampling,
+            limits=bounds,
         )
         source["format"] = ext
         media = {
@@ -85,17 +136,21 @@ def normalise_input(uri: str, key: str, raw: bytes, limits: LimitsConfig, video:
 
 
 def load_batch(batch: pa.Table, limits: LimitsConfig, video: VideoConfig, registry: Any) -> pa.Table:
-    """Ray map_batches function: {uri} rows -> ROW_SCHEMA rows."""
+    """Ray map_batches function: {uri, failure} rows -> ROW_SCHEMA rows.
+
+    `failure` is set for inputs already refused while listing (their row is that error). The URIs of
+    all rows, and so of the index, the records and stage errors, are redacted (no credentials)."""
     max_bytes = limits.max_file_mb * 2**20
+    failures = batch.column("failure").to_pylist() if "failure" in batch.column_names else None
     loaded: list[Loaded] = []
-    for uri in batch.column("uri").to_pylist():
+    for n, uri in enumerate(batch.column("uri").to_pylist()):
         start = time.perf_counter()
-        try:
-            raw = read_uri(uri, max_bytes)
-        except OSError as e:
-            loaded.append(Loaded(_error(uri, None, f"unreadable: {e.strerror or e}"), None))
+        shown = redact_uri(uri)
+        raw = failures[n] if failures and failures[n] else _read(uri, max_bytes)
+        if isinstance(raw, str):
+            loaded.append(Loaded(_error(shown, None, raw), None))
             continue
-        sample = Sample(uri=uri, key=content_key(raw), media_type="", data=b"", frames=[], record={})
+        sample = Sample(uri=shown, key=content_key(raw), media_type="", data=b"", frames=[], record={})
         sample.timings[LOAD_STAGE] = time.perf_counter() - start
         loaded.append(Loaded(sample, raw))
     keyed = [item for item in loaded if item.raw is not None]
@@ -113,11 +168,7 @@ def load_batch(batch: pa.Table, limits: LimitsConfig, video: VideoConfig, regist
             out.append(s)
             continue
         start = time.perf_counter()
-        try:
-            normalised = normalise_input(s.uri, s.key, item.raw, limits, video)
-        except MediaError as e:
-            source = Source(uri=s.uri, sha256=s.key, bytes=len(item.raw), format="")
-            normalised = _error(s.uri, s.key, str(e), Record(source=source))
+        normalised = _normalised(s, item.raw, limits, video)
         normalised.timings[LOAD_STAGE] = s.timings[LOAD_STAGE] + time.perf_counter() - start
         out.append(normalised)
     return pa.Table.from_pylist([s.to_row() for s in out], schema=ROW_SCHEMA)

@@ -1,33 +1,44 @@
-"""One run: resume state, Ray start-up, the graph, and the run record (run.json).
+"""One run: output ownership, resume state, Ray start-up, the graph, and the run record (run.json).
 
 Resume is by construction: an input whose URI has a committed index row is done. A rerun of a
-killed run removes uncommitted files, skips what is done and annotates the rest; a rerun of a
-finished run finds nothing pending and returns without starting Ray. A rerun whose annotation
-settings differ from those that wrote the output is refused, naming what changed.
+killed run removes uncommitted files, redoes shards that went missing or were truncated since their
+commit, skips what is done and annotates the rest; a rerun of a finished run finds nothing pending
+and returns without starting Ray. A rerun whose annotation settings differ from those that wrote
+the output is refused, naming what changed.
+
+Outputs stay owned: a run writes only into an empty directory or one holding groundmill's marker
+(:data:`MARKER`), holds an exclusive lock on it (:data:`LOCK`) for its whole length, and never lists
+it as input. The run record keeps interpolations unresolved, masks secret-looking values and
+redacts URIs.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import logging
 import os
 import platform
-import re
+import socket
 import sys
 import time
+from collections.abc import Iterator
 from datetime import UTC, datetime
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 from groundmill import __version__
-from groundmill.pipeline.config import Config, ConfigError, to_container
-from groundmill.pipeline.sources import list_inputs
-from groundmill.shards import clean_uncommitted, read_index
+from groundmill.pipeline.config import Config, ConfigError, mask_override, recorded_config
+from groundmill.pipeline.sources import list_sources, redact_uri
+from groundmill.shards import clean_uncommitted, forget_shard, lost_shards, read_index
 
 log = logging.getLogger("groundmill")
 
 RUN_RECORD = "run.json"
+MARKER = ".groundmill"  # written into an output directory when a run first claims it
+LOCK = ".lock"  # flock'ed by the run writing the directory; holds who that is
 _PACKAGES = (
     "torch", "torchvision", "transformers", "ray", "open-clip-torch", "sam2", "spacy",
     "webdataset", "pyarrow", "omegaconf", "pycocotools", "av", "pillow", "numpy",
@@ -115,14 +126,64 @@ def init_ray(cfg: Config) -> None:
         )
 
 
+class OutputError(ConfigError):
+    """The output directory cannot be used: not groundmill's, in use, or inconsistent."""
+
+
+def claim_output(out: Path) -> None:
+    """Refuse a non-empty directory that groundmill did not create; mark a new or empty one as ours."""
+    out.mkdir(parents=True, exist_ok=True)
+    marker = out / MARKER
+    if marker.exists():
+        return
+    if any(out.iterdir()):
+        raise OutputError(
+            f"{out} is not empty and holds no {MARKER} marker, so groundmill did not write it; a run would "
+            "delete what it does not recognise there: choose a new or empty --output"
+        )
+    marker.write_text(json.dumps({"created_by": "groundmill", "version": __version__}) + "\n")
+
+
+@contextlib.contextmanager
+def output_lock(out: Path) -> Iterator[None]:
+    """Hold an exclusive flock on OUT/.lock, or fail naming the run that holds it."""
+    with open(out / LOCK, "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or "another process"
+            raise OutputError(
+                f"{out} is being written by another run ({holder}); wait for it to end"
+            ) from None
+        try:
+            f.truncate(0)
+            f.write(f"pid {os.getpid()} on {socket.gethostname()}, since {datetime.now(UTC).isoformat()}\n")
+            f.flush()
+            yield
+        finally:
+            f.truncate(0)
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def redo_lost_shards(out: Path) -> None:
+    """Withdraw commits whose tar went missing or was truncated, so their inputs are redone."""
+    for name in lost_shards(out):
+        log.warning("shard %s is missing or truncated: its inputs will be annotated again", name)
+        forget_shard(out, name)
+
+
 def new_record(cfg: Config, num_inputs: int, previous: dict[str, Any]) -> dict[str, Any]:
-    """This attempt's run record: config, stage provenance, versions, the attempts so far."""
+    """This attempt's run record: config, stage provenance, versions, the attempts so far; no secrets
+    (interpolations as written, secret-looking values masked, URIs redacted)."""
+    config = recorded_config(cfg)
+    config["inputs"] = [redact_uri(u) for u in config["inputs"]]
     record: dict[str, Any] = {
         "groundmill_version": __version__,
-        "config": to_container(cfg),
+        "config": config,
         "stages": stage_provenance(cfg),
         "versions": package_versions(),
-        "command": sys.argv,
+        "command": [redact_uri(mask_override(a)) for a in sys.argv],
         "inputs": num_inputs,
         "attempts": previous.get("attempts", []),
     }
@@ -141,9 +202,12 @@ def refuse_changed_settings(out: Path, previous: dict[str, Any], record: dict[st
         )
 
 
-def annotate(cfg: Config, out: Path, pending: list[str], index: Any, attempt_number: int) -> dict[str, float]:
-    """Start (or join) Ray and stream the pending inputs through the graph into the shard sink;
-    returns the cluster's CPUs and GPUs (the planner reads where timings were measured)."""
+def annotate(
+    cfg: Config, out: Path, pending: list[dict[str, Any]], index: Any, attempt_number: int
+) -> dict[str, float]:
+    """Start (or join) Ray and stream the pending inputs ({uri, failure} items) through the graph
+    into the shard sink; returns the cluster's CPUs and GPUs (the planner reads where timings were
+    measured)."""
     import ray
 
     from groundmill.pipeline.graph import build_dataset, check_resources
@@ -162,30 +226,51 @@ def annotate(cfg: Config, out: Path, pending: list[str], index: Any, attempt_num
     columns = (index.column(c).to_pylist() for c in ("key", "uri", "shard"))
     committed = {k: u for k, u, s in zip(*columns, strict=True) if s}
     registry = KeyRegistry.remote(committed)
-    prefix = f"{re.sub(r'[^A-Za-z0-9_-]', '-', cfg.run.name)}-{attempt_number:03d}"
-    sink = ShardSink(str(out), cfg.output.shard_max_samples, cfg.output.shard_max_mb * 2**20, prefix)
     step = cfg.run.inputs_per_dataset
-    for i in range(0, len(pending), step):  # bounded driver memory (see RunConfig.inputs_per_dataset)
+    for n, i in enumerate(range(0, len(pending), step)):  # bounded driver memory (inputs_per_dataset)
+        # Shard names carry no config value: attempt, Dataset and (in the sink) write task numbers.
+        prefix = f"{attempt_number:03d}-{n:03d}"
+        sink = ShardSink(str(out), cfg.output.shard_max_samples, cfg.output.shard_max_mb * 2**20, prefix)
         build_dataset(cfg, pending[i : i + step], registry).write_datasink(sink)
     return cluster
 
 
 def run_pipeline(cfg: Config) -> dict[str, Any]:
-    """Annotate every pending input of `cfg`; returns the run record."""
+    """Annotate every pending input of `cfg` into its output directory; returns the run record."""
     out = Path(cfg.output.dir)
-    out.mkdir(parents=True, exist_ok=True)
+    claim_output(out)
+    with output_lock(out):
+        return _run_locked(cfg, out)
+
+
+def _pending(cfg: Config, out: Path, done: set[str]) -> tuple[list[dict[str, Any]], int]:
+    """The inputs not yet in the index as {uri, failure} items (failure: refused while listing), and
+    how many inputs there are in all."""
+    listing = list_sources(cfg.inputs, exclude=[out], follow_links=cfg.load.follow_links)
+    if listing.skipped:
+        log.warning("skipped %d input(s) inside the output directory %s", listing.skipped, out)
+    pending = [{"uri": u, "failure": None} for u in listing.uris if redact_uri(u) not in done]
+    pending += [{"uri": u, "failure": r} for u, r in listing.failures.items() if u not in done]
+    return pending, len(listing.uris) + len(listing.failures)
+
+
+def _run_locked(cfg: Config, out: Path) -> dict[str, Any]:
     removed = clean_uncommitted(out)
     if removed:
         log.info("removed %d uncommitted file(s) left by an interrupted run", len(removed))
-
-    uris = list_inputs(cfg.inputs)
+    redo_lost_shards(out)
     index = read_index(out, columns=["uri", "key", "shard"])
-    done = set(index.column("uri").to_pylist())
-    pending = [u for u in uris if u not in done]
-
     record_path = out / RUN_RECORD
+    if len(index) and not record_path.exists():
+        raise OutputError(
+            f"{out} holds committed shards but no {RUN_RECORD}, so the settings that wrote them cannot be "
+            f"checked: restore {RUN_RECORD}, or write to a new --output"
+        )
+    done = set(index.column("uri").to_pylist())
+    pending, num_inputs = _pending(cfg, out, done)
+
     previous = json.loads(record_path.read_text()) if record_path.exists() else {}
-    record = new_record(cfg, len(uris), previous)
+    record = new_record(cfg, num_inputs, previous)
     if previous and done:
         refuse_changed_settings(out, previous, record)
     attempt = {"started": datetime.now(UTC).isoformat(), "pending": len(pending), "already_done": len(done)}
@@ -202,7 +287,7 @@ def run_pipeline(cfg: Config) -> dict[str, Any]:
         attempt["cluster"] = annotate(cfg, out, pending, index, len(record["attempts"]))
         attempt["seconds"] = round(time.perf_counter() - start, 3)
     else:
-        log.info("nothing to do: all %d inputs are already in %s", len(uris), out)
+        log.info("nothing to do: all %d inputs are already in %s", num_inputs, out)
     attempt["finished"] = datetime.now(UTC).isoformat()
     record["status"] = "complete"
     _write_json(record_path, record)

@@ -11,7 +11,7 @@ from ray.data.block import BlockAccessor
 from ray.data.datasource import Datasink
 
 from groundmill.schema import STATUS_ERROR, STATUS_OK, frame_records
-from groundmill.shards import ShardWriter
+from groundmill.shards import ShardWriter, read_index
 from groundmill.stages.base import STATUS_DUPLICATE, Sample
 
 
@@ -49,16 +49,23 @@ class ShardSink(Datasink):
     def min_rows_per_write(self) -> int:
         return self.max_samples
 
-    def _writer(self) -> ShardWriter:
-        return ShardWriter(self.out_dir, name=f"{self.prefix}-{uuid.uuid4().hex[:12]}")
+    def _writer(self, task: str) -> ShardWriter:
+        return ShardWriter(self.out_dir, name=f"{task}-{uuid.uuid4().hex[:12]}")
 
     def write(self, blocks: Iterable[Any], ctx: Any) -> dict[str, int]:
-        writer = self._writer()
+        """One write task's rows -> shards named `{prefix}-{task index}-{random}`. A retry of the task
+        (same index) first reads what its earlier attempts committed and skips those inputs, so a
+        retried task never writes a row twice."""
+        task = f"{self.prefix}-{ctx.task_idx:05d}"
+        done = set(read_index(self.out_dir, ["uri"], parts=f"{task}-*").column("uri").to_pylist())
+        writer = self._writer(task)
         counts = {"samples": 0, "rows": 0, "shards": 0}
         try:
             for block in blocks:
                 for row in BlockAccessor.for_block(block).to_arrow().to_pylist():
                     sample = Sample.from_row(row)
+                    if sample.uri in done:
+                        continue
                     if sample.status == STATUS_OK:
                         ext = sample.record["media"]["ext"]
                         writer.add_sample(sample.key, sample.data, ext, sample.record, index_row(sample))
@@ -69,7 +76,7 @@ class ShardSink(Datasink):
                     if writer.num_samples >= self.max_samples or writer.nbytes >= self.max_bytes:
                         writer.commit()
                         counts["shards"] += 1
-                        writer = self._writer()
+                        writer = self._writer(task)
             if len(writer):
                 writer.commit()
                 counts["shards"] += 1

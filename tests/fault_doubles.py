@@ -12,11 +12,13 @@ import os
 import signal
 import sys
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import groundmill.stages
+from groundmill.shards import INDEX_DIR, SHARDS_DIR, iter_shard, read_index
 from groundmill.stages.base import Sample, SampleError, Stage
 
 
@@ -97,6 +99,20 @@ class HandBuiltObjectsDouble(Stage):
                 {"id": 1, "bbox": [50, 10, 90, 60], "labels": ["ball"], "attributes": ["red"], "score": 0.8,
                  "detectors": ["double"]},
             ]  # fmt: skip
+
+
+def assert_exactly_once(out: Path, uris: list[str]) -> list[dict]:
+    """Every input has exactly one index row; every ok key is in exactly one tar, exactly once, and
+    every visible tar is committed (has its index part); no temp files are left."""
+    rows = read_index(out).to_pylist()
+    assert Counter(r["uri"] for r in rows) == Counter(uris)
+    tar_keys = Counter(key for tar in (out / SHARDS_DIR).glob("*.tar") for key, _ in iter_shard(tar))
+    ok_keys = [r["key"] for r in rows if r["status"] == "ok" and r["shard"]]
+    assert tar_keys == Counter(ok_keys)
+    committed = {p.stem for p in (out / INDEX_DIR).glob("*.parquet")}
+    assert {p.stem for p in (out / SHARDS_DIR).glob("*.tar")} <= committed
+    assert not list(out.rglob("*.tmp"))
+    return rows
 
 
 DOUBLES: dict[str, type[Stage]] = {

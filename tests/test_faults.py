@@ -12,7 +12,6 @@ import signal
 import subprocess
 import sys
 import time
-from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +23,7 @@ from groundmill.pipeline.cli import main
 from groundmill.pipeline.config import load_config
 from groundmill.pipeline.run import run_pipeline
 from groundmill.shards import INDEX_DIR, SHARDS_DIR, ShardWriter, iter_shard, read_index
-from groundmill.tests.fault_doubles import use_doubles
+from groundmill.tests.fault_doubles import assert_exactly_once, use_doubles
 from groundmill.tests.media_factory import rgb_jpeg
 
 pytestmark = pytest.mark.slow
@@ -55,20 +54,6 @@ def _manifest(tmp_path: Path, inputs: Path, out: Path, stage: str, params: str, 
         f"stages:\n  {stage}:\n    resources: {{batch_size: 2}}\n    params: {params}\n"
     )
     return manifest
-
-
-def assert_exactly_once(out: Path, uris: list[str]) -> list[dict]:
-    """Every input has exactly one index row; every ok key is in exactly one tar, exactly once, and
-    every visible tar is committed (has its index part); no temp files are left."""
-    rows = read_index(out).to_pylist()
-    assert Counter(r["uri"] for r in rows) == Counter(uris)
-    tar_keys = Counter(key for tar in (out / SHARDS_DIR).glob("*.tar") for key, _ in iter_shard(tar))
-    ok_keys = [r["key"] for r in rows if r["status"] == "ok" and r["shard"]]
-    assert tar_keys == Counter(ok_keys)
-    committed = {p.stem for p in (out / INDEX_DIR).glob("*.parquet")}
-    assert {p.stem for p in (out / SHARDS_DIR).glob("*.tar")} <= committed
-    assert not list(out.rglob("*.tmp"))
-    return rows
 
 
 @pytest.mark.parametrize("stage", ["raise_on_uri", "raise_on_uri_task"])

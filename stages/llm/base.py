@@ -62,7 +62,8 @@ class LLMConfig:
     base_url: str = ""
     api_key_env: str = "OPENAI_API_KEY"  # read from the environment, never from the manifest
     max_concurrency: int = 4  # http: requests in flight at once
-    timeout_s: float = 120.0  # http: per request
+    timeout_s: float = 120.0  # http: per request, in all (a server that trickles bytes is cut off)
+    max_response_bytes: int = 8 * 2**20  # http: a longer response body is refused
     request_retries: int = 2  # http: transport-level retries (connection errors, 5xx, timeouts)
     batch_size: int = 8  # transformers: prompts per generate() call (vLLM batches on its own)
     engine_kwargs: dict[str, Any] = field(default_factory=dict)  # vllm: passed to the engine

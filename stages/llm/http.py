@@ -3,8 +3,9 @@
 A message's content may be a list of OpenAI content parts, so vision-language servers get images
 (:func:`image_part`: a base64 data URL in an `image_url` part).
 
-Bounded concurrency (a thread pool of `max_concurrency` requests in flight), a per-request timeout,
-and transport-level retries with backoff for connection errors, timeouts, 429 and 5xx. A response
+Bounded concurrency (a thread pool of `max_concurrency` requests in flight), a per-request deadline
+(total, not per read: a server trickling a byte at a time is cut off), a maximum response size, and
+transport-level retries with backoff for connection errors, timeouts, 429 and 5xx. A response
 that arrives but is malformed is not retried here: it comes back as finish_reason="error" and the
 stage's parse-and-retry loop (`generate_checked`) decides.
 """
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -127,18 +129,36 @@ class OpenAIHTTPBackend(LLMBackend):
         )
 
     def _post(self, payload: dict[str, Any]) -> Generation:
+        deadline = time.monotonic() + self.config.timeout_s
         try:
-            response = self.client.post("/chat/completions", json=payload)
+            with self.client.stream("POST", "/chat/completions", json=payload) as response:
+                if response.status_code in _RETRY_STATUS:
+                    raise _Retryable(f"HTTP {response.status_code}")
+                text = self._read_body(response, deadline)
         except httpx.TimeoutException as e:
             raise _Retryable(f"timeout after {self.config.timeout_s}s ({type(e).__name__})") from None
         except httpx.TransportError as e:
             raise _Retryable(f"{type(e).__name__}: {e}") from None
-        if response.status_code in _RETRY_STATUS:
-            raise _Retryable(f"HTTP {response.status_code}")
         if response.status_code != 200:
-            raise ValueError(f"HTTP {response.status_code}: {response.text[:200]}")
+            raise ValueError(f"HTTP {response.status_code}: {text[:200]}")
         try:
-            body = response.json()
+            body = json.loads(text)
         except ValueError:
-            raise ValueError(f"response is not JSON: {response.text[:120]!r}") from None
+            raise ValueError(f"response is not JSON: {text[:120]!r}") from None
         return parse_chat_response(body)
+
+    def _read_body(self, response: httpx.Response, deadline: float) -> str:
+        """The response body, read within the request's deadline and up to max_response_bytes."""
+        limit = self.config.max_response_bytes
+        declared = response.headers.get("content-length")
+        if declared and declared.isdigit() and int(declared) > limit:
+            raise ValueError(f"response of {declared} bytes > llm.max_response_bytes {limit}")
+        chunks, size = [], 0
+        for chunk in response.iter_bytes():
+            size += len(chunk)
+            if size > limit:
+                raise ValueError(f"response larger than llm.max_response_bytes {limit}")
+            if time.monotonic() > deadline:
+                raise _Retryable(f"timeout: the response took over {self.config.timeout_s}s in all")
+            chunks.append(chunk)
+        return b"".join(chunks).decode(response.encoding or "utf-8", errors="replace")
