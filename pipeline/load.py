@@ -52,7 +52,9 @@ def _error(uri: str, key: str | None, reason: str, record: Record | None = None)
     )  # fmt: skip
 
 
-def normalise_input(uri: str, key: str, raw: bytes, limits: LimitsConfig, video: VideoConfig) -> Sample:
+def normalise_input(
+    uri: str, key: str, raw: bytes, limits: LimitsConfig, video: VideoConfig, image_format: str = "jpg"
+) -> Sample:
     """One input's bytes -> a sample ready for the stages (raises MediaError when unusable)."""
     source = Source(uri=uri, sha256=key, bytes=len(raw), format="")
     if is_video_uri(uri):
@@ -77,14 +79,18 @@ def normalise_input(uri: str, key: str, raw: bytes, limits: LimitsConfig, video:
             for i, t in zip(v.sparse_indices, v.sparse_times, strict=True)
         ]
         return Sample(uri=uri, key=key, media_type="video", data=raw, frames=v.keyframes, record=record)
-    im = normalise_image(raw, max_pixels=limits.max_image_pixels, max_side=limits.max_side)
+    im = normalise_image(
+        raw, max_pixels=limits.max_image_pixels, max_side=limits.max_side, image_format=image_format
+    )
     source["format"] = im.source_format.lower()
     media = {"type": "image", "ext": im.ext, "width": im.width, "height": im.height}
     record = new_record(key, source, media, im.steps)
     return Sample(uri=uri, key=key, media_type="image", data=im.data, frames=[], record=record)
 
 
-def load_batch(batch: pa.Table, limits: LimitsConfig, video: VideoConfig, registry: Any) -> pa.Table:
+def load_batch(
+    batch: pa.Table, limits: LimitsConfig, video: VideoConfig, registry: Any, image_format: str = "jpg"
+) -> pa.Table:
     """Ray map_batches function: {uri} rows -> ROW_SCHEMA rows."""
     max_bytes = limits.max_file_mb * 2**20
     loaded: list[Loaded] = []
@@ -114,7 +120,7 @@ def load_batch(batch: pa.Table, limits: LimitsConfig, video: VideoConfig, regist
             continue
         start = time.perf_counter()
         try:
-            normalised = normalise_input(s.uri, s.key, item.raw, limits, video)
+            normalised = normalise_input(s.uri, s.key, item.raw, limits, video, image_format)
         except MediaError as e:
             source = Source(uri=s.uri, sha256=s.key, bytes=len(item.raw), format="")
             normalised = _error(s.uri, s.key, str(e), Record(source=source))
