@@ -354,9 +354,9 @@ class VideoExpression(TypedDict):
     object_level: str
     scene_level: str
     video_level: str
-    prompt_id: str
-    prompt_hash: str
-    source: ExpressionLevels  # level -> template | llm
+    prompt_id: NotRequired[str]  # provenance: what the engine's stage writes (other writers may not)
+    prompt_hash: NotRequired[str]
+    source: NotRequired[ExpressionLevels]  # level -> template | llm
     rendered_hashes: NotRequired[ExpressionLevels]
     templates: NotRequired[ExpressionLevels]  # the templates LLM rewrites replaced
     rewrite_rejected: NotRequired[ExpressionLevels]

@@ -132,8 +132,8 @@ def stage_busy(out: Path) -> dict[str, float]:
 
     totals: dict[str, list[float]] = {}
     for timings in read_index(out, columns=["timings"]).column("timings").to_pylist():
-        for stage, seconds in timings or []:
-            totals.setdefault(stage, []).append(seconds)
+        for t in timings or []:
+            totals.setdefault(t["stage"], []).append(t["seconds"])
     return {stage: float(np.mean(v)) for stage, v in totals.items()}
 
 
