@@ -640,6 +640,8 @@ STATUS_OK = "ok"
 STATUS_ERROR = "error"
 # The error code of an error row whose stage gave none (issue 16 adds specific machine codes).
 ERROR_CODE_UNCLASSIFIED = "unclassified"
+# The error of an input whose content duplicates one that failed: "duplicate of <uri>: <its error>".
+DUPLICATE_ERROR_PREFIX = "duplicate of "
 
 TIMING = pa.struct([("stage", pa.string()), ("seconds", pa.float64())])
 STAT = pa.struct([("name", pa.string()), ("value", pa.float64())])

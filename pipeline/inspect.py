@@ -11,12 +11,22 @@ from typing import Any
 
 from groundmill.pipeline.export.common import iter_samples
 from groundmill.pipeline.run import RUN_RECORD
-from groundmill.schema import STATUS_ERROR, STATUS_OK, Record, frame_records, mask_area
+from groundmill.schema import (
+    DUPLICATE_ERROR_PREFIX,
+    STATUS_ERROR,
+    STATUS_OK,
+    Record,
+    frame_records,
+    mask_area,
+)
 from groundmill.shards import SHARDS_DIR, read_index
 
 
 def error_reason(error: str) -> str:
-    """The class of an error message: its first two `: `-separated parts ("load: empty file")."""
+    """The class of an error message: its first two `: `-separated parts ("load: empty file"); a
+    duplicate of a failed input is classed by the original's reason."""
+    if error.startswith(DUPLICATE_ERROR_PREFIX):
+        return "duplicate of a failed input: " + error_reason(error.split(": ", 1)[-1])
     return ": ".join(error.split(": ")[:2])
 
 
@@ -42,6 +52,9 @@ def summarize(out_dir: str | Path) -> dict[str, Any]:
         "duplicates": sum(1 for r in index if r["duplicate_of"]),
         "errors": sum(errors.values()),
         "errors_by_reason": dict(errors.most_common()),
+        "errors_by_stage": dict(
+            Counter(r["error_stage"] or "unknown" for r in index if r["status"] == STATUS_ERROR)
+        ),
         "media_types": dict(Counter(r["media_type"] for r in samples)),
         "objects": sum(r["num_objects"] or 0 for r in samples),
         "records": record_contents(out, index),

@@ -239,10 +239,7 @@ def sample_card(sample: ExportSample) -> str:
 
 def stage_rows(summary: dict[str, Any]) -> list[dict[str, Any]]:
     """Per stage: samples, busy seconds, samples/s per worker, and errors raised by that stage."""
-    errors: dict[str, int] = {}
-    for reason, n in summary["errors_by_reason"].items():
-        stage = reason.split(": ")[0]
-        errors[stage] = errors.get(stage, 0) + n
+    errors = dict(summary["errors_by_stage"])
     rows = []
     for name, s in summary["stages"].items():
         rate = s["samples"] / s["seconds"] if s["seconds"] else float("inf")

@@ -19,7 +19,13 @@ import pyarrow.compute as pc
 from ray.data.block import BlockAccessor
 from ray.data.datasource import Datasink
 
-from groundmill.schema import ERROR_CODE_UNCLASSIFIED, STATUS_ERROR, STATUS_OK, frame_records
+from groundmill.schema import (
+    DUPLICATE_ERROR_PREFIX,
+    ERROR_CODE_UNCLASSIFIED,
+    STATUS_ERROR,
+    STATUS_OK,
+    frame_records,
+)
 from groundmill.shards import INDEX_DIR, ShardWriter, index_table, read_index_part, rewrite_index_part
 from groundmill.stages.base import STATUS_DUPLICATE, Sample
 
@@ -126,7 +132,7 @@ def settle_duplicates(out_dir: str | Path) -> int:
         hits = [r for r in rows if r["duplicate_of"] in failed and r["status"] == STATUS_OK]
         for r in hits:
             original = failed[r["duplicate_of"]]
-            r.update(status=STATUS_ERROR, error=f"duplicate of {original['uri']}: {original['error']}",
+            r.update(status=STATUS_ERROR, error=f"{DUPLICATE_ERROR_PREFIX}{original['uri']}: {original['error']}",
                      error_stage=original["error_stage"], error_code=original["error_code"], num_objects=None)  # fmt: skip
         if hits:
             rewrite_index_part(part, index_table(rows))
