@@ -4,6 +4,7 @@ the exports' files checked key by key against the loaders that read them (GLaMM,
 
 from __future__ import annotations
 
+import io
 import json
 import tarfile
 from pathlib import Path
@@ -264,3 +265,21 @@ def test_v1_records_are_read_as_v2_and_newer_ones_refused(tmp_path):
                       {"uri": "f.jpg", "status": "ok", "media_type": "image"})  # fmt: skip
     writer.commit()
     assert main(["inspect", str(tmp_path / "future")]) == 2  # "groundmill: error: ... schema version 3"
+
+
+def test_images_are_stored_in_the_configured_format():
+    from PIL import Image as PILImage
+
+    from groundmill.media import normalise_image
+    from tests.media_factory import rgb_jpeg
+    from tests.test_stage_models import png
+
+    limits = {"max_pixels": 10**8, "max_side": 4096}
+    as_jpg = normalise_image(png(0), **limits, image_format="jpg")
+    assert as_jpg.ext == "jpg" and "PNG->JPEG" in as_jpg.steps
+    assert PILImage.open(io.BytesIO(as_jpg.data)).format == "JPEG"
+    kept = normalise_image(png(0), **limits, image_format="png")
+    assert kept.ext == "png" and kept.data == png(0) and kept.steps == []  # already right: stored as is
+    assert normalise_image(rgb_jpeg(1), **limits, image_format="png").ext == "png"
+    with pytest.raises(ValueError, match="image_format"):
+        normalise_image(png(0), **limits, image_format="webp")
