@@ -131,8 +131,16 @@ def _check_pixels(im: Image.Image, max_pixels: int) -> None:
         )
 
 
-def normalise_image(data: bytes, *, max_pixels: int, max_side: int) -> NormalisedImage:
-    """Bytes of any image file -> upright RGB, re-encoded only when something changed."""
+STORED_FORMATS = {"jpg": "JPEG", "png": "PNG"}  # stored image extension -> PIL format
+
+
+def normalise_image(
+    data: bytes, *, max_pixels: int, max_side: int, image_format: str = "jpg"
+) -> NormalisedImage:
+    """Bytes of any image file -> upright RGB in `image_format` ("jpg" or "png"), so every image shard
+    holds one extension; re-encoded only when something changed or the format differs."""
+    if image_format not in STORED_FORMATS:
+        raise ValueError(f"image_format {image_format!r} is not one of {sorted(STORED_FORMATS)}")
     if not data:
         raise MediaError("empty file", ErrorCode.EMPTY)
     try:
@@ -168,12 +176,14 @@ def normalise_image(data: bytes, *, max_pixels: int, max_side: int) -> Normalise
         size = (max(1, round(im.width * scale)), max(1, round(im.height * scale)))
         im = im.resize(size, Image.Resampling.LANCZOS)
         steps.append(f"downscaled-to-{size[0]}x{size[1]}")
-    if not steps and fmt in ("JPEG", "PNG"):
-        return NormalisedImage(data, "jpg" if fmt == "JPEG" else "png", im.width, im.height, fmt)
-    lossy = fmt in ("JPEG", "MPO", "WEBP")
+    target = STORED_FORMATS[image_format]
+    if not steps and fmt == target:
+        return NormalisedImage(data, image_format, im.width, im.height, fmt)
+    if fmt != target:
+        steps.append(f"{fmt}->{target}")
     buf = io.BytesIO()
-    im.save(buf, format="JPEG" if lossy else "PNG", **({"quality": 95} if lossy else {}))
-    return NormalisedImage(buf.getvalue(), "jpg" if lossy else "png", im.width, im.height, fmt, steps)
+    im.save(buf, format=target, **({"quality": 95} if target == "JPEG" else {}))
+    return NormalisedImage(buf.getvalue(), image_format, im.width, im.height, fmt, steps)
 
 
 def _evenly_spaced(n: int, k: int) -> list[int]:

@@ -8,12 +8,21 @@ The record follows GranD's per-image layout (objects, floating_objects, landmark
 relationships.grounding, dense_caption, additional_context) and adds what video and provenance need.
 For a video, the image stages annotate sampled keyframes: ``record["keyframes"][i]`` is a
 :class:`FrameRecord` holding the same per-image fields, and tracks carry per-frame masklets.
+
+Schema v2: no dict key depends on the data (tools that infer one column type per key, such as Hugging
+Face ``datasets``, read every record alike). GCG groundings are a list of :class:`GCGGrounding`, a
+track's masklet is a list of :class:`MaskletFrame` covering every sampled frame (empty masks stated),
+and ``frame_times`` is a list of :class:`FrameTime`. Every nested shape is a TypedDict below, and
+:func:`check_record` checks records against them. :func:`upgrade_record` reads v1 records as v2.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import re
+import types
+import typing
 from enum import StrEnum
 from typing import Any, NotRequired, TypedDict
 
@@ -21,7 +30,7 @@ import numpy as np
 import pyarrow as pa
 from pycocotools import mask as mask_utils
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 # ---------------------------------------------------------------------------------------------------------
 # Masks: COCO RLE with a string `counts`, JSON-safe.
@@ -74,7 +83,7 @@ class Object(TypedDict):
     segmentation_source: NotRequired[str]  # "SAM2", a detector's mask, ...
     predicted_iou: NotRequired[float]
     mask_in_box: NotRequired[bool]  # False flags a mask whose box disagrees with its prompt box
-    depth: NotRequired[float]  # median normalised depth inside the mask (0 near .. 1 far)
+    depth: NotRequired[float | None]  # median normalised depth inside the mask (0 near .. 1 far)
     depth_layer: NotRequired[str]
 
 
@@ -103,6 +112,8 @@ class Tag(TypedDict):
 class Caption(TypedDict):
     text: str
     model: str
+    prompt_id: NotRequired[str]
+    prompt_hash: NotRequired[str]
 
 
 class Grounding(TypedDict):
@@ -110,6 +121,17 @@ class Grounding(TypedDict):
     caption_index: int  # which entry of `captions`
     tokens_positive: list[int]  # [start, end) character span into that caption
     object_ids: list[int]
+
+
+class Relation(TypedDict):
+    subject: int
+    predicate: str
+    object: int
+
+
+class Relationships(TypedDict, total=False):
+    grounding: list[Grounding]
+    relations: list[Relation]
 
 
 class Landmark(TypedDict):
@@ -125,10 +147,34 @@ class DenseDetail(TypedDict):
     bbox: list[list[float]]
 
 
+class Checklist(TypedDict, total=False):
+    """The LLM's list of objects a caption claims, and those that match no object (or why it failed)."""
+
+    claims: list[str]
+    unmatched: list[str]
+    unmatched_rate: float
+    error: str | None
+    prompt_id: str
+    template_hash: str
+    prompt_hash: str
+
+
+class Verification(TypedDict):
+    """How well a dense caption's noun phrases ground in the scene graph (stages.verification)."""
+
+    noun_phrases: int
+    grounded: int
+    hallucinated: list[str]
+    hallucination_rate: float
+    accepted: bool
+    regenerated: NotRequired[int]
+    checklist: NotRequired[Checklist]
+
+
 class DenseCaption(TypedDict):
     caption: str
     details: list[DenseDetail]
-    verification: NotRequired[dict[str, Any]]
+    verification: NotRequired[Verification]
 
 
 class VotingRule(TypedDict):
@@ -151,6 +197,69 @@ class FloatingAttribute(TypedDict):
     detector: str
 
 
+class SceneNode(TypedDict):
+    id: int
+    label: str
+    attributes: list[str]
+    phrases: list[str]
+    bbox: list[float]
+    score: float
+    depth: float | None
+    layer: str
+    floating: bool
+
+
+class SceneName(TypedDict):
+    category: str
+    fine: str
+
+
+class SceneGraph(TypedDict):
+    scene: SceneName | None
+    captions: list[str]
+    objects: list[SceneNode]
+    layers: dict[str, list[int]]  # depth layer (a fixed vocabulary: stages.scene_graph.LAYERS) -> ids
+    groups: list[list[int]]
+    relations: list[Relation]
+    dropped_objects: int
+
+
+class ReferringExpression(TypedDict):
+    """An expression that fits its object and no other of the image (stages.refexp)."""
+
+    object_id: int
+    expression: str
+    source: str  # template | llm
+    template: NotRequired[str]  # the template an LLM paraphrase replaced
+    paraphrase_rejected: NotRequired[str]
+    prompt_id: NotRequired[str]
+    template_hash: NotRequired[str]
+    prompt_hash: NotRequired[str]
+
+
+class Generation(TypedDict):
+    """Where an LLM text came from (stages.llm.stage.LLMStage.record_output)."""
+
+    prompt_id: str
+    template_hash: str
+    prompt_hash: str
+    backend: str
+    attempts: int
+    finish_reason: str | None
+    tokens: int
+
+
+class LLMDrop(TypedDict):
+    """An LLM output given up after its attempts: the sample is kept without it (GranD)."""
+
+    stage: str
+    reason: str | None
+    attempts: int
+    prompt_id: str
+    template_hash: str
+    prompt_hash: str
+
+
 class FrameRecord(TypedDict, total=False):
     """Everything the image stages write; the whole record for an image, one keyframe for a video."""
 
@@ -165,16 +274,20 @@ class FrameRecord(TypedDict, total=False):
     floating_objects: list[Object]
     floating_attributes: list[FloatingAttribute]
     captions: list[Caption]
-    relationships: dict[str, Any]  # {"grounding": [Grounding], "relations": [...]}
-    scene_graph: dict[str, Any]
+    relationships: Relationships
+    scene_graph: SceneGraph
     dense_caption: DenseCaption
-    referring_expressions: list[dict[str, Any]]  # {object_id, expression, source: template|llm, ...}
+    referring_expressions: list[ReferringExpression]
     additional_context: str
-    # LLM stage -> {prompt_id, template_hash, prompt_hash, backend, attempts, finish_reason, tokens}
-    generations: dict[str, dict[str, Any]]
-    llm_drops: list[
-        dict[str, Any]
-    ]  # LLM outputs dropped after retries: {stage, reason, attempts, prompt_id, ...}
+    generations: dict[str, Generation]  # LLM stage name (from the manifest) -> its provenance
+    llm_drops: list[LLMDrop]
+
+
+class FrameSamplingInfo(TypedDict):
+    fps: float
+    stride: int
+    max_frames: int
+    num_sampled: int
 
 
 class Media(TypedDict, total=False):
@@ -187,7 +300,7 @@ class Media(TypedDict, total=False):
     num_frames: int
     duration_s: float
     rotation: int  # clockwise display rotation applied to every frame (sizes above are upright)
-    sampling: dict[str, Any]  # {fps, stride, max_frames, num_sampled}: which frames keyframes/tracks use
+    sampling: FrameSamplingInfo  # which frames keyframes and tracks use
 
 
 class Source(TypedDict):
@@ -197,6 +310,76 @@ class Source(TypedDict):
     format: str
 
 
+class GCGGrounding(TypedDict):
+    """One grounded phrase of a GCG caption; `rle_masks` are its objects' masks, in `object_ids` order."""
+
+    phrase: str
+    tokens_positive: list[int]  # [start, end) into the caption
+    object_ids: list[int]
+    rle_masks: list[RLE]
+
+
+class GCG(TypedDict):
+    """A verified, grounded dense caption in GranD-f's GCG form (GLaMM GranDf_gcg_ds), as a list."""
+
+    file_name: str
+    caption: str
+    groundings: list[GCGGrounding]
+
+
+class FrameTime(TypedDict):
+    frame_index: int  # index in the decoded video
+    time_s: float
+
+
+class MaskletFrame(TypedDict):
+    frame_index: int
+    segmentation: RLE  # empty where the object is not visible
+
+
+class TrackOrigin(TypedDict):
+    frame_index: int
+    object_id: int
+
+
+class Track(TypedDict):
+    """One object through a video (stages.tracking); its masklet has one entry per sampled frame."""
+
+    track_id: int
+    labels: list[str]
+    masklet: list[MaskletFrame]  # in frame order, exactly the frames of `frame_times`
+    first_frame: int  # first and last frame where it is visible
+    last_frame: int
+    consistency: float
+    origin: NotRequired[TrackOrigin]
+
+
+class ExpressionLevels(TypedDict, total=False):
+    object_level: str
+    scene_level: str
+    video_level: str
+
+
+class VideoExpression(TypedDict):
+    """Ref-SAV style expressions of one track at three levels (stages.video_expressions)."""
+
+    track_id: int
+    object_level: str
+    scene_level: str
+    video_level: str
+    prompt_id: NotRequired[str]  # provenance: what the engine's stage writes (other writers may not)
+    prompt_hash: NotRequired[str]
+    source: NotRequired[ExpressionLevels]  # level -> template | llm
+    rendered_hashes: NotRequired[ExpressionLevels]
+    templates: NotRequired[ExpressionLevels]  # the templates LLM rewrites replaced
+    rewrite_rejected: NotRequired[ExpressionLevels]
+
+
+class SparseFrame(TypedDict):
+    frame_index: int
+    time_s: float
+
+
 class Record(FrameRecord, total=False):
     schema_version: int
     key: str
@@ -204,13 +387,13 @@ class Record(FrameRecord, total=False):
     media: Media
     normalisation: list[str]  # what was done to make the stored image RGB and upright
     keyframes: list[FrameRecord]  # video only
-    sparse_frames: list[dict[str, Any]]  # video only: {frame_index, time_s} of sparse context frames
-    tracks: list[dict[str, Any]]  # video only: {track_id, labels, masklet: {frame: RLE}, consistency, ...}
-    frame_times: dict[str, float]  # video only: time_s of every frame the tracker covered (masklet keys)
-    expressions: list[dict[str, Any]]  # video only: Ref-SAV style per-track expressions
+    sparse_frames: list[SparseFrame]  # video only: sparse context frames
+    tracks: list[Track]  # video only
+    frame_times: list[FrameTime]  # video only: every frame the tracker covered, in order
+    expressions: list[VideoExpression]  # video only
     video_captions: list[Caption]  # video only: the template caption, then an LLM one if it kept every label
-    gcg: dict[str, Any]  # GranD-f GCG form: {file_name, caption, groundings}
-    provenance: dict[str, dict[str, Any]]  # stage -> {model, random_weights, version, prompt_hash, ...}
+    gcg: GCG  # image only
+    provenance: dict[str, dict[str, Any]]  # stage name (from the manifest) -> model, version, prompt hash...
 
 
 def new_record(key: str, source: Source, media: Media, normalisation: list[str]) -> Record:
@@ -247,44 +430,220 @@ def is_valid_key(key: str) -> bool:
 
 
 # ---------------------------------------------------------------------------------------------------------
+# Reading records of any version.
+
+
+class SchemaVersionError(ValueError):
+    """A record newer than this groundmill, or of no known version."""
+
+
+def masklet_by_frame(track: Track) -> dict[int, RLE]:
+    """frame_index -> mask of a track's masklet."""
+    return {m["frame_index"]: m["segmentation"] for m in track["masklet"]}
+
+
+def empty_rle(height: int, width: int) -> RLE:
+    """The all-zero mask: one run of h*w zeros (what encode_mask gives, without building the array)."""
+    return encode_mask(np.zeros((height, width), dtype=bool))
+
+
+def _upgrade_v1(record: dict[str, Any]) -> dict[str, Any]:
+    """v1 -> v2: phrase-keyed GCG groundings, frame-keyed masklets and frame_times become lists."""
+    gcg = record.get("gcg")
+    if gcg and isinstance(gcg.get("groundings"), dict):
+        gcg["groundings"] = [
+            GCGGrounding(phrase=phrase, tokens_positive=g["token_positives"], object_ids=g.get("object_ids", []),
+                         rle_masks=g["rle_masks"])
+            for phrase, g in gcg["groundings"].items()
+        ]  # fmt: skip
+    times = record.get("frame_times")
+    if isinstance(times, dict):
+        record["frame_times"] = [
+            FrameTime(frame_index=int(f), time_s=t)
+            for f, t in sorted(times.items(), key=lambda kv: int(kv[0]))
+        ]
+    frames = [t["frame_index"] for t in record.get("frame_times", [])]
+    media = record.get("media", {})
+    for track in record.get("tracks", []):
+        if isinstance(track.get("masklet"), dict):
+            masks = {int(f): rle for f, rle in track["masklet"].items()}
+            empty = empty_rle(media["height"], media["width"])
+            track["masklet"] = [
+                MaskletFrame(frame_index=f, segmentation=masks.get(f, empty)) for f in frames or sorted(masks)
+            ]
+    record["schema_version"] = SCHEMA_VERSION
+    return record
+
+
+def upgrade_record(record: dict[str, Any]) -> Record:
+    """A record of any known schema version as a v2 record (in place); newer versions are refused."""
+    version = record.get("schema_version")
+    if version == SCHEMA_VERSION:
+        return record  # type: ignore[return-value]
+    if version == 1:
+        return _upgrade_v1(record)  # type: ignore[return-value]
+    raise SchemaVersionError(
+        f"record {record.get('key')!r} has schema version {version!r}; this groundmill reads versions 1 "
+        f"and {SCHEMA_VERSION}: upgrade groundmill to read it"
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------
 # Invariants, checked by the sink's tests and by anyone reading shards.
 
 
-def check_record(record: Record) -> list[str]:
-    """Problems with a record (empty list if none): mask sizes, exact phrase spans, floating attribute
-    boxes inside the image and naming an attribute."""
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp)
+
+
+def _check_value(value: Any, tp: Any, path: str, problems: list[str]) -> None:
+    """Append to `problems` where `value` does not have type `tp` (TypedDicts, lists, dicts, unions,
+    scalars; `Any` accepts anything). A TypedDict must have its required keys and no unknown key."""
+    origin = typing.get_origin(tp)
+    if tp is Any:
+        return
+    if origin in (typing.Union, types.UnionType):
+        if not any(not _type_problems(value, arm) for arm in typing.get_args(tp)):
+            problems.append(
+                f"{path}: {value!r:.60} is none of {[_type_name(a) for a in typing.get_args(tp)]}"
+            )
+        return
+    if tp is type(None):
+        if value is not None:
+            problems.append(f"{path}: expected null, got {type(value).__name__}")
+        return
+    if typing.is_typeddict(tp):
+        if not isinstance(value, dict):
+            problems.append(f"{path}: expected {tp.__name__} (an object), got {type(value).__name__}")
+            return
+        hints = typing.get_type_hints(tp)
+        missing = sorted(_required_keys(tp) - value.keys())
+        unknown = sorted(value.keys() - hints.keys())
+        if missing:
+            problems.append(f"{path}: {tp.__name__} lacks {missing}")
+        if unknown:
+            problems.append(f"{path}: {tp.__name__} has unknown keys {unknown}")
+        for k in value.keys() & hints.keys():
+            _check_value(value[k], hints[k], f"{path}.{k}", problems)
+        return
+    if origin is list:
+        if not isinstance(value, list):
+            problems.append(f"{path}: expected a list, got {type(value).__name__}")
+            return
+        (item,) = typing.get_args(tp)
+        for i, v in enumerate(value):
+            _check_value(v, item, f"{path}[{i}]", problems)
+        return
+    if origin is dict:
+        if not isinstance(value, dict):
+            problems.append(f"{path}: expected an object, got {type(value).__name__}")
+            return
+        _, item = typing.get_args(tp)
+        for k, v in value.items():
+            _check_value(v, item, f"{path}.{k}", problems)
+        return
+    if tp is float:
+        ok = isinstance(value, int | float) and not isinstance(value, bool)
+    elif tp is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    else:
+        ok = isinstance(value, tp)
+    if not ok:
+        problems.append(f"{path}: expected {_type_name(tp)}, got {type(value).__name__}")
+
+
+@functools.cache
+def _required_keys(tp: Any) -> frozenset[str]:
+    """A TypedDict's required keys. Under `from __future__ import annotations` Python 3.11 counts
+    `NotRequired[...]` keys of a total TypedDict as required, so they are found here by their hint."""
+    hints = typing.get_type_hints(tp, include_extras=True)
+    optional = {k for k, hint in hints.items() if typing.get_origin(hint) is NotRequired}
+    return frozenset(tp.__required_keys__ - optional)
+
+
+def _type_problems(value: Any, tp: Any) -> list[str]:
     problems: list[str] = []
+    _check_value(value, tp, "", problems)
+    return problems
+
+
+def check_shape(record: dict[str, Any]) -> list[str]:
+    """Where a record departs from the :class:`Record` TypedDict and its nested shapes."""
+    problems: list[str] = []
+    _check_value(record, Record, "record", problems)
+    return problems
+
+
+def _check_frame(f: int, frame: FrameRecord, media: Media) -> list[str]:
+    """Mask sizes, exact phrase spans, floating attribute boxes inside the image and naming an attribute."""
+    problems: list[str] = []
+    size = [media["height"], media["width"]]
+    for group in ("objects", "floating_objects"):
+        for obj in frame.get(group, []):
+            seg = obj.get("segmentation")
+            if seg is not None and list(seg["size"]) != size:
+                problems.append(f"frame {f} {group} {obj['id']}: mask size {seg['size']} != {size}")
+    for attr in frame.get("floating_attributes", []):
+        x0, y0, x1, y1 = attr["bbox"]
+        if not (0 <= x0 < x1 <= media["width"] and 0 <= y0 < y1 <= media["height"]):
+            problems.append(f"frame {f}: floating attribute box {attr['bbox']} is not inside the image")
+        if not attr["attributes"]:
+            problems.append(f"frame {f}: floating attribute at {attr['bbox']} names no attribute")
+    captions = frame.get("captions", [])
+    for g in frame.get("relationships", {}).get("grounding", []):
+        text = captions[g["caption_index"]]["text"]
+        s, e = g["tokens_positive"]
+        if text[s:e] != g["phrase"]:
+            problems.append(f"frame {f}: span {s}:{e} of caption is {text[s:e]!r}, not {g['phrase']!r}")
+    dense = frame.get("dense_caption")
+    if dense:
+        for d in dense["details"]:
+            s, e = d["tokens_positive"]
+            if dense["caption"][s:e] != d["phrase"]:
+                problems.append(f"frame {f}: dense span {s}:{e} is not {d['phrase']!r}")
+    return problems
+
+
+def _check_gcg(gcg: GCG, size: list[int]) -> list[str]:
+    problems = []
+    for g in gcg["groundings"]:
+        s, e = g["tokens_positive"]
+        if gcg["caption"][s:e] != g["phrase"]:
+            problems.append(f"gcg: span {s}:{e} is {gcg['caption'][s:e]!r}, not {g['phrase']!r}")
+        if not g["rle_masks"] or any(list(m["size"]) != size for m in g["rle_masks"]):
+            problems.append(f"gcg: phrase {g['phrase']!r} has no mask, or one of another size")
+    return problems
+
+
+def _check_tracks(record: Record, size: list[int]) -> list[str]:
+    problems = []
+    frames = [t["frame_index"] for t in record.get("frame_times", [])]
+    for track in record.get("tracks", []):
+        tid = track["track_id"]
+        if [m["frame_index"] for m in track["masklet"]] != frames:
+            problems.append(f"track {tid}: masklet frames are not the {len(frames)} frames of frame_times")
+        for m in track["masklet"]:
+            if list(m["segmentation"]["size"]) != size:
+                problems.append(
+                    f"track {tid} frame {m['frame_index']}: mask size {m['segmentation']['size']}"
+                )
+    return problems
+
+
+def check_record(record: Record) -> list[str]:
+    """Problems with a record (empty list if none): its shape against the schema's TypedDicts, then
+    mask sizes, exact phrase spans, floating attribute boxes, GCG masks, and masklets that cover exactly
+    the sampled frames."""
+    problems = check_shape(record)
+    if problems:
+        return problems
     media = record["media"]
     size = [media["height"], media["width"]]
     for f, frame in enumerate(frame_records(record)):
-        for group in ("objects", "floating_objects"):
-            for obj in frame.get(group, []):
-                seg = obj.get("segmentation")
-                if seg is not None and list(seg["size"]) != size:
-                    problems.append(f"frame {f} {group} {obj['id']}: mask size {seg['size']} != {size}")
-        for attr in frame.get("floating_attributes", []):
-            x0, y0, x1, y1 = attr["bbox"]
-            if not (0 <= x0 < x1 <= media["width"] and 0 <= y0 < y1 <= media["height"]):
-                problems.append(f"frame {f}: floating attribute box {attr['bbox']} is not inside the image")
-            if not attr["attributes"]:
-                problems.append(f"frame {f}: floating attribute at {attr['bbox']} names no attribute")
-        captions = frame.get("captions", [])
-        for g in frame.get("relationships", {}).get("grounding", []):
-            text = captions[g["caption_index"]]["text"]
-            s, e = g["tokens_positive"]
-            if text[s:e] != g["phrase"]:
-                problems.append(f"frame {f}: span {s}:{e} of caption is {text[s:e]!r}, not {g['phrase']!r}")
-        dense = frame.get("dense_caption")
-        if dense:
-            for d in dense["details"]:
-                s, e = d["tokens_positive"]
-                if dense["caption"][s:e] != d["phrase"]:
-                    problems.append(f"frame {f}: dense span {s}:{e} is not {d['phrase']!r}")
-    for track in record.get("tracks", []):
-        for frame_idx, seg in track.get("masklet", {}).items():
-            if list(seg["size"]) != size:
-                problems.append(f"track {track['track_id']} frame {frame_idx}: mask size {seg['size']}")
-    return problems
+        problems += _check_frame(f, frame, media)
+    if "gcg" in record:
+        problems += _check_gcg(record["gcg"], size)
+    return problems + _check_tracks(record, size)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -292,6 +651,13 @@ def check_record(record: Record) -> list[str]:
 
 STATUS_OK = "ok"
 STATUS_ERROR = "error"
+# The error code of an error row whose stage gave none (issue 16 adds specific machine codes).
+ERROR_CODE_UNCLASSIFIED = "unclassified"
+# The error of an input whose content duplicates one that failed: "duplicate of <uri>: <its error>".
+DUPLICATE_ERROR_PREFIX = "duplicate of "
+
+TIMING = pa.struct([("stage", pa.string()), ("seconds", pa.float64())])
+STAT = pa.struct([("name", pa.string()), ("value", pa.float64())])
 
 
 class ErrorCode(StrEnum):
@@ -325,10 +691,13 @@ INDEX_SCHEMA = pa.schema(
         ("width", pa.int32()),
         ("height", pa.int32()),
         ("status", pa.string()),
-        ("error", pa.string()),
+        ("error", pa.string()),  # "stage: reason", free text
+        ("error_stage", pa.string()),  # the stage that failed ("load", "tagging", ...)
+        ("error_code", pa.string()),  # a machine code for the failure
         ("duplicate_of", pa.string()),  # uri of the input whose sample this one shares
         ("num_objects", pa.int32()),
-        ("timings", pa.map_(pa.string(), pa.float64())),  # stage -> seconds for this sample
-        ("stats", pa.map_(pa.string(), pa.float64())),  # per-sample quality figures (verification, ...)
+        # Lists of structs, not MAP columns, which Hugging Face `datasets` has no dtype for.
+        ("timings", pa.list_(TIMING)),  # seconds per stage for this sample
+        ("stats", pa.list_(STAT)),  # per-sample quality figures (verification, ...)
     ]
 )

@@ -3,7 +3,7 @@ and the readers of both for the sink, the trainer, inspect, report and the synth
 
 Layout of an output directory::
 
-    shards/<name>.tar        samples: {key}.{jpg|png|mp4|...} and {key}.json, adjacent
+    shards/<name>.tar        samples: {key}.{ext} and {key}.json, adjacent; one media ext per shard
     index/<name>.parquet     one row per input handled by that shard's writer (errors included)
     run.json                 the run record
 
@@ -61,13 +61,22 @@ def _atomic_write(path: Path, write: Any) -> None:
         raise
 
 
+def _as_entries(value: Any, struct: pa.StructType) -> list[dict[str, Any]] | None:
+    """{name: number} (what stages keep) or v1's MAP rows [(name, number)] -> [{name_field, value_field}]."""
+    if value is None:
+        return None
+    items = value.items() if isinstance(value, dict) else value
+    name, number = (f.name for f in struct)
+    return [e if isinstance(e, dict) else {name: e[0], number: e[1]} for e in items]
+
+
 def index_table(rows: list[dict[str, Any]]) -> pa.Table:
     """Rows (dicts with any subset of INDEX_SCHEMA's fields) -> a table of exactly that schema."""
     columns = {}
     for field in INDEX_SCHEMA:
         values = [row.get(field.name) for row in rows]
-        if pa.types.is_map(field.type):
-            values = [list(v.items()) if v is not None else None for v in values]
+        if pa.types.is_list(field.type):
+            values = [_as_entries(v, field.type.value_type) for v in values]
         columns[field.name] = pa.array(values, type=field.type)
     return pa.table(columns, schema=INDEX_SCHEMA)
 
@@ -87,6 +96,7 @@ class ShardWriter:
         self._writer: wds.TarWriter | None = None
         self._rows: list[dict[str, Any]] = []
         self.num_samples = 0
+        self.media_ext: str | None = None  # a shard holds one media extension (uniform for its readers)
 
     @property
     def shard_file(self) -> str:
@@ -103,6 +113,9 @@ class ShardWriter:
     def add_sample(self, key: str, media: bytes, media_ext: str, record: Record, row: dict[str, Any]) -> None:
         if not is_valid_key(key):
             raise ValueError(f"sample key {key!r} is not a lowercase hex content hash")
+        if self.media_ext not in (None, media_ext):
+            raise ValueError(f"shard {self.name} holds .{self.media_ext} media, not .{media_ext} ({key})")
+        self.media_ext = media_ext
         if self._writer is None:
             self._tar_path.parent.mkdir(parents=True, exist_ok=True)
             self._file = open(_temp_path(self._tar_path), "wb")  # noqa: SIM115 (closed by commit/discard)
@@ -153,13 +166,26 @@ class ShardWriter:
         Path(self._file.name).unlink(missing_ok=True)
 
 
+def read_index_part(path: Path, columns: list[str] | None = None) -> pa.Table:
+    """One index part as INDEX_SCHEMA: a v1 part (MAP timings and stats, no error_stage/error_code)
+    is converted on reading."""
+    if pq.read_schema(path).remove_metadata().equals(INDEX_SCHEMA):
+        return pq.read_table(path, columns=columns, schema=INDEX_SCHEMA)
+    return index_table(pq.read_table(path).to_pylist()).select(columns or INDEX_SCHEMA.names)
+
+
 def read_index(out_dir: str | os.PathLike, columns: list[str] | None = None, parts: str = "*") -> pa.Table:
     """The committed index parts of an output directory (all, or those whose name matches the glob
-    `parts`) as one table (empty if none)."""
+    `parts`) as one table (empty if none); v1 parts are read as v2."""
     found = sorted((Path(out_dir) / INDEX_DIR).glob(f"{parts}.parquet"))
     if not found:
         return INDEX_SCHEMA.empty_table().select(columns or INDEX_SCHEMA.names)
-    return pa.concat_tables(pq.read_table(p, columns=columns, schema=INDEX_SCHEMA) for p in found)
+    return pa.concat_tables(read_index_part(p, columns) for p in found)
+
+
+def rewrite_index_part(path: Path, table: pa.Table) -> None:
+    """Replace a committed index part atomically (temp file, fsync, rename)."""
+    _atomic_write(path, lambda f: pq.write_table(table, f))
 
 
 def clean_uncommitted(out_dir: str | os.PathLike) -> list[Path]:

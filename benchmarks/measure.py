@@ -111,11 +111,12 @@ def run_child(args: list[str], result: Path) -> dict[str, Any]:
 
 def stage_busy(out: Path) -> dict[str, float]:
     """Per stage: busy seconds per sample, from the index's per-sample timings."""
+    from groundmill.pipeline.plan import timing_pairs
     from groundmill.shards import read_index
 
     totals: dict[str, list[float]] = {}
     for timings in read_index(out, columns=["timings"]).column("timings").to_pylist():
-        for stage, seconds in timings or []:
+        for stage, seconds in timing_pairs(timings):
             totals.setdefault(stage, []).append(seconds)
     return {stage: float(np.mean(v)) for stage, v in totals.items()}
 

@@ -43,6 +43,7 @@ from groundmill.model.tasks import (
 )
 from groundmill.model.tokenizer import load_tokenizer
 from groundmill.model.train import build_model, load_checkpoint, setup_device
+from groundmill.schema import masklet_by_frame
 
 
 def load_for_eval(cfg: TrainConfig, ckpt: str | Path) -> tuple[X2SamModel, PreTrainedTokenizerBase]:
@@ -141,9 +142,7 @@ def everything_baseline(record: dict, sample: dict, size: int) -> list[np.ndarra
     if "frame_index" in sample:
         tracks = record.get("tracks", [])
         return [
-            np.logical_or.reduce(
-                [mask_at(t["masklet"][str(i)], size) for t in tracks if str(i) in t["masklet"]]
-            )
+            np.logical_or.reduce([mask_at(m[i], size) for m in map(masklet_by_frame, tracks) if i in m])
             for i in sample["frame_index"]
         ]
     masks = [mask_at(o["segmentation"], size) for o in record.get("objects", []) if o.get("segmentation")]

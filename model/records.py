@@ -16,7 +16,7 @@ from PIL import Image
 
 from groundmill.media import video_frames
 from groundmill.model.config import SourceConfig
-from groundmill.schema import STATUS_OK, decode_mask
+from groundmill.schema import STATUS_OK, decode_mask, upgrade_record
 from groundmill.shards import read_index
 
 
@@ -65,8 +65,9 @@ def annotated_frames(record: dict) -> set[int]:
 
 
 def load(sample: dict[str, Any], size: int) -> tuple[dict, list[np.ndarray]]:
-    """A webdataset sample -> (record, frames resized to size x size); one frame for an image."""
-    record = json.loads(sample["json"])
+    """A webdataset sample -> (record, frames resized to size x size); one frame for an image. Records
+    of schema v1 are read as v2; newer ones are refused, naming their version."""
+    record = upgrade_record(json.loads(sample["json"]))
     data = sample[record["media"]["ext"]]
     if record["media"]["type"] == "video":
         frames = decode_video(data, record["media"].get("rotation", 0), annotated_frames(record))

@@ -171,9 +171,15 @@ def frame_annotations(shapes: list[Shape], masks: list[np.ndarray], rng: random.
         {"phrase": p, "tokens_positive": [a, b], "ids": [oid], "bbox": [objects[oid]["bbox"]]}
         for p, a, b, oid in spans
     ]
-    groundings = {
-        p: {"token_positives": [a, b], "rle_masks": [objects[oid]["segmentation"]]} for p, a, b, oid in spans
-    }
+    groundings = [
+        {
+            "phrase": p,
+            "tokens_positive": [a, b],
+            "object_ids": [oid],
+            "rle_masks": [objects[oid]["segmentation"]],
+        }
+        for p, a, b, oid in spans
+    ]
     return {
         "objects": objects,
         "referring_expressions": refs,
@@ -248,7 +254,7 @@ def make_video(rng: random.Random, num_frames: int = 8) -> tuple[bytes, dict]:
             {
                 "track_id": i,
                 "labels": [s.name, s.shape],
-                "masklet": {str(f): encode_mask(m) for f, m in enumerate(ms)},
+                "masklet": [{"frame_index": f, "segmentation": encode_mask(m)} for f, m in enumerate(ms)],
                 "first_frame": 0,
                 "last_frame": num_frames - 1,
                 "consistency": 1.0,
@@ -263,16 +269,23 @@ def make_video(rng: random.Random, num_frames: int = 8) -> tuple[bytes, dict]:
                 "video_level": f"the {s.name} {motion_word(*v)}",
             }
         )
-    return encode_video(frames), {"keyframes": [keyframe], "tracks": tracks, "expressions": expressions}
+    times = [{"frame_index": f, "time_s": f / 8} for f in range(num_frames)]
+    fields = {"keyframes": [keyframe], "tracks": tracks, "frame_times": times, "expressions": expressions}
+    return encode_video(frames), fields
 
 
 def write_split(out_dir: str | Path, images: int, videos: int, seed: int, per_shard: int = 250) -> None:
-    """Write `images` image samples and `videos` video samples as shards of at most `per_shard`."""
+    """Write `images` image samples and `videos` video samples as shards of at most `per_shard`, images
+    and videos in shards of their own (one media extension per shard, as the engine writes them)."""
     rng = random.Random(seed)
     jobs = ["image"] * images + ["video"] * videos
     for start in range(0, len(jobs), per_shard):
-        writer = ShardWriter(out_dir, name=f"synthetic-{seed}-{start // per_shard:05d}")
+        kinds = dict.fromkeys(jobs[start : start + per_shard])
+        writers = {
+            k: ShardWriter(out_dir, name=f"synthetic-{seed}-{k}-{start // per_shard:05d}") for k in kinds
+        }
         for n, kind in enumerate(jobs[start : start + per_shard], start):
+            writer = writers[kind]
             data, fields = make_image(rng) if kind == "image" else make_video(rng)
             ext = "png" if kind == "image" else "mp4"
             key = content_key(data)
@@ -298,7 +311,8 @@ def write_split(out_dir: str | Path, images: int, videos: int, seed: int, per_sh
                 "num_objects": len(fields.get("objects", fields.get("tracks", []))),
             }
             writer.add_sample(key, data, ext, record, row)
-        writer.commit()
+        for writer in writers.values():
+            writer.commit()
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -20,6 +20,7 @@ import numpy as np
 from groundmill.model.config import DataConfig
 from groundmill.model.modeling import P_CLOSE, P_OPEN, PROMPT_TYPES, REGION, SEG
 from groundmill.model.records import mask_at
+from groundmill.schema import masklet_by_frame
 
 IMAGE_TASKS = ("referring", "gcg", "interactive", "vgd")
 VIDEO_TASKS = ("video_referring", "video_object")
@@ -89,7 +90,7 @@ def gcg_phrases(record: dict, size: int) -> tuple[str, list[tuple[int, int]], li
     """(caption, phrase spans, phrase masks) from the GCG form, else from the dense caption's details."""
     if record.get("gcg", {}).get("groundings"):
         g = record["gcg"]
-        items = [(v["token_positives"], v["rle_masks"]) for v in g["groundings"].values()]
+        items = [(v["tokens_positive"], v["rle_masks"]) for v in g["groundings"]]
         caption = g["caption"]
     elif record.get("dense_caption", {}).get("details"):
         by_id = {o["id"]: o for o in _objects_with_masks(record)}
@@ -172,16 +173,19 @@ def video_rows(frames: list[np.ndarray], targets: list[tuple[str, dict]], rng: r
                task: str, num_frames: int) -> list[dict]:  # fmt: skip
     """Rows of one clip: `num_frames` frames sampled over the first target's track, every target's mask on
     those frames (empty where its track has none)."""
-    first = targets[0][1]["masklet"]
-    available = sorted(int(k) for k in first if int(k) < len(frames))
+    span = targets[0][1]  # the first target's track, first to last visible frame
+    first = masklet_by_frame(span)
+    available = [
+        f for f in sorted(first) if span["first_frame"] <= f <= span["last_frame"] and f < len(frames)
+    ]
     if not available:
         return []
     idx = sample_frames(available, num_frames, rng)
     clip = [frames[i] for i in idx]
     rows = []
     for text, track in targets:
-        m = track["masklet"]
-        masks = [mask_at(m[str(i)], size) if str(i) in m else np.zeros((size, size), bool) for i in idx]
+        m = masklet_by_frame(track)
+        masks = [mask_at(m[i], size) if i in m else np.zeros((size, size), bool) for i in idx]
         row = {"task": task, "question": QUESTIONS[task].format(text), "answer": ANSWER, "masks": [masks],
                "frames": clip, "frame_index": idx}  # fmt: skip
         if task == "video_object":

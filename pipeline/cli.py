@@ -9,7 +9,9 @@ import logging
 import sys
 
 from groundmill.pipeline.config import ConfigError, load_config
+from groundmill.pipeline.export import FORMATS as EXPORT_FORMATS
 from groundmill.pipeline.sources import SourceError
+from groundmill.schema import SchemaVersionError
 
 # Subcommands implemented elsewhere take their own argv: name -> "module:function".
 DELEGATED = {
@@ -43,6 +45,14 @@ def _parser() -> argparse.ArgumentParser:
     report.add_argument("out_dir")
     report.add_argument("--output", help="HTML file to write (default: OUT_DIR/report.html)")
     report.add_argument("--max-samples", type=int, default=24, help="samples shown in the gallery")
+
+    export = sub.add_parser("export", help="write an output dir in a field tool's format (coco, grandf, ...)")
+    export.add_argument("out_dir")
+    export.add_argument("--format", required=True, choices=list(EXPORT_FORMATS), dest="export_format")
+    export.add_argument("--output", required=True, help="destination directory")
+    export.add_argument("--stride", type=int, default=4, help="refsav: annotate every n-th frame (Sa2VA: 4)")
+    export.add_argument("--split", default="train", help="coco: the split written into refs.json")
+    export.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     sample = sub.add_parser("sample", help="write the bundled demo inputs (real photos + a generated video)")
     sample.add_argument("dest")
@@ -78,16 +88,32 @@ def main(argv: list[str] | None = None) -> int:
 
             print(write_report(args.out_dir, args.output, args.max_samples))
             return 0
+        if args.command == "export":
+            return _export(args)
         if args.command == "sample":
             from groundmill.pipeline.demo_data import write_demo_inputs
 
             for path in write_demo_inputs(args.dest):
                 print(path)
             return 0
-    except (ConfigError, SourceError, OSError) as e:  # OSError: unreadable input, unwritable or full output
+    except (
+        ConfigError,
+        SourceError,
+        SchemaVersionError,
+        OSError,
+    ) as e:  # OSError: unreadable input, unwritable or full output
         print(f"groundmill: error: {e}", file=sys.stderr)
         return 2
     return 1
+
+
+def _export(args: argparse.Namespace) -> int:
+    from groundmill.pipeline.export import export
+
+    options = {"refsav": {"stride": args.stride}, "coco": {"split": args.split}}.get(args.export_format, {})
+    counts = export(args.out_dir, args.export_format, args.output, progress=not args.no_progress, **options)
+    print(f"{args.output}: " + ", ".join(f"{n} {what}" for what, n in counts.items()))
+    return 0
 
 
 def _run(args: argparse.Namespace) -> int:

@@ -17,6 +17,7 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from groundmill.media import STORED_FORMATS
 from groundmill.stages import REGISTRY, stage_class
 from groundmill.stages.base import LOADED_FIELDS, ModelSpec, Resources
 
@@ -61,6 +62,9 @@ class OutputConfig:
     dir: str = "out/run"
     shard_max_samples: int = 256
     shard_max_mb: int = 512
+    # Every stored image is re-encoded to this format (jpg: quality 95; png: lossless) so each image
+    # shard holds one extension, which Hugging Face `datasets` and Ray's read_webdataset need.
+    image_format: str = "jpg"
 
 
 @dataclass
@@ -239,6 +243,10 @@ def validate(cfg: Config) -> None:
         raise ConfigError("key 'inputs': no inputs given (set them in the manifest or with --input)")
     if cfg.output.shard_max_samples < 1:
         raise ConfigError("key 'output.shard_max_samples': must be >= 1")
+    if cfg.output.image_format not in STORED_FORMATS:
+        raise ConfigError(
+            f"key 'output.image_format': {cfg.output.image_format!r} is not one of {sorted(STORED_FORMATS)}"
+        )
     if cfg.run.inputs_per_dataset < 1:
         raise ConfigError("key 'run.inputs_per_dataset': must be >= 1")
     for name, stage in cfg.stages.items():

@@ -183,7 +183,12 @@ def build_dataset(cfg: Config, items: list[dict[str, Any]], registry: Any) -> Da
         load_batch,
         batch_format="pyarrow",
         batch_size=batch_size,
-        fn_kwargs={"limits": cfg.limits, "video": cfg.video, "registry": registry},
+        fn_kwargs={
+            "limits": cfg.limits,
+            "video": cfg.video,
+            "registry": registry,
+            "image_format": cfg.output.image_format,
+        },
         num_cpus=cfg.load.num_cpus,
     )
     for seg in segments(cfg):

@@ -79,10 +79,10 @@ def _read(uri: str, max_bytes: int) -> bytes | str:
         return error_reason(ErrorCode.UNREADABLE, getattr(e, "strerror", None) or str(e))
 
 
-def _normalised(s: Sample, raw: bytes, limits: LimitsConfig, video: VideoConfig) -> Sample:
+def _normalised(s: Sample, raw: bytes, limits: LimitsConfig, video: VideoConfig, image_format: str) -> Sample:
     """normalise_input, any failure of it turned into this input's error row."""
     try:
-        return normalise_input(s.uri, s.key, raw, limits, video)
+        return normalise_input(s.uri, s.key, raw, limits, video, image_format)
     except MediaError as e:
         reason = error_reason(e.code, str(e))
     except Exception as e:  # a decoder bug on hostile bytes is still this input's failure only
@@ -91,7 +91,9 @@ def _normalised(s: Sample, raw: bytes, limits: LimitsConfig, video: VideoConfig)
     return _error(s.uri, s.key, reason, Record(source=source))
 
 
-def normalise_input(uri: str, key: str, raw: bytes, limits: LimitsConfig, video: VideoConfig) -> Sample:
+def normalise_input(
+    uri: str, key: str, raw: bytes, limits: LimitsConfig, video: VideoConfig, image_format: str = "jpg"
+) -> Sample:
     """One input's bytes -> a sample ready for the stages (raises MediaError when unusable)."""
     source = Source(uri=uri, sha256=key, bytes=len(raw), format="")
     if is_video_uri(uri):
@@ -128,14 +130,18 @@ def normalise_input(uri: str, key: str, raw: bytes, limits: LimitsConfig, video:
             for i, t in zip(v.sparse_indices, v.sparse_times, strict=True)
         ]
         return Sample(uri=uri, key=key, media_type="video", data=raw, frames=v.keyframes, record=record)
-    im = normalise_image(raw, max_pixels=limits.max_image_pixels, max_side=limits.max_side)
+    im = normalise_image(
+        raw, max_pixels=limits.max_image_pixels, max_side=limits.max_side, image_format=image_format
+    )
     source["format"] = im.source_format.lower()
     media = {"type": "image", "ext": im.ext, "width": im.width, "height": im.height}
     record = new_record(key, source, media, im.steps)
     return Sample(uri=uri, key=key, media_type="image", data=im.data, frames=[], record=record)
 
 
-def load_batch(batch: pa.Table, limits: LimitsConfig, video: VideoConfig, registry: Any) -> pa.Table:
+def load_batch(
+    batch: pa.Table, limits: LimitsConfig, video: VideoConfig, registry: Any, image_format: str = "jpg"
+) -> pa.Table:
     """Ray map_batches function: {uri, failure} rows -> ROW_SCHEMA rows.
 
     `failure` is set for inputs already refused while listing (their row is that error). The URIs of
@@ -168,7 +174,7 @@ def load_batch(batch: pa.Table, limits: LimitsConfig, video: VideoConfig, regist
             out.append(s)
             continue
         start = time.perf_counter()
-        normalised = _normalised(s, item.raw, limits, video)
+        normalised = _normalised(s, item.raw, limits, video, image_format)
         normalised.timings[LOAD_STAGE] = s.timings[LOAD_STAGE] + time.perf_counter() - start
         out.append(normalised)
     return pa.Table.from_pylist([s.to_row() for s in out], schema=ROW_SCHEMA)

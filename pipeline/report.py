@@ -2,8 +2,11 @@
 
 The page holds per-stage throughput and error counts (from the index and run.json) and a gallery
 of samples read back from the shards: masks drawn over each image, the grounded caption with every
-phrase in its mask's colour, and each video's masklets as an animated strip (an inline GIF). Every
-image is a data URI, so the page is one file that can be mailed or attached to CI.
+phrase in its mask's colour, the referring expressions, and each video's masklets drawn over the
+frames they cover as an animated strip (an inline GIF) with the tracks' object-, scene- and
+video-level expressions. What the records hold overall (objects, masks, GCG phrases, tracks,
+verification, LLM drops) comes from `inspect`. Every image is a data URI, so the page is one file
+that can be mailed or attached to CI. Records of schema v1 are read as v2.
 """
 
 from __future__ import annotations
@@ -20,10 +23,10 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from groundmill.media import decode_rgb
+from groundmill.pipeline.export.common import ExportSample, iter_samples
 from groundmill.pipeline.inspect import summarize
 from groundmill.pipeline.run import RUN_RECORD
-from groundmill.schema import Record, decode_mask, frame_records
-from groundmill.shards import SHARDS_DIR, iter_shard
+from groundmill.schema import Record, decode_mask, frame_records, masklet_by_frame
 
 # Distinct, readable colours; object id i gets PALETTE[i % len].
 PALETTE = [
@@ -151,17 +154,21 @@ def video_strip(record: Record, data: bytes) -> str | None:
     rotation = record["media"].get("rotation", 0)
     tracks = record.get("tracks", [])
     if tracks:
-        indices = _spaced(sorted({int(f) for t in tracks for f in t.get("masklet", {})}), MAX_STRIP_FRAMES)
+        # The frames the masklets cover: from each track's first to its last visible frame.
+        covered = {
+            m["frame_index"]
+            for t in tracks
+            for m in t["masklet"]
+            if t["first_frame"] <= m["frame_index"] <= t["last_frame"]
+        }
+        indices = _spaced(sorted(covered), MAX_STRIP_FRAMES)
         decoded = video_frames(data, set(indices), rotation)
+        by_frame = {t["track_id"]: masklet_by_frame(t) for t in tracks}
         frames = []
         for i in indices:
             if i not in decoded:
                 continue
-            masks = {
-                t["track_id"]: decode_mask(t["masklet"][str(i)])
-                for t in tracks
-                if str(i) in t.get("masklet", {})
-            }
+            masks = {tid: decode_mask(m[i]) for tid, m in by_frame.items() if i in m}
             frames.append(_thumb(overlay(decoded[i], [], masks)))
     else:
         keyframes = frame_records(record)
@@ -174,10 +181,36 @@ def video_strip(record: Record, data: bytes) -> str | None:
     return animated_uri(frames) if frames else None
 
 
-def sample_card(key: str, files: dict[str, bytes]) -> str:
-    record: Record = json.loads(files["json"])
+LEVEL_NAMES = {"object_level": "looks", "scene_level": "where", "video_level": "moves"}
+
+
+def expressions_html(record: Record) -> str:
+    """Each track's expressions at the three levels, in the track's masklet colour."""
+    rows = []
+    for e in record.get("expressions", [])[:6]:
+        levels = "".join(
+            f"<br><small>{name}:</small> {html.escape(e[level])}"
+            for level, name in LEVEL_NAMES.items()
+            if e.get(level)
+        )
+        rows.append(f'<p class="cap"><span class="ph" style="border-bottom:3px solid {hex_colour(e["track_id"])}">'
+                    f"track {e['track_id']}</span>{levels}</p>")  # fmt: skip
+    return "".join(rows)
+
+
+def referring_html(frame: dict[str, Any]) -> str:
+    refs = frame.get("referring_expressions", [])[:8]
+    items = "".join(
+        f'<li><span class="ph" style="border-bottom:3px solid {hex_colour(r["object_id"])}">'
+        f"{html.escape(r['expression'])}</span></li>"
+        for r in refs
+    )
+    return f'<ul class="refs">{items}</ul>' if items else ""
+
+
+def sample_card(sample: ExportSample) -> str:
+    key, record, data = sample.key, sample.record, sample.media
     media = record["media"]
-    data = files.get(media["ext"], b"")
     tags = (
         ", ".join(t["label"] for t in frame_records(record)[0].get("tags", []))
         if frame_records(record)
@@ -186,17 +219,12 @@ def sample_card(key: str, files: dict[str, bytes]) -> str:
     if media["type"] == "video":
         uri = video_strip(record, data)
         captions = "".join(frame_caption_html(k) for k in frame_records(record)[:1])
-        expressions = "".join(
-            f'<p class="cap"><span class="ph" style="border-bottom:3px solid {hex_colour(e.get("track_id", 0))}">'
-            f"{html.escape(e.get('expression', ''))}</span></p>"
-            for e in record.get("expressions", [])[:6]
-        )
-        body = captions + expressions
+        body = captions + expressions_html(record)
         kind = f"video {media['width']}x{media['height']}, {len(record.get('tracks', []))} tracks"
     else:
         objects = _objects(record)
         uri = data_uri(_thumb(overlay(decode_rgb(data), objects, _masks(objects))))
-        body = frame_caption_html(record)
+        body = frame_caption_html(record) + referring_html(record)
         kind = (
             f"image {media['width']}x{media['height']}, {len(record.get('objects', []))} objects, "
             f"{len(record.get('floating_objects', []))} floating"
@@ -211,10 +239,7 @@ def sample_card(key: str, files: dict[str, bytes]) -> str:
 
 def stage_rows(summary: dict[str, Any]) -> list[dict[str, Any]]:
     """Per stage: samples, busy seconds, samples/s per worker, and errors raised by that stage."""
-    errors: dict[str, int] = {}
-    for reason, n in summary["errors_by_reason"].items():
-        stage = reason.split(": ")[0]
-        errors[stage] = errors.get(stage, 0) + n
+    errors = dict(summary["errors_by_stage"])
     rows = []
     for name, s in summary["stages"].items():
         rate = s["samples"] / s["seconds"] if s["seconds"] else float("inf")
@@ -242,11 +267,12 @@ def build_report(out_dir: str | Path, max_samples: int = 24) -> str:
         for reason, n in summary["errors_by_reason"].items()
     )
     cards = []
-    for shard in sorted((out / SHARDS_DIR).glob("*.tar")):
-        for key, files in iter_shard(shard):
-            if len(cards) >= max_samples:
-                break
-            cards.append(sample_card(key, files))
+    for sample in iter_samples(out, progress=False):
+        if len(cards) >= max_samples:
+            break
+        cards.append(sample_card(sample))
+    contents = "".join(f"<tr><td>{html.escape(k.replace('_', ' '))}</td><td>{html.escape(str(v))}</td></tr>"
+                       for k, v in summary["records"].items())  # fmt: skip
     random_note = (
         f'<p class="bad">RANDOM-WEIGHT models (annotations are not real): {html.escape(", ".join(summary["random_weight_models"]))}</p>'
         if summary["random_weight_models"]
@@ -273,6 +299,8 @@ throughput {throughput}.</p>
 {random_note}
 <h2>Stages</h2>
 <table><tr><th>stage</th><th>samples</th><th>busy s</th><th>samples/s per worker</th><th>errors</th></tr>{stage_table}</table>
+<h2>Records</h2>
+<table>{contents}</table>
 <h2>Errors by reason</h2>
 <table><tr><th>reason</th><th>inputs</th></tr>{error_table or '<tr><td colspan="2">none</td></tr>'}</table>
 <h2>Samples ({len(cards)} shown)</h2>

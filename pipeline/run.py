@@ -86,6 +86,7 @@ def annotation_settings(record: dict[str, Any]) -> dict[str, Any]:
         "run.seed": cfg["run"]["seed"],
         "limits": cfg["limits"],
         "video": cfg["video"],
+        "output.image_format": cfg["output"].get("image_format", "jpg"),  # the stored pixels
         "stages": stages,
     }
     return _flatten({**settings, "provenance": record["stages"]})
@@ -288,6 +289,9 @@ def _run_locked(cfg: Config, out: Path) -> dict[str, Any]:
         attempt["seconds"] = round(time.perf_counter() - start, 3)
     else:
         log.info("nothing to do: all %d inputs are already in %s", num_inputs, out)
+    from groundmill.pipeline.sink import settle_duplicates
+
+    settle_duplicates(out)  # also after a killed run: duplicates of inputs that failed are errors too
     attempt["finished"] = datetime.now(UTC).isoformat()
     record["status"] = "complete"
     _write_json(record_path, record)

@@ -1,11 +1,12 @@
 """GCG export: the verified, grounded dense caption in GranD-f's training form.
 
     gcg = {"file_name": "<key>.<ext>", "caption": str,
-           "groundings": {phrase: {"token_positives": [start, end], "rle_masks": [RLE, ...]}}}
+           "groundings": [{"phrase", "tokens_positive": [start, end], "object_ids", "rle_masks": [RLE]}]}
 
-Only phrases whose objects all have masks are exported, so every phrase maps to masks, and every
-span indexes the caption exactly (checked here, not assumed). A phrase text that occurs twice keeps
-its first grounding: GranD-f keys groundings by phrase.
+(schema.GCG: a list, so no key depends on the data; `groundmill export --format grandf` writes
+GranD-f's phrase-keyed dict from it.) Only phrases whose objects all have masks are exported, so every
+phrase maps to masks, and every span indexes the caption exactly (checked here, not assumed). A phrase
+text that occurs twice keeps its first grounding: GranD-f keys groundings by phrase.
 
 With `rewrite: true` the LLM rewrites each GCG caption to be concise (GranD-f's GPT-4 rewrite step)
 from a copy whose grounded phrases are marked `<p>phrase</p>`; the rewrite is kept only if every
@@ -17,9 +18,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from functools import partial
-from typing import Any
 
-from groundmill.schema import FrameRecord
+from groundmill.schema import GCG, FrameRecord, GCGGrounding
 from groundmill.stages.base import Sample
 from groundmill.stages.llm import Generation, require_stop
 from groundmill.stages.llm.parsing import clean_text
@@ -28,7 +28,7 @@ from groundmill.stages.llm.stage import LLMStage
 _MARK = re.compile(r"<p>(.*?)</p>")
 
 
-def gcg_record(file_name: str, frame: FrameRecord) -> dict[str, Any] | None:
+def gcg_record(file_name: str, frame: FrameRecord) -> GCG | None:
     """The GCG sample of an image record, or None without an accepted, grounded dense caption."""
     dense = frame.get("dense_caption")
     if not dense or not dense.get("verification", {}).get("accepted"):
@@ -39,28 +39,32 @@ def gcg_record(file_name: str, frame: FrameRecord) -> dict[str, Any] | None:
         for o in frame.get("objects", []) + frame.get("floating_objects", [])
         if "segmentation" in o
     }
-    groundings: dict[str, dict[str, Any]] = {}
+    groundings: list[GCGGrounding] = []
     for d in dense["details"]:
         start, end = d["tokens_positive"]
-        if d["phrase"] in groundings or caption[start:end] != d["phrase"]:
+        if any(g["phrase"] == d["phrase"] for g in groundings) or caption[start:end] != d["phrase"]:
             continue
         if d["ids"] and all(i in masks for i in d["ids"]):
-            groundings[d["phrase"]] = {
-                "token_positives": [start, end],
-                "rle_masks": [masks[i] for i in d["ids"]],
-            }
+            groundings.append(
+                GCGGrounding(
+                    phrase=d["phrase"],
+                    tokens_positive=[start, end],
+                    object_ids=list(d["ids"]),
+                    rle_masks=[masks[i] for i in d["ids"]],
+                )
+            )
     if not groundings:
         return None
-    return {"file_name": file_name, "caption": caption, "groundings": groundings}
+    return GCG(file_name=file_name, caption=caption, groundings=groundings)
 
 
-def mark_phrases(gcg: dict[str, Any]) -> str:
+def mark_phrases(gcg: GCG) -> str:
     """The caption with each grounded phrase wrapped as `<p>phrase</p>` (overlapping spans skipped)."""
     caption, out, pos = gcg["caption"], [], 0
-    for phrase, g in sorted(gcg["groundings"].items(), key=lambda kv: kv[1]["token_positives"][0]):
-        start, end = g["token_positives"]
+    for g in sorted(gcg["groundings"], key=lambda g: g["tokens_positive"][0]):
+        start, end = g["tokens_positive"]
         if start >= pos:
-            out += [caption[pos:start], f"<p>{phrase}</p>"]
+            out += [caption[pos:start], f"<p>{g['phrase']}</p>"]
             pos = end
     return "".join(out) + caption[pos:]
 
@@ -98,8 +102,10 @@ def apply_rewrite(frame: FrameRecord, rewrite: tuple[str, dict[str, list[int]]])
     caption, spans = rewrite
     gcg = frame["gcg"]
     gcg["caption"] = caption
-    for phrase, span in spans.items():
-        gcg["groundings"][phrase]["token_positives"] = span
+    # Phrases left unmarked (their spans overlapped a marked one) have no span in the new caption.
+    gcg["groundings"] = [g for g in gcg["groundings"] if g["phrase"] in spans]
+    for g in gcg["groundings"]:
+        g["tokens_positive"] = spans[g["phrase"]]
 
 
 class GCGExport(LLMStage):

@@ -28,7 +28,8 @@ import numpy as np
 from PIL import Image
 
 from groundmill.media import FrameSampling, MediaError, sampled_frames, upright
-from groundmill.schema import Record, decode_mask
+from groundmill.schema import FrameTime, Record, decode_mask
+from groundmill.schema import Track as TrackRecord
 from groundmill.stages.base import Sample, SampleError, Stage
 from groundmill.stages.tracks import TrackBook, match_by_iou
 
@@ -121,8 +122,8 @@ def frame_chunks(
 
 @dataclass
 class TrackingResult:
-    tracks: list[dict[str, Any]]
-    frame_times: dict[str, float]
+    tracks: list[TrackRecord]
+    frame_times: list[FrameTime]  # every frame the tracker covered: the masklets' frames
     frames: int
     chunks: int
 
@@ -141,9 +142,11 @@ def track_video(
 ) -> TrackingResult:
     """Tracks for upright `frames` (frame_index, time_s, image) from keyframe `detections`."""
     book = TrackBook(max_missing=max_missing, min_area=min_area)
-    frame_times: dict[str, float] = {}
+    frame_times: dict[int, float] = {}
     chunks = 0
+    size = (0, 0)
     for chunk in frame_chunks(frames, chunk_frames):
+        size = (chunk[0][2].height, chunk[0][2].width)
         chunks += 1
         images = [image for _, _, image in chunk]
         carried = chunks > 1  # the first frame was already recorded with the previous chunk...
@@ -167,11 +170,13 @@ def track_video(
                 for frame, masks in propagator.propagate(images, prompts).items():
                     results.setdefault(frame, {}).update(masks)
         for local, (frame_index, time_s, _) in enumerate(chunk):
-            frame_times[str(frame_index)] = round(time_s, 4)
+            frame_times[frame_index] = round(time_s, 4)
             for tid, mask in sorted(results.get(local, {}).items()):
                 if not (carried and local == 0 and tid in known):
                     book.observe(tid, frame_index, mask)
-    return TrackingResult(book.records(min_frames), frame_times, len(frame_times), chunks)
+    times = [FrameTime(frame_index=f, time_s=t) for f, t in sorted(frame_times.items())]
+    tracks = book.records([t["frame_index"] for t in times], *size, min_frames)
+    return TrackingResult(tracks, times, len(times), chunks)
 
 
 def video_frames(sample: Sample) -> Iterator[tuple[int, float, Image.Image]]:

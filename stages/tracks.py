@@ -8,11 +8,21 @@ from __future__ import annotations
 import math
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any
 
 import numpy as np
 
-from groundmill.schema import RLE, encode_mask, mask_area, mask_bbox
+from groundmill.schema import (
+    RLE,
+    FrameTime,
+    MaskletFrame,
+    empty_rle,
+    encode_mask,
+    mask_area,
+    mask_bbox,
+)
+from groundmill.schema import (
+    Track as TrackRecord,
+)
 
 
 def mask_iou(a: np.ndarray, b: np.ndarray) -> float:
@@ -112,24 +122,26 @@ class TrackBook:
             track.missing += 1
             track.ended = track.missing >= self.max_missing
 
-    def records(self, min_frames: int = 1) -> list[dict[str, Any]]:
-        """The record's `tracks`: masklets trimmed after the last visible frame, ids renumbered from 0."""
-        out = []
+    def records(self, frames: list[int], height: int, width: int, min_frames: int = 1) -> list[TrackRecord]:
+        """The record's `tracks`, ids renumbered from 0: each masklet has one entry per frame of `frames`
+        (every frame the tracker covered), empty before the track starts and after its last visible frame."""
+        empty = empty_rle(height, width)
+        out: list[TrackRecord] = []
         for track in self.tracks.values():
-            masklet = {f: rle for f, rle in track.masklet.items() if f <= track.last_visible_frame}
-            if sum(1 for rle in masklet.values() if mask_area(rle) > 0) < min_frames:
+            masks = {f: rle for f, rle in track.masklet.items() if f <= track.last_visible_frame}
+            if sum(1 for rle in masks.values() if mask_area(rle) > 0) < min_frames:
                 continue
-            out.append(
-                {
-                    "track_id": len(out),
-                    "labels": [label for label, _ in track.label_votes.most_common()],
-                    "masklet": {str(f): rle for f, rle in masklet.items()},
-                    "first_frame": min(masklet),
-                    "last_frame": track.last_visible_frame,
-                    "consistency": track.consistency,
-                    "origin": track.origin,
-                }
+            record = TrackRecord(
+                track_id=len(out),
+                labels=[label for label, _ in track.label_votes.most_common()],
+                masklet=[MaskletFrame(frame_index=f, segmentation=masks.get(f, empty)) for f in frames],
+                first_frame=min(masks),
+                last_frame=track.last_visible_frame,
+                consistency=track.consistency,
             )
+            if track.origin:
+                record["origin"] = track.origin  # type: ignore[typeddict-item]
+            out.append(record)
         return out
 
 
@@ -162,8 +174,8 @@ def _touches_border(box: list[float], width: int, height: int, margin: float = 2
 
 
 def track_statistics(
-    track: dict[str, Any],
-    frame_times: dict[str, float],
+    track: TrackRecord,
+    frame_times: list[FrameTime],
     width: int,
     height: int,
     video_frames: tuple[int, int],
@@ -172,33 +184,35 @@ def track_statistics(
 
     `video_frames` is the (first, last) frame index the tracker covered, to tell entering from starting.
     """
-    frames = sorted(track["masklet"], key=int)
-    visible = [f for f in frames if mask_area(track["masklet"][f]) > 0]
+    masklet = sorted(track["masklet"], key=lambda m: m["frame_index"])
+    areas = [mask_area(m["segmentation"]) for m in masklet]
+    visible = [i for i, a in enumerate(areas) if a > 0]
     if not visible:
         raise ValueError(f"track {track['track_id']} has no visible frame")
     first, last = visible[0], visible[-1]
-    box0, box1 = mask_bbox(track["masklet"][first]), mask_bbox(track["masklet"][last])
+    box0, box1 = mask_bbox(masklet[first]["segmentation"]), mask_bbox(masklet[last]["segmentation"])
     (x0, y0), (x1, y1) = _centre(box0), _centre(box1)
     hidden_spans, in_gap = 0, False
-    for f in frames[frames.index(first) : frames.index(last) + 1]:
-        gap = mask_area(track["masklet"][f]) == 0
+    for area in areas[first : last + 1]:
+        gap = area == 0
         hidden_spans += gap and not in_gap
         in_gap = gap
-    span = frames.index(last) - frames.index(first) + 1
+    times = {t["frame_index"]: t["time_s"] for t in frame_times}
+    f0, f1 = masklet[first]["frame_index"], masklet[last]["frame_index"]
     diagonal = math.hypot(width, height)
     return TrackStats(
-        first_frame=int(first),
-        last_frame=int(last),
-        duration_s=round(frame_times.get(last, 0.0) - frame_times.get(first, 0.0), 4),
-        visible_fraction=round(len(visible) / span, 4),
+        first_frame=f0,
+        last_frame=f1,
+        duration_s=round(times.get(f1, 0.0) - times.get(f0, 0.0), 4),
+        visible_fraction=round(len(visible) / (last - first + 1), 4),
         hidden_spans=hidden_spans,
         displacement=round(math.hypot(x1 - x0, y1 - y0) / diagonal, 4),
         direction_deg=round(math.degrees(math.atan2(y1 - y0, x1 - x0)) % 360, 2),
-        size_ratio=round(mask_area(track["masklet"][last]) / mask_area(track["masklet"][first]), 4),
+        size_ratio=round(areas[last] / areas[first], 4),
         start_xy=(round(x0 / width, 4), round(y0 / height, 4)),
         end_xy=(round(x1 / width, 4), round(y1 / height, 4)),
-        enters=int(first) > video_frames[0] and _touches_border(box0, width, height),
-        leaves=int(last) < video_frames[1] and _touches_border(box1, width, height),
+        enters=f0 > video_frames[0] and _touches_border(box0, width, height),
+        leaves=f1 < video_frames[1] and _touches_border(box1, width, height),
     )
 
 

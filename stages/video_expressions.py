@@ -19,7 +19,16 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from groundmill.schema import Caption, Record, mask_area, mask_bbox
+from groundmill.schema import (
+    RLE,
+    Caption,
+    Record,
+    Track,
+    VideoExpression,
+    mask_area,
+    mask_bbox,
+    masklet_by_frame,
+)
 from groundmill.stages.base import Sample
 from groundmill.stages.llm import Checked, generate_checked
 from groundmill.stages.llm.parsing import parse_phrase, parse_prose
@@ -73,36 +82,38 @@ def relative_position(centre: tuple[float, float], other: tuple[float, float]) -
     return "below" if dy > 0 else "above"
 
 
-def _visible_frame(track: dict[str, Any], preferred: int | None) -> str:
-    masklet = track["masklet"]
-    if preferred is not None and str(preferred) in masklet and mask_area(masklet[str(preferred)]) > 0:
-        return str(preferred)
-    return next(f for f in masklet if mask_area(masklet[f]) > 0)
+def _visible_masks(track: Track) -> dict[int, RLE]:
+    return {f: rle for f, rle in masklet_by_frame(track).items() if mask_area(rle) > 0}
 
 
-def build_expressions(record: Record, track: dict[str, Any], max_attributes: int = 2) -> TrackExpressions:
+def _visible_frame(track: Track, preferred: int | None) -> int:
+    visible = _visible_masks(track)
+    return preferred if preferred in visible else min(visible)
+
+
+def build_expressions(record: Record, track: Track, max_attributes: int = 2) -> TrackExpressions:
     """The three template expressions of one track, from the record alone."""
     media = record["media"]
     width, height = media["width"], media["height"]
-    frames = sorted(int(f) for f in record.get("frame_times", {})) or [
-        track["first_frame"],
-        track["last_frame"],
-    ]
-    stats = track_statistics(track, record.get("frame_times", {}), width, height, (frames[0], frames[-1]))
+    times = record.get("frame_times", [])
+    frames = [t["frame_index"] for t in times] or [track["first_frame"], track["last_frame"]]
+    stats = track_statistics(track, times, width, height, (min(frames), max(frames)))
     label = track["labels"][0] if track["labels"] else "object"
     attributes = tuple(_origin_object(record, track).get("attributes", [])[:max_attributes])
     object_level = " ".join(["the", *attributes, label])
 
     origin_frame = track.get("origin", {}).get("frame_index")
     here = _visible_frame(track, origin_frame)
-    cx, cy = _centre(track["masklet"][here])
-    scene = _scene_name(record, int(here) if origin_frame is None else origin_frame)
+    cx, cy = _centre(_visible_masks(track)[here])
+    scene = _scene_name(record, here if origin_frame is None else origin_frame)
     scene_level = f"the {label} in {region_name((cx / width, cy / height))} of the {scene}"
     others = [
         (abs(c[0] - cx) + abs(c[1] - cy), c, t["labels"][0] if t["labels"] else "object")
         for t in record.get("tracks", [])
-        if t["track_id"] != track["track_id"] and here in t["masklet"] and mask_area(t["masklet"][here]) > 0
-        for c in [_centre(t["masklet"][here])]
+        if t["track_id"] != track["track_id"]
+        for rle in [_visible_masks(t).get(here)]
+        if rle is not None
+        for c in [_centre(rle)]
     ]
     scene_required: tuple[str, ...] = (label,)
     if others:
@@ -172,17 +183,20 @@ class VideoExpressions(LLMStage):
             if sample.media_type != "video":
                 continue
             record = sample.record
-            tracks = sorted(record.get("tracks", []), key=lambda t: -len(t["masklet"]))[
-                : self.params.max_tracks
-            ]
+            # Longest visible first (every masklet spans all sampled frames).
+            tracks = sorted(record.get("tracks", []), key=lambda t: -len(_visible_masks(t)))
+            tracks = tracks[: self.params.max_tracks]
             built = [build_expressions(record, t) for t in tracks]
             entries = record["expressions"] = []
             for e in built:
-                entry = {"track_id": e.track_id, **{level: getattr(e, level) for level in LEVELS}}
-                entry.update(
+                entry = VideoExpression(
+                    track_id=e.track_id,
+                    object_level=e.object_level,
+                    scene_level=e.scene_level,
+                    video_level=e.video_level,
                     prompt_id=TEMPLATE_ID,
                     prompt_hash=_template_hash(),
-                    source=dict.fromkeys(LEVELS, "template"),
+                    source=dict.fromkeys(LEVELS, "template"),  # type: ignore[typeddict-item]
                 )
                 entries.append(entry)
                 pending += [(entry, level, e) for level in LEVELS]

@@ -70,3 +70,75 @@ def fault_server():
 
     with serving(app) as base_url:
         yield base_url, hits, inflight
+
+
+# One small run of the real stages (tiny vision models, the real SmolLM2, real Ray) over images of two
+# formats, a video and a duplicate of a broken input: what the export, consumer and report tests read.
+GROUNDED_STAGES = """
+load: {num_cpus: 0.25}
+video: {keyframes: 2}
+groups:
+  vision: {num_cpus: 0.5, batch_size: 4}
+  language: {num_cpus: 0.5, batch_size: 8}
+  video: {num_cpus: 0.25, batch_size: 1}
+stages:
+  detect_owlv2:
+    type: detection
+    model: {id: tiny}
+    group: vision
+    params: {detector: owlv2, score_threshold: 0.05, nms_iou: 0.9, max_boxes: 4, classes: [person, red]}
+  detect_grounding_dino:
+    type: detection
+    model: {id: tiny}
+    group: vision
+    params: {detector: grounding_dino, score_threshold: 0.05, nms_iou: 0.9, max_boxes: 4, classes: [person]}
+  masks: {group: vision, model: {id: tiny}}
+  voting: {group: vision, params: {min_iou: 0.0, min_dice: 0.0}}
+  attributes: {group: vision, model: {id: tiny}, params: {min_attribute_prob: 0.1}}
+  captions: {group: vision, model: {id: tiny}, params: {num_captions: 2, generation: {max_new_tokens: 8}}}
+  grounding:
+    group: vision
+    model: {id: sentence-transformers/all-MiniLM-L6-v2}
+    params: {min_similarity: -1.0}
+  scene_graph: {group: language}
+  dense_caption:
+    group: language
+    model: {id: smollm2}
+    params: {max_new_tokens: 32, attempts: 1, accept_truncated: true, on_failure: drop, llm: {backend: transformers, batch_size: 8}}
+  verification: {group: language, params: {max_hallucination_rate: 1.0}}
+  refexp: {group: language}
+  gcg: {group: language}
+  tracking:
+    group: video
+    model: {id: tiny}
+    # Random-weight SAM2 gives masks of a few pixels: count them as visible.
+    params: {chunk_frames: 6, min_iou: 0.5, max_missing: 4, max_tracks: 3, min_area: 1}
+  video_expressions: {group: video, params: {rewrite: false}}
+"""
+
+
+@pytest.fixture(scope="session")
+def grounded_run(tmp_path_factory, ray_local):
+    """(output dir, input dir) of one run over 3 images (PNG and JPEG), a 12-frame video, a broken JPEG
+    and a copy of it."""
+    from groundmill.pipeline.config import load_config
+    from groundmill.pipeline.demo_data import write_shapes_video
+    from groundmill.pipeline.run import run_pipeline
+    from tests.media_factory import rgb_jpeg, truncated_jpeg
+    from tests.test_stage_models import png
+
+    tmp = tmp_path_factory.mktemp("grounded")
+    inputs = tmp / "in"
+    inputs.mkdir()
+    (inputs / "a.png").write_bytes(png(0, (96, 72)))
+    (inputs / "b.png").write_bytes(png(1, (80, 80)))
+    (inputs / "c.jpg").write_bytes(rgb_jpeg(3))
+    (inputs / "broken.jpg").write_bytes(truncated_jpeg())
+    (inputs / "copy_of_broken.jpg").write_bytes(truncated_jpeg())
+    write_shapes_video(inputs / "clip.mp4", num_frames=12, size=(96, 64), enter_at=5)
+    manifest = tmp / "m.yaml"
+    manifest.write_text(
+        f"inputs: [{inputs}]\noutput: {{dir: {tmp / 'out'}, shard_max_samples: 8}}\n" + GROUNDED_STAGES
+    )
+    run_pipeline(load_config(manifest))
+    return tmp / "out", inputs

@@ -207,7 +207,10 @@ def test_llm_endpoint_garbage_or_timeout_is_retried_then_recorded(
         assert all(reason in r["error"] for r in rows)
         assert hits[fault] - before == 3 * 2
         return
-    assert all(r["status"] == "ok" and dict(r["stats"])["dense_caption.dropped"] == 1.0 for r in rows)
+    assert all(
+        r["status"] == "ok" and {x["name"]: x["value"] for x in r["stats"]}["dense_caption.dropped"] == 1.0
+        for r in rows
+    )
     for tar in (tmp_path / "out" / SHARDS_DIR).glob("*.tar"):
         for _, files in iter_shard(tar):
             record = json.loads(files["json"])

@@ -68,9 +68,12 @@ def test_videos_move_and_sometimes_overlap(samples):
     for r, files in videos:
         frames = decode_video(files["mp4"])
         assert len(frames) == r["media"]["num_frames"] >= 8 and len(r["tracks"]) >= 2
-        areas = [[decode_mask(t["masklet"][str(i)]).sum() for i in range(len(frames))] for t in r["tracks"]]
-        centres = [np.argwhere(decode_mask(t["masklet"]["0"])).mean(0) for t in r["tracks"]]
-        last = [np.argwhere(decode_mask(t["masklet"][str(len(frames) - 1)])).mean(0) for t in r["tracks"]]
+        areas = [
+            [decode_mask(t["masklet"][i]["segmentation"]).sum() for i in range(len(frames))]
+            for t in r["tracks"]
+        ]
+        centres = [np.argwhere(decode_mask(t["masklet"][0]["segmentation"])).mean(0) for t in r["tracks"]]
+        last = [np.argwhere(decode_mask(t["masklet"][-1]["segmentation"])).mean(0) for t in r["tracks"]]
         assert sum(np.abs(a - b).sum() > 2 for a, b in zip(centres, last, strict=True)) >= 2  # >= 2 move
         # Overlap shows as occlusion: a track's visible area drops well below its largest.
         occluded += any(min(a) < 0.7 * max(a) for a in areas)
@@ -81,7 +84,7 @@ def test_colours_survive_encoding(samples):
     for record, files in samples[:10] + samples[-4:]:
         _, frames = load({"json": json.dumps(record).encode(), **files}, 64)
         if record["media"]["type"] == "video":
-            masks = [decode_mask(t["masklet"]["0"]) for t in record["tracks"]]
+            masks = [decode_mask(t["masklet"][0]["segmentation"]) for t in record["tracks"]]
             names = [t["labels"][0] for t in record["tracks"]]
         else:
             masks = [decode_mask(o["segmentation"]) for o in record["objects"]]
@@ -100,7 +103,7 @@ def test_trainer_frames_of_a_rotated_video_are_upright_like_its_masks():
         f[:, :8] = 255  # a white band on the stored frame's left edge: the bottom once upright
     data = h264(frames, [0, 40, 80], rotation=90)
     v = probe_video(data, "mp4", keyframes=1, sparse_frames=1)
-    record = {"media": {"type": "video", "ext": "mp4", "rotation": v.rotation}}
+    record = {"schema_version": 2, "media": {"type": "video", "ext": "mp4", "rotation": v.rotation}}
     _, got = load({"json": json.dumps(record).encode(), "mp4": data}, 16)
     assert len(got) == 3 and got[0].shape == (16, 16, 3)
     engine = np.asarray(Image.open(io.BytesIO(v.keyframes[0])).convert("RGB").resize((16, 16)))

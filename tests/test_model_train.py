@@ -193,14 +193,19 @@ def engine_like_output(out):
                       {"type": "video", "ext": "mp4", "width": 96, "height": 80, "fps": 10.0, "num_frames": 12}, [])  # fmt: skip
     m = np.zeros((80, 96), bool)
     m[20:50, 30:70] = True
+    vrec["schema_version"] = 1  # a v1 record (frame-keyed masklet): the trainer reads it as v2
     vrec["tracks"] = [{"track_id": 7, "labels": ["car"], "masklet": {str(i): encode_mask(m) for i in (0, 3, 6, 9)},
                        "first_frame": 0, "last_frame": 9, "consistency": 0.8}]  # fmt: skip
     vrec["expressions"] = [
         {"track_id": 7, "object_level": "the red car", "video_level": "the car driving away"}
     ]
-    w.add_sample(vkey, vbuf.getvalue(), "mp4", vrec, {"uri": "v.mp4", "status": "ok", "media_type": "video"})
     w.add_row({"uri": "broken.jpg", "status": "error", "error": "decode"})
     w.commit()
+    videos = ShardWriter(out, name="engine-video-00000")  # one media extension per shard
+    videos.add_sample(
+        vkey, vbuf.getvalue(), "mp4", vrec, {"uri": "v.mp4", "status": "ok", "media_type": "video"}
+    )
+    videos.commit()
 
 
 def test_trainer_reads_engine_shards(tmp_path):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import html
 import io
 import re
 import shutil
@@ -14,71 +15,27 @@ import pytest
 from PIL import Image
 
 from groundmill.pipeline.cli import main
-from groundmill.pipeline.demo_data import write_shapes_video
-from groundmill.pipeline.report import build_report, grounded_caption_html, hex_colour, overlay
-from groundmill.schema import content_key, encode_mask, new_record
-from groundmill.shards import ShardWriter
-
-
-def _disc(h: int, w: int, cx: float, cy: float, r: float) -> np.ndarray:
-    yy, xx = np.mgrid[0:h, 0:w]
-    return (xx - cx) ** 2 + (yy - cy) ** 2 < r**2
-
-
-def _image_sample() -> tuple[str, bytes, dict]:
-    h, w = 120, 160
-    pixels = np.full((h, w, 3), 200, np.uint8)
-    buf = io.BytesIO()
-    Image.fromarray(pixels).save(buf, format="PNG")
-    data = buf.getvalue()
-    key = content_key(data)
-    record = new_record(key, {"uri": "mem://grey.png", "sha256": key, "bytes": len(data), "format": "png"},
-                        {"type": "image", "ext": "png", "width": w, "height": h}, [])  # fmt: skip
-    record["objects"] = [
-        {"id": 0, "bbox": [20, 20, 60, 60], "labels": ["ball"], "attributes": [], "score": 0.9,
-         "detectors": ["test"], "segmentation": encode_mask(_disc(h, w, 40, 40, 20))},
-        {"id": 1, "bbox": [90, 50, 150, 110], "labels": ["box"], "attributes": [], "score": 0.8,
-         "detectors": ["test"], "segmentation": encode_mask(_disc(h, w, 120, 80, 25))},
-    ]  # fmt: skip
-    caption = "A red ball next to a box."
-    record["captions"] = [{"text": caption, "model": "test"}]
-    record["relationships"] = {
-        "grounding": [
-            {"phrase": "A red ball", "caption_index": 0, "tokens_positive": [0, 10], "object_ids": [0]},
-            {"phrase": "a box", "caption_index": 0, "tokens_positive": [19, 24], "object_ids": [1]},
-        ]
-    }
-    return key, data, record
-
-
-def _video_sample(tmp_path: Path) -> tuple[str, bytes, dict]:
-    data = write_shapes_video(tmp_path / "shapes.mp4", num_frames=8).read_bytes()
-    key = content_key(data)
-    h, w = 120, 160
-    record = new_record(key, {"uri": "mem://shapes.mp4", "sha256": key, "bytes": len(data), "format": "mp4"},
-                        {"type": "video", "ext": "mp4", "width": w, "height": h, "rotation": 0}, [])  # fmt: skip
-    record["keyframes"] = [{"frame_index": i, "time_s": i / 8} for i in (0, 7)]
-    record["tracks"] = [
-        {
-            "track_id": 3,
-            "labels": ["disc"],
-            "masklet": {str(f): encode_mask(_disc(h, w, 20 + f * 15, 42, 14)) for f in range(8)},
-        }
-    ]
-    record["expressions"] = [{"track_id": 3, "expression": "the disc moving right"}]
-    return key, data, record
+from groundmill.pipeline.export.common import iter_samples
+from groundmill.pipeline.inspect import error_reason, summarize
+from groundmill.pipeline.report import (
+    MAX_STRIP_FRAMES,
+    build_report,
+    grounded_caption_html,
+    hex_colour,
+    overlay,
+)
+from groundmill.shards import read_index
 
 
 @pytest.fixture()
-def run_dir(tmp_path: Path) -> Path:
-    out = tmp_path / "out"
-    writer = ShardWriter(out, name="report-test")
-    for key, data, record in (_image_sample(), _video_sample(tmp_path)):
-        writer.add_sample(key, data, record["media"]["ext"], record,
-                          {"uri": record["source"]["uri"], "status": "ok", "timings": {"tagging": 0.5}})  # fmt: skip
-    writer.add_row({"uri": "mem://broken.png", "status": "error", "error": "tagging: boom", "timings": {}})
-    writer.commit()
-    return out
+def run_dir(grounded_run) -> Path:
+    """The shared run of the real stages (conftest): images with masks and grounded captions, a video
+    with tracks and expressions, error rows."""
+    return grounded_run[0]
+
+
+def _records(out: Path) -> list[dict]:
+    return [s.record for s in iter_samples(out, progress=False)]
 
 
 def test_grounded_caption_colours_each_phrase_and_escapes_text():
@@ -100,18 +57,37 @@ def test_overlay_tints_only_the_mask():
 
 def test_report_is_one_file_with_masks_phrases_and_animated_strips(run_dir: Path):
     page = build_report(run_dir)
+    records = _records(run_dir)
+    images = [r for r in records if r["media"]["type"] == "image"]
+    (video,) = [r for r in records if r["media"]["type"] == "video"]
     # Self-contained: every image is inline, nothing is fetched.
     assert not re.search(r'(src|href)="(?!data:)', page)
-    assert page.count('src="data:image/jpeg;base64,') == 1  # the image sample
+    assert page.count('src="data:image/jpeg;base64,') == len(images)
     gif = re.search(r'src="data:image/gif;base64,([^"]+)"', page)
     assert gif, "the video's masklets are an animated strip"
     strip = Image.open(io.BytesIO(base64.b64decode(gif.group(1))))
-    assert strip.n_frames == 8
-    assert hex_colour(0) in page and hex_colour(1) in page  # each phrase in its mask's colour
-    assert ">A red ball</span>" in page and ">a box</span>" in page
-    assert "the disc moving right" in page
-    assert "tagging: boom" in page  # error counts by reason
-    assert re.search(r"<td>tagging</td><td>2</td>", page)  # per-stage samples
+    covered = {m["frame_index"] for t in video["tracks"] for m in t["masklet"]
+               if t["first_frame"] <= m["frame_index"] <= t["last_frame"]}  # fmt: skip
+    assert strip.n_frames == min(len(covered), MAX_STRIP_FRAMES)
+    # Every grounded phrase of the short captions is shown in its object's colour.
+    for r in images:
+        for g in r["relationships"]["grounding"]:
+            assert f">{html.escape(g['phrase'])}</span>" in page and hex_colour(g["object_ids"][0]) in page
+        for ref in r.get("referring_expressions", [])[:8]:
+            assert html.escape(ref["expression"]) in page
+    # All three levels of every track's video expressions, as the stage wrote them.
+    assert video["expressions"]
+    for e in video["expressions"]:
+        for level in ("object_level", "scene_level", "video_level"):
+            assert html.escape(e[level]) in page
+    rows = read_index(run_dir).to_pylist()
+    for r in rows:
+        if r["error"]:
+            assert html.escape(error_reason(r["error"])) in page  # error counts by reason
+    masks = summarize(run_dir)["records"]["masks"]
+    assert re.search(rf"<td>masks</td><td>{masks}</td>", page) and masks > 0
+    timed = sum(1 for r in rows if any(t["stage"] == "masks" for t in r["timings"] or []))
+    assert re.search(rf"<td>masks</td><td>{timed}</td><td>", page)  # per-stage samples
 
 
 def _chromium() -> str | None:
@@ -122,8 +98,8 @@ def _chromium() -> str | None:
     _chromium() is None, reason="chromium is not installed (CI installs it: apt-get install chromium)"
 )
 def test_report_renders_in_headless_chromium(run_dir: Path, tmp_path: Path):
-    assert main(["report", str(run_dir)]) == 0
-    page = run_dir / "report.html"
+    page = tmp_path / "report.html"
+    assert main(["report", str(run_dir), "--output", str(page)]) == 0
     shot = tmp_path / "shot.png"
     subprocess.run(
         [_chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",

@@ -139,10 +139,14 @@ def test_gcg_export_maps_every_phrase_to_masks():
     s.record["dense_caption"]["verification"] = {"accepted": True}
     GCGExport().process([s])
     gcg = s.record["gcg"]
-    assert gcg["file_name"] == f"{s.key}.jpg" and set(gcg["groundings"]) == {"A brown dog", "a wooden bench"}
-    for phrase, g in gcg["groundings"].items():
-        start, end = g["token_positives"]
-        assert gcg["caption"][start:end] == phrase
+    assert gcg["file_name"] == f"{s.key}.jpg"
+    assert [(g["phrase"], g["object_ids"]) for g in gcg["groundings"]] == [
+        ("A brown dog", [1]),
+        ("a wooden bench", [2]),
+    ]
+    for g in gcg["groundings"]:
+        start, end = g["tokens_positive"]
+        assert gcg["caption"][start:end] == g["phrase"]
         assert g["rle_masks"] and all(decode_mask(m).shape == (H, W) for m in g["rle_masks"])
     rejected = image_sample(SCENE, "A dog.")
     rejected.record["dense_caption"]["verification"] = {"accepted": False}
@@ -240,8 +244,8 @@ def test_gcg_rewrite_keeps_spans_exact_or_keeps_the_original():
     stage.process([good, bad])
     gcg = good.record["gcg"]
     assert gcg["caption"] == "a brown dog sits near a wooden bench."
-    for phrase, g in gcg["groundings"].items():
-        assert gcg["caption"][slice(*g["token_positives"])] == phrase and g["rle_masks"]
+    for g in gcg["groundings"]:
+        assert gcg["caption"][slice(*g["tokens_positive"])] == g["phrase"] and g["rle_masks"]
     assert good.record["generations"]["gcg"]["prompt_id"] == "gcg_rewrite@v1"
     kept = bad.record["gcg"]
     assert kept["caption"] == bad.record["dense_caption"]["caption"]

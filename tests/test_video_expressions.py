@@ -27,8 +27,8 @@ def square(x: int, y: int, side: int) -> dict:
 
 def video_record() -> dict:
     """A red disc moving from the top left to the top right, a blue square staying bottom centre."""
-    red = {str(f): square(5 + 25 * f, 5, 12) for f in range(5)}
-    blue = {str(f): square(55, 70, 14) for f in range(5)}
+    red = [{"frame_index": f, "segmentation": square(5 + 25 * f, 5, 12)} for f in range(5)]
+    blue = [{"frame_index": f, "segmentation": square(55, 70, 14)} for f in range(5)]
     return {
         "key": "k" * 24,
         "media": {"type": "video", "ext": "mp4", "width": W, "height": H, "fps": 4.0},
@@ -49,7 +49,7 @@ def video_record() -> dict:
                 ],
             },
         ],  # fmt: skip
-        "frame_times": {str(f): f * 0.25 for f in range(5)},
+        "frame_times": [{"frame_index": f, "time_s": f * 0.25} for f in range(5)],
         "tracks": [
             {
                 "track_id": 0,
