@@ -51,7 +51,12 @@ def test_jaccard_edges():
 def test_boundary_map_marks_pixels_differing_from_east_south_or_south_east():
     # A single pixel at (1, 1): itself (differs from its east) and its west, north and north-west
     # neighbours (whose east, south or south-east is the pixel).
-    assert set(zip(*np.nonzero(boundary_map(pixel(1, 1, size=4))), strict=True)) == {(0, 0), (0, 1), (1, 0), (1, 1)}
+    assert set(zip(*np.nonzero(boundary_map(pixel(1, 1, size=4))), strict=True)) == {
+        (0, 0),
+        (0, 1),
+        (1, 0),
+        (1, 1),
+    }
 
 
 def test_boundary_map_of_full_frame_and_border_masks():
@@ -128,7 +133,9 @@ def test_ciou_giou_empty_and_single_pixel_edges():
     assert full["cIoU"] == pytest.approx(100 / (100 + 1e-10), rel=1e-12)
     # An empty-vs-empty sample beside a real one: the pool ignores it, the mean counts it as 1.
     mixed = ciou_giou([EMPTY, box(0, 2, 0, 2)], [EMPTY, box(0, 2, 0, 4)])
-    assert mixed["cIoU"] == pytest.approx(0.5, rel=1e-9) and mixed["gIoU"] == pytest.approx((1 + 4 / (8 + 1e-5)) / 2)
+    assert mixed["cIoU"] == pytest.approx(0.5, rel=1e-9) and mixed["gIoU"] == pytest.approx(
+        (1 + 4 / (8 + 1e-5)) / 2
+    )
 
 
 def test_ignored_pixels_are_outside_intersection_and_union():

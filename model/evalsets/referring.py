@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
-from PIL import Image, ImageDraw
+from PIL import Image
 from pycocotools import mask as mask_utils
 
 from groundmill.model.evalsets import ReferItem
@@ -98,26 +98,28 @@ def refcoco_items(
 
 
 def labelme_mask(shapes: list[dict], h: int, w: int) -> np.ndarray:
-    """LISA's get_mask_from_json: polygons labelled 'flag' skipped, the others drawn largest first (outline
-    and fill), 'ignore' ones as 255, the rest as 1. Polygons are filled with PIL instead of cv2: pixels
-    on an edge may differ by the two rasterisers' rules."""
+    """LISA's get_mask_from_json: polygons labelled 'flag' skipped, the others drawn largest first (by
+    their own drawn area; cv2 outline of width 1, then fill, points truncated to int32), 'ignore' ones as
+    255, the rest as 1."""
+    import cv2  # opencv-python-headless: LISA's rasteriser, so edge pixels agree
 
-    def draw(target: Image.Image, points: list, value: int) -> None:
-        xy = [tuple(p) for p in np.asarray(points, dtype=np.float64).astype(np.int32).tolist()]
-        ImageDraw.Draw(target).polygon(xy, fill=value, outline=value)
+    def draw(target: np.ndarray, points: list, value: int) -> None:
+        poly = np.array([points], dtype=np.int32)
+        cv2.polylines(target, poly, True, value, 1)
+        cv2.fillPoly(target, poly, value)
 
     kept, areas = [], []
     for shape in shapes:
         if shape["label"].lower() == "flag":
             continue
-        alone = Image.new("L", (w, h))
+        alone = np.zeros((h, w), np.uint8)
         draw(alone, shape["points"], 1)
         kept.append(shape)
-        areas.append(int(np.asarray(alone).sum()))
-    label = Image.new("L", (w, h))
-    for i in np.argsort(areas, kind="stable")[::-1]:
+        areas.append(int(alone.sum()))
+    label = np.zeros((h, w), np.uint8)
+    for i in np.argsort(areas)[::-1]:
         draw(label, kept[i]["points"], 255 if "ignore" in kept[i]["label"].lower() else 1)
-    return np.asarray(label)
+    return label
 
 
 def reasonseg_items(root: Path, splits: list[str] | None) -> Iterator[ReferItem]:
