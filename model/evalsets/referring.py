@@ -47,12 +47,13 @@ def read_refs(path: Path) -> list[dict]:
 
 
 def image_dir(root: Path, images: str | Path | None, file_name: str) -> Path:
-    """The COCO train2014 folder: --images, else root/images, root/train2014 or LISA's
-    refer_seg/images/mscoco/images/train2014 beside the dataset folder."""
+    """The COCO train2014 folder: --images, else root/images, root/train2014, or beside the dataset
+    folder: images/ or LISA's refer_seg/images/mscoco/images/train2014."""
     candidates = [Path(images)] if images else []
     candidates += [
         root / "images",
         root / "train2014",
+        root.parent / "images",
         root.parent / "images" / "mscoco" / "images" / "train2014",
     ]
     for c in candidates:
