@@ -24,12 +24,13 @@ def _pct(value: object) -> str:
     return "n/a" if math.isnan(value) else f"{100 * value:.1f}"
 
 
-def _grid(header: list[str], rows: list[list[str]]) -> str:
+def _grid(header: list[str], rows: list[list[str]], left: int = 1) -> str:
+    """Aligned columns: the first `left` left-justified (names), the rest right-justified (numbers)."""
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
 
     def line(row: list[str]) -> str:
         cells = [
-            c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths, strict=True))
+            c.ljust(w) if i < left else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths, strict=True))
         ]
         return "  ".join(cells)
 
@@ -61,7 +62,7 @@ def metric_table(report: dict, title: str, key: str, metrics: list[str]) -> list
     if not rows:
         return []
     body = [[name, split, *(_pct(m.get(k)) for k in metrics), str(m.get("n", ""))] for name, split, m in rows]
-    return [f"{title}\n" + _grid(["dataset", "split", *metrics, "n"], body)]
+    return [f"{title}\n" + _grid(["dataset", "split", *metrics, "n"], body, left=2)]
 
 
 def format_tables(report: dict) -> str:
