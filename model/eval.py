@@ -186,7 +186,7 @@ SHARDS_PROTOCOL = (
 def run_eval(cfg: TrainConfig, ckpt: str | Path, benches: list[tuple[str, str]], splits: list[str] | None = None,
              images: str | None = None, limit: int | None = None, phrase_model: str = GLAMM_EMBEDDER) -> dict:  # fmt: skip
     """The report: one entry per dataset (`shards` or a benchmark layout)."""
-    embedder = None
+    embedder, segmenter = None, None
     report: dict = {"checkpoint": str(ckpt), "datasets": {}}
     for layout, path in benches:
         if layout == "shards":
@@ -199,7 +199,8 @@ def run_eval(cfg: TrainConfig, ckpt: str | Path, benches: list[tuple[str, str]],
         else:
             if LAYOUTS[layout].task == "gcg" and embedder is None:
                 embedder = load_embedder(phrase_model)
-            entry = evaluate_layout(_segmenter(cfg, ckpt), layout, path, splits, images, limit, embedder)
+            segmenter = segmenter or _segmenter(cfg, ckpt)  # one model load for every benchmark
+            entry = evaluate_layout(segmenter, layout, path, splits, images, limit, embedder)
         report["datasets"][_unique(report["datasets"], layout)] = entry
     return report
 
