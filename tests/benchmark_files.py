@@ -60,7 +60,7 @@ def write_refcoco(root: Path, dataset: str = "refcoco", fmt: str = "json") -> di
     }  # fmt: skip
     refs = [
         {"ref_id": 1, "ann_id": 11, "image_id": 1, "category_id": 1, "split": "val",
-         "sentences": [{"sent": "the left box", "tokens": ["the", "left", "box"]}, {"sent": "small box", "tokens": []}]},
+         "sentences": [{"sent": "The left box ", "tokens": ["the", "left", "box"]}, {"sent": "small box", "tokens": []}]},
         {"ref_id": 2, "ann_id": 12, "image_id": 2, "category_id": 1, "split": "testA",
          "sentences": [{"sent": "box on the right", "tokens": []}]},
         {"ref_id": 3, "ann_id": 11, "image_id": 1, "category_id": 1, "split": "train",

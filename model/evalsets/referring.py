@@ -95,7 +95,8 @@ def refcoco_items(
         folder = folder or image_dir(root, images, info["file_name"])
         mask = ann_mask(anns[ref["ann_id"]]["segmentation"], info["height"], info["width"])
         for sentence in ref["sentences"]:
-            yield ReferItem(folder / info["file_name"], sentence["sent"], mask, (ref["split"],))
+            text = sentence["sent"].strip().lower()  # as LISA's ValDataset gives it to the model
+            yield ReferItem(folder / info["file_name"], text, mask, (ref["split"],))
 
 
 def labelme_mask(shapes: list[dict], h: int, w: int) -> np.ndarray:
