@@ -11,6 +11,7 @@ from groundmill.model.metrics import (
     f_measure,
     gcg_miou,
     gcg_recall,
+    j_and_f,
     jaccard,
     mask_ap,
     paired_mean_iou,
@@ -110,6 +111,14 @@ def test_video_summary_averages_sequences_not_frames():
     assert out["J-Recall"] == pytest.approx((1.0 + 0.0) / 2)
     # Decay, 4 frames: bounds [0, 1, 2, 2, 3] -> mean(v[0:2]) - mean(v[3:4]) = .25; 2 frames: 0.
     assert out["J-Decay"] == pytest.approx((0 + 0.25) / 2)
+
+
+def test_j_and_f_scores_every_frame_of_each_sequence():
+    a = box(2, 6, 2, 6)
+    # Video 1: exact on both frames. Video 2: frame 1 exact, frame 2 empty vs a (J = F = 0).
+    out = j_and_f([[a, a], [a, EMPTY]], [[a, a], [a, a]])
+    assert (out["J"], out["F"], out["J&F"]) == (0.75, 0.75, 0.75)
+    assert out["J-Recall"] == 0.75  # per sequence 1 and .5, then the mean
 
 
 # ---- cIoU / gIoU (LISA) -------------------------------------------------------------------------------
