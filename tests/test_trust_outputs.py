@@ -149,7 +149,9 @@ def test_a_retried_write_task_never_writes_a_row_twice(tmp_path):
     sink.write([_block(uris[:3]), _block(uris[3:])], TaskContext(task_idx=7, op_name="Write"))
     assert Counter(read_index(tmp_path).column("uri").to_pylist()) == Counter(uris)
     names = [p.stem for p in (tmp_path / INDEX_DIR).glob("*.parquet")]
-    assert all(re.fullmatch(r"001-000-00007-((image|video)-[a-z0-9]+|rows)-[0-9a-f]{12}", n) for n in names), names
+    assert all(
+        re.fullmatch(r"001-000-00007-((image|video)-[a-z0-9]+|rows)-[0-9a-f]{12}", n) for n in names
+    ), names
 
 
 def test_run_json_keeps_secrets_out(tmp_path, monkeypatch):

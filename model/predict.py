@@ -1,0 +1,77 @@
+"""A checkpoint's predictions: teacher-forced mask logits for task samples, and greedy GCG captions with
+the mask logits of their [SEG]s. Shared by the shard eval (model/eval.py) and the benchmark layouts
+(model/eval_bench.py)."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+import torch
+from transformers import PreTrainedTokenizerBase
+
+from groundmill.model.config import TrainConfig
+from groundmill.model.data import collate
+from groundmill.model.modeling import P_CLOSE, P_OPEN, SEG, X2SamModel
+from groundmill.model.tokenizer import load_tokenizer
+from groundmill.model.train import build_model, load_checkpoint
+
+
+def load_for_eval(cfg: TrainConfig, ckpt: str | Path) -> tuple[X2SamModel, PreTrainedTokenizerBase]:
+    tok = load_tokenizer(ckpt)
+    model = build_model(cfg, tok)
+    load_checkpoint(Path(ckpt), model)
+    return model.eval(), tok
+
+
+@torch.no_grad()
+def predict(model: X2SamModel, samples: list[dict], tok: PreTrainedTokenizerBase, cfg: TrainConfig,
+            device: torch.device) -> list[np.ndarray]:  # fmt: skip
+    """Teacher-forced mask logits for task samples: one float (Q,T,S,S) array per sample."""
+    out: list[np.ndarray | None] = [None] * len(samples)
+    by_frames: dict[int, list[int]] = defaultdict(list)  # a batch needs one frame count
+    for i, s in enumerate(samples):
+        by_frames[len(s["frames"])].append(i)
+    bs = cfg.data.batch_size
+    for idx in by_frames.values():
+        for start in range(0, len(idx), bs):
+            chunk = idx[start : start + bs]
+            batch = {k: v.to(device) for k, v in collate([samples[i] for i in chunk], tok, 10**6).items()}
+            masks = model(batch)["mask_logits"].float().cpu().numpy()
+            counts = (batch["input_ids"] == model.seg_id).sum(1).tolist()
+            for i, m in zip(chunk, np.split(masks, np.cumsum(counts)[:-1]), strict=True):
+                out[i] = m
+    return out
+
+
+def parse_gcg(tok: PreTrainedTokenizerBase, ids: list[int]) -> tuple[str, list[str]]:
+    """Generated answer ids -> (plain caption, phrase before each [SEG])."""
+    words, phrases, current, inside = [], [], [], False
+    for t in tok.convert_ids_to_tokens(ids):
+        if t == P_OPEN:
+            inside, current = True, []
+        elif t == P_CLOSE:
+            inside = False
+        elif t == SEG:
+            phrases.append(" ".join(current))
+        elif t not in tok.all_special_tokens:
+            words.append(t)
+            if inside:
+                current.append(t)
+    return " ".join(words), phrases
+
+
+@torch.no_grad()
+def gcg_predict(model: X2SamModel, sample: dict, tok: PreTrainedTokenizerBase, device: torch.device,
+                max_new_tokens: int) -> tuple[str, list[str], np.ndarray]:  # fmt: skip
+    """Greedy caption with its [SEG]s, then the (n, S, S) mask logits of those [SEG]s."""
+    batch = {k: v.to(device) for k, v in collate([{**sample, "answer": ""}], tok, 10**6).items()}
+    prompt = batch["input_ids"][:, :-1]  # drop the eos that closes an empty answer
+    ids = model.generate({**batch, "input_ids": prompt}, max_new_tokens, tok.eos_token_id)
+    caption, phrases = parse_gcg(tok, ids[0, prompt.shape[1] :].tolist())
+    size = batch["frames"].shape[-1]
+    if not phrases:
+        return caption, [], np.zeros((0, size, size), np.float32)
+    full = {**batch, "input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    return caption, phrases, model(full)["mask_logits"][:, 0].float().cpu().numpy()
