@@ -124,8 +124,8 @@ def grounded_run(tmp_path_factory, ray_local):
     from groundmill.pipeline.config import load_config
     from groundmill.pipeline.demo_data import write_shapes_video
     from groundmill.pipeline.run import run_pipeline
-    from tests.media_factory import rgb_jpeg, truncated_jpeg
-    from tests.test_stage_models import png
+    from groundmill.tests.media_factory import rgb_jpeg, truncated_jpeg
+    from groundmill.tests.stage_samples import png
 
     tmp = tmp_path_factory.mktemp("grounded")
     inputs = tmp / "in"

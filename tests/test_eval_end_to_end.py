@@ -10,7 +10,13 @@ from groundmill.model.config import load_config
 from groundmill.model.synthetic import write_split
 from groundmill.model.train import train
 from groundmill.pipeline.cli import main as cli
-from tests.benchmark_files import write_davis, write_grandf, write_reasonseg, write_refcoco, write_rvos
+from groundmill.tests.benchmark_files import (
+    write_davis,
+    write_grandf,
+    write_reasonseg,
+    write_refcoco,
+    write_rvos,
+)
 
 FAST = ["data.batch_size=4", "data.video_batch_size=2", "data.video_frames=4", "optim.warmup_steps=1",
         "optim.max_steps=2", "log_every=1", "threads=2", "eval_samples=3", "data.max_text_tokens=24"]  # fmt: skip

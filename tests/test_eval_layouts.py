@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from groundmill.model.evalsets import read_layout
-from tests.benchmark_files import (
+from groundmill.tests.benchmark_files import (
     VID_T,
     box,
     write_davis,

@@ -21,7 +21,14 @@ from groundmill.model.eval_report import format_tables
 from groundmill.model.evalsets import read_layout
 from groundmill.model.metrics import caption_scores
 from groundmill.model.phrases import load_embedder
-from tests.benchmark_files import box, write_davis, write_grandf, write_reasonseg, write_refcoco, write_rvos
+from groundmill.tests.benchmark_files import (
+    box,
+    write_davis,
+    write_grandf,
+    write_reasonseg,
+    write_refcoco,
+    write_rvos,
+)
 
 needs_java = pytest.mark.skipif(
     shutil.which("java") is None, reason="pycocoevalcap's PTB tokenizer and METEOR need Java"

@@ -271,8 +271,8 @@ def test_images_are_stored_in_the_configured_format():
     from PIL import Image as PILImage
 
     from groundmill.media import normalise_image
-    from tests.media_factory import rgb_jpeg
-    from tests.test_stage_models import png
+    from groundmill.tests.media_factory import rgb_jpeg
+    from groundmill.tests.stage_samples import png
 
     limits = {"max_pixels": 10**8, "max_side": 4096}
     as_jpg = normalise_image(png(0), **limits, image_format="jpg")
