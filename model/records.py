@@ -60,7 +60,7 @@ def decode_video(data: bytes, rotation: int = 0, indices: set[int] | None = None
 
 def annotated_frames(record: dict) -> set[int]:
     """The frame indices a video record annotates (keyframes and track masklets): what tasks sample."""
-    indices = {int(k) for t in record.get("tracks", []) for k in t.get("masklet", {})}
+    indices = {m["frame_index"] for t in record.get("tracks", []) for m in t.get("masklet", [])}
     return indices | {f["frame_index"] for f in record.get("keyframes", [])} | {0}
 
 

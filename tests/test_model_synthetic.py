@@ -103,7 +103,8 @@ def test_trainer_frames_of_a_rotated_video_are_upright_like_its_masks():
         f[:, :8] = 255  # a white band on the stored frame's left edge: the bottom once upright
     data = h264(frames, [0, 40, 80], rotation=90)
     v = probe_video(data, "mp4", keyframes=1, sparse_frames=1)
-    record = {"schema_version": 2, "media": {"type": "video", "ext": "mp4", "rotation": v.rotation}}
+    record = {"schema_version": 2, "media": {"type": "video", "ext": "mp4", "rotation": v.rotation},
+              "keyframes": [{"frame_index": i} for i in range(3)]}  # fmt: skip
     _, got = load({"json": json.dumps(record).encode(), "mp4": data}, 16)
     assert len(got) == 3 and got[0].shape == (16, 16, 3)
     engine = np.asarray(Image.open(io.BytesIO(v.keyframes[0])).convert("RGB").resize((16, 16)))

@@ -125,7 +125,7 @@ def test_a_concat_script_named_mp4_reads_no_other_file(tmp_path, monkeypatch, cl
 def test_the_trainer_decodes_only_the_frames_a_record_annotates(clip):
     record = {
         "schema_version": 1,  # masklets keyed by frame: read as v2
-        "media": {"type": "video", "ext": "mp4", "rotation": 0},
+        "media": {"type": "video", "ext": "mp4", "rotation": 0, "width": 96, "height": 64},
         "keyframes": [{"frame_index": 0}, {"frame_index": 6}],
         "tracks": [{"track_id": 0, "masklet": {"3": {}, "6": {}}}],
     }
