@@ -115,8 +115,11 @@ def init_ray(cfg: Config) -> None:
         )
 
 
-def new_record(cfg: Config, num_inputs: int, previous: dict[str, Any]) -> dict[str, Any]:
-    """This attempt's run record: config, stage provenance, versions, the attempts so far."""
+def new_record(
+    cfg: Config, num_inputs: int, previous: dict[str, Any], substitutions: list[dict[str, Any]] | None = None
+) -> dict[str, Any]:
+    """This attempt's run record: config, stage provenance, versions, the attempts so far, and what
+    `--cpu` substituted in the manifest (`config.apply_cpu`)."""
     record: dict[str, Any] = {
         "groundmill_version": __version__,
         "config": to_container(cfg),
@@ -127,6 +130,7 @@ def new_record(cfg: Config, num_inputs: int, previous: dict[str, Any]) -> dict[s
         "attempts": previous.get("attempts", []),
     }
     record["random_weight_models"] = [n for n, s in record["stages"].items() if s.get("random_weights")]
+    record["substitutions"] = substitutions or []
     return record
 
 
@@ -167,8 +171,9 @@ def annotate(cfg: Config, out: Path, pending: list[str], index: Any, attempt_num
         build_dataset(cfg, pending[i : i + step], registry).write_datasink(sink)
 
 
-def run_pipeline(cfg: Config) -> dict[str, Any]:
-    """Annotate every pending input of `cfg`; returns the run record."""
+def run_pipeline(cfg: Config, substitutions: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    """Annotate every pending input of `cfg` (`substitutions`: what `--cpu` changed, for the run
+    record); returns the run record."""
     out = Path(cfg.output.dir)
     out.mkdir(parents=True, exist_ok=True)
     removed = clean_uncommitted(out)
@@ -182,7 +187,7 @@ def run_pipeline(cfg: Config) -> dict[str, Any]:
 
     record_path = out / RUN_RECORD
     previous = json.loads(record_path.read_text()) if record_path.exists() else {}
-    record = new_record(cfg, len(uris), previous)
+    record = new_record(cfg, len(uris), previous, substitutions)
     if previous and done:
         refuse_changed_settings(out, previous, record)
     attempt = {"started": datetime.now(UTC).isoformat(), "pending": len(pending), "already_done": len(done)}
