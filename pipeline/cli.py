@@ -59,7 +59,8 @@ def _parser() -> argparse.ArgumentParser:
     fixture = sub.add_parser("fixture", help="write test fixtures")
     kinds = fixture.add_subparsers(dest="fixture", required=True)
     hub = kinds.add_parser(
-        "hub", help="an offline Hugging Face cache with a tiny random-weight model for each hub id of a manifest"
+        "hub",
+        help="an offline Hugging Face cache with a tiny random-weight model for each hub id of a manifest",
     )
     hub.add_argument("dir", help="cache directory to fill (use it as HF_HUB_CACHE)")
     hub.add_argument("--manifest", default=str(GRAND_MANIFEST), help="manifest whose models to write")

@@ -271,6 +271,8 @@ def write_hub_fixture(cache: str | Path, cfg: Config) -> dict[str, Path]:
     written = {}
     for repo, kind in sorted(manifest_models(cfg).items()):
         real = kind == "sentence_embedder" and repo == MINILM_HUB_ID
-        marker = None if real else {"random_weights": True, "kind": kind, "written_by": "groundmill fixture hub"}
+        marker = (
+            None if real else {"random_weights": True, "kind": kind, "written_by": "groundmill fixture hub"}
+        )
         written[repo] = write_snapshot(cache, repo, WRITERS[kind], marker)
     return written

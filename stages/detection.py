@@ -15,7 +15,6 @@ Grounding DINO. Hub ids and local paths load the model and its processor with `f
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -26,6 +25,7 @@ from groundmill.schema import encode_mask
 from groundmill.stages.base import Sample, Stage, views_of
 from groundmill.stages.boxes import Detection, decode_boxes, filter_detections
 from groundmill.stages.models import device_for, dtype_for, local_path, seeded
+from groundmill.stages.tagging import load_vocabulary
 from groundmill.stages.tokenizers import bert_wordpiece_tokenizer, clip_bpe_tokenizer
 
 TINY_IMAGE_SIZE = 224
@@ -200,7 +200,9 @@ class _Mask2Former(_Detector):
         from transformers import Mask2FormerForUniversalSegmentation, Mask2FormerImageProcessor
 
         labels = COCO_PANOPTIC_LABELS
-        return Mask2FormerForUniversalSegmentation(tiny_mask2former_config(labels)), Mask2FormerImageProcessor(
+        return Mask2FormerForUniversalSegmentation(
+            tiny_mask2former_config(labels)
+        ), Mask2FormerImageProcessor(
             size={"shortest_edge": TINY_IMAGE_SIZE // 2, "longest_edge": TINY_IMAGE_SIZE}, size_divisor=32
         )
 
@@ -233,20 +235,9 @@ def panoptic_label(name: str) -> str:
     return name.replace("-", " ")
 
 
-# COCO-panoptic's 133 classes (80 things, then 53 stuff), the label set of `facebook/mask2former-*-coco-panoptic`;
-# the tiny model uses it so its detections name real classes.
-COCO_PANOPTIC_STUFF = (
-    "banner blanket bridge cardboard counter curtain door-stuff floor-wood flower fruit gravel house light "
-    "mirror-stuff net pillow platform playingfield railroad river road roof sand sea shelf snow stairs tent "
-    "towel wall-brick wall-stone wall-tile wall-wood water-other window-blind window-other tree-merged "
-    "fence-merged ceiling-merged sky-other-merged cabinet-merged table-merged floor-other-merged "
-    "pavement-merged mountain-merged grass-merged dirt-merged paper-merged food-other-merged "
-    "building-other-merged rock-merged wall-other-merged rug-merged"
-).split()
-COCO_PANOPTIC_LABELS = [
-    *(Path(__file__).parent / "vocab" / "coco.txt").read_text().splitlines()[:80],
-    *COCO_PANOPTIC_STUFF,
-]
+# The label set of `facebook/mask2former-*-coco-panoptic`: the tiny model uses it so its detections name
+# real classes.
+COCO_PANOPTIC_LABELS = load_vocabulary(["coco_panoptic"])
 
 
 def tiny_mask2former_config(labels: list[str]) -> Any:
@@ -318,7 +309,9 @@ class OpenVocabDetection(Stage):
             queries = detection_queries(view.record.get("tags", []), p.classes, p.use_tags, p.max_queries)
             asks = queries or not self.detector.open_vocabulary
             dets = self.detector.detect(view.image, queries, p.query_template) if asks else []
-            kept = with_own_masks(filter_detections(dets, p.score_threshold, p.nms_iou, p.max_boxes), self.model_spec.id)
+            kept = with_own_masks(
+                filter_detections(dets, p.score_threshold, p.nms_iou, p.max_boxes), self.model_spec.id
+            )
             # keyed by detector: the voting stage needs to know which model proposed each box
             view.record.setdefault("detections", {})[p.detector] = kept
 
