@@ -266,7 +266,8 @@ def apply_cpu(cfg: Config, local_cpus: float) -> list[dict[str, Any]]:
     """`groundmill run --cpu`: run a GPU manifest unchanged on a machine without GPUs; returns each
     substitution made (`key`, `from`, `to`), which the run record lists.
 
-    - GPU requests are dropped and GPU dtypes become float32 (devices `cuda*` become `cpu`);
+    - GPU requests are dropped, GPU dtypes become float32 and every model's device is `cpu` (LLM
+      backends on `auto` would take a visible GPU even without a GPU request);
     - LLM stages on vLLM (GPU only) use the transformers backend with the same model id;
     - every stage joins one actor pool (README, "Groups"): a dozen GPU-sized pools each importing
       torch and holding its model do not fit a small CPU machine; `local_cpus` sizes that pool.
@@ -278,8 +279,7 @@ def apply_cpu(cfg: Config, local_cpus: float) -> list[dict[str, Any]]:
         where = f"stages.{name}"
         _substitute(subs, f"{where}.resources.num_gpus", stage.resources, "num_gpus", 0.0)
         _substitute(subs, f"{where}.model.dtype", stage.model, "dtype", "float32")
-        if stage.model.device.startswith("cuda"):
-            _substitute(subs, f"{where}.model.device", stage.model, "device", "cpu")
+        _substitute(subs, f"{where}.model.device", stage.model, "device", "cpu")  # auto may find a GPU
         llm = getattr(stage.params, "llm", None)
         if llm is not None and llm.backend == "vllm":
             _substitute(subs, f"{where}.params.llm.backend", llm, "backend", "transformers")

@@ -245,7 +245,9 @@ def write_snapshot(cache: Path, repo: str, write: Writer, marker: dict[str, Any]
     FIXTURE_MARKER. A repo already in the cache that is not a fixture is never touched."""
     repo_dir = cache / f"models--{repo.replace('/', '--')}"
     if repo_dir.exists():
-        if not any(repo_dir.glob(f"snapshots/*/{FIXTURE_MARKER}")) and marker is not None:
+        if not any(repo_dir.glob(f"snapshots/*/{FIXTURE_MARKER}")):  # a real download
+            if marker is None:  # the real weights are already there
+                return repo_dir / "snapshots" / (repo_dir / "refs" / "main").read_text().strip()
             raise FileExistsError(f"{repo_dir} holds a real download of {repo}; not overwriting it")
         shutil.rmtree(repo_dir)
     with tempfile.TemporaryDirectory(dir=cache) as tmp:

@@ -117,6 +117,7 @@ def _has(data: dict, dotted: str) -> bool:
     return rest in value if isinstance(value, dict) and not items else all(rest in x for x in items)
 
 
+@pytest.mark.slow
 def test_every_hub_id_resolves_offline_in_the_real_layout(grand_run):
     cache = grand_run[0]
     assert manifest_models(load_config(GRAND_MANIFEST)) == FIXTURE_REPOS
@@ -131,6 +132,7 @@ def test_every_hub_id_resolves_offline_in_the_real_layout(grand_run):
     assert Path(sam2).stat().st_size > 0
 
 
+@pytest.mark.slow
 def test_every_stage_wrote_its_fields(grand_run):
     _, out, run, records = grand_run
     index = read_index(out).to_pylist()
@@ -162,6 +164,7 @@ def test_every_stage_wrote_its_fields(grand_run):
     assert video["tracks"]  # the hub-loaded SAM 2.1 video predictor tracked the keyframe objects
 
 
+@pytest.mark.slow
 def test_run_record_says_which_models_were_random(grand_run):
     _, _, run, records = grand_run
     # all-MiniLM-L6-v2 (grounding, and verification's embedder): the real weights, from the registry
@@ -174,6 +177,7 @@ def test_run_record_says_which_models_were_random(grand_run):
             assert record["provenance"][name]["random_weights"] is (name not in real)
 
 
+@pytest.mark.slow
 def test_run_record_lists_what_cpu_substituted(grand_run):
     _, _, run, _ = grand_run
     manifest = load_config(GRAND_MANIFEST)
@@ -227,6 +231,8 @@ def test_the_fixture_marker_decides_random_weights(tmp_path, monkeypatch):
     assert random_weights(ModelSpec(id="tiny")) and not random_weights(ModelSpec(id="smollm2"))
     with pytest.raises(FileExistsError):  # a real download in the cache is never overwritten
         write_snapshot(tmp_path, "org/real", config_only, {"random_weights": True})
+    again = write_snapshot(tmp_path, "org/real", config_only, None)  # nor replaced by a copy
+    assert again == next((tmp_path / "models--org--real" / "snapshots").iterdir())
     assert repo_id("ViT-B-32@laion2b_s34b_b79k") is None and repo_id(str(tmp_path)) is None
 
 
