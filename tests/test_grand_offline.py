@@ -106,15 +106,19 @@ def _frames(record: dict) -> list[dict]:
 
 
 def _has(data: dict, dotted: str) -> bool:
-    """`a` is a key of data; `a.b`: every element of data[a] (a list, or a dict of lists) has b."""
+    """`a`: a key of data. `a.b`: b is a key of data[a] when that is a dict, else every element of
+    data[a] (a list, or a dict of lists such as detections per model) has b."""
     head, _, rest = dotted.partition(".")
     if head not in data:
         return False
     value = data[head]
-    items = [x for v in value.values() for x in v] if isinstance(value, dict) and rest else value
     if not rest:
         return True
-    return rest in value if isinstance(value, dict) and not items else all(rest in x for x in items)
+    if isinstance(value, dict):
+        if rest in value:
+            return True
+        value = [x for v in value.values() if isinstance(v, list) for x in v]
+    return all(rest in x for x in value)
 
 
 @pytest.mark.slow
@@ -158,6 +162,7 @@ def test_every_stage_wrote_its_fields(grand_run):
                     assert all(_has(frame, f) for f in MOVED.get(field, (field,))), (name, field)
     frames = [f for r in records for f in _frames(r)]
     assert all(f["tags"] and f["landmark"] and f["captions"] for f in frames)
+    assert all(len(f["detections"]) == 3 for f in frames)  # three detector stages
     assert all(f["objects"] for f in frames)  # min_iou 0, min_dice 0: the detectors agree
     # keyed by detector family here, by stage name once detections are keyed by stage
     assert any(dets for f in frames for key, dets in f["detections"].items() if "mask2former" in key)
