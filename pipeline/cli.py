@@ -6,12 +6,16 @@ import argparse
 import importlib
 import json
 import logging
+import os
 import sys
+from pathlib import Path
 
-from groundmill.pipeline.config import ConfigError, load_config
+from groundmill.pipeline.config import ConfigError, apply_cpu, load_config
 from groundmill.pipeline.export import FORMATS as EXPORT_FORMATS
 from groundmill.pipeline.sources import SourceError
 from groundmill.schema import SchemaVersionError
+
+GRAND_MANIFEST = Path(__file__).parent.parent / "manifests" / "grand.yaml"
 
 # Subcommands implemented elsewhere take their own argv: name -> "module:function".
 DELEGATED = {
@@ -33,6 +37,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--output", help="output directory (overrides output.dir)")
     run.add_argument("--address", help="Ray cluster address (overrides ray.address)")
+    run.add_argument(
+        "--cpu",
+        action="store_true",
+        help="run a GPU manifest on CPUs: no GPU requests or GPU dtypes, vLLM stages on transformers, "
+        "one actor pool (run.json lists each substitution)",
+    )
     run.add_argument(
         "overrides", nargs="*", help="dotted config overrides, e.g. stages.tagging.params.top_k=5"
     )
@@ -56,6 +66,15 @@ def _parser() -> argparse.ArgumentParser:
 
     sample = sub.add_parser("sample", help="write the bundled demo inputs (real photos + a generated video)")
     sample.add_argument("dest")
+
+    fixture = sub.add_parser("fixture", help="write test fixtures")
+    kinds = fixture.add_subparsers(dest="fixture", required=True)
+    hub = kinds.add_parser(
+        "hub",
+        help="an offline Hugging Face cache with a tiny random-weight model for each hub id of a manifest",
+    )
+    hub.add_argument("dir", help="cache directory to fill (use it as HF_HUB_CACHE)")
+    hub.add_argument("--manifest", default=str(GRAND_MANIFEST), help="manifest whose models to write")
 
     for name, (_, help_text) in DELEGATED.items():
         sub.add_parser(name, help=help_text, add_help=False)
@@ -90,6 +109,13 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.command == "export":
             return _export(args)
+        if args.command == "fixture":
+            from groundmill.pipeline.fixture import write_hub_fixture
+
+            cfg = load_config(args.manifest, ["inputs=[-]"])  # only its models matter, not its inputs
+            for repo, snapshot in write_hub_fixture(args.dir, cfg).items():
+                print(f"{repo}\t{snapshot}")
+            return 0
         if args.command == "sample":
             from groundmill.pipeline.demo_data import write_demo_inputs
 
@@ -128,7 +154,8 @@ def _run(args: argparse.Namespace) -> int:
     if args.input:
         overrides.append(f"inputs={json.dumps(args.input)}")
     cfg = load_config(args.manifest, overrides)
-    run_pipeline(cfg)
+    substitutions = apply_cpu(cfg, cfg.ray.num_cpus or os.cpu_count() or 1) if args.cpu else []
+    run_pipeline(cfg, substitutions)
     print(format_summary(summarize(cfg.output.dir)))
     return 0
 

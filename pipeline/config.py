@@ -347,3 +347,42 @@ def _masked(data: Any, prefix: str = "") -> Any:
     if isinstance(data, list):
         return [_masked(v, prefix) for v in data]
     return data
+
+
+def _substitute(subs: list[dict[str, Any]], key: str, obj: Any, attr: str, value: Any) -> None:
+    if getattr(obj, attr) != value:
+        subs.append({"key": key, "from": getattr(obj, attr), "to": value})
+        setattr(obj, attr, value)
+
+
+CPU_GROUP = "cpu"
+
+
+def apply_cpu(cfg: Config, local_cpus: float) -> list[dict[str, Any]]:
+    """`groundmill run --cpu`: run a GPU manifest unchanged on a machine without GPUs; returns each
+    substitution made (`key`, `from`, `to`), which the run record lists.
+
+    - GPU requests are dropped, GPU dtypes become float32 and every model's device is `cpu` (LLM
+      backends on `auto` would take a visible GPU even without a GPU request);
+    - LLM stages on vLLM (GPU only) use the transformers backend with the same model id;
+    - every stage joins one actor pool (README, "Groups"): a dozen GPU-sized pools each importing
+      torch and holding its model do not fit a small CPU machine; `local_cpus` sizes that pool.
+    Groups change speed, not annotations; dtypes and the LLM backend can, and resuming a `--cpu`
+    output without `--cpu` is refused as a change of settings.
+    """
+    subs: list[dict[str, Any]] = []
+    for name, stage in cfg.stages.items():
+        where = f"stages.{name}"
+        _substitute(subs, f"{where}.resources.num_gpus", stage.resources, "num_gpus", 0.0)
+        _substitute(subs, f"{where}.model.dtype", stage.model, "dtype", "float32")
+        _substitute(subs, f"{where}.model.device", stage.model, "device", "cpu")  # auto may find a GPU
+        llm = getattr(stage.params, "llm", None)
+        if llm is not None and llm.backend == "vllm":
+            _substitute(subs, f"{where}.params.llm.backend", llm, "backend", "transformers")
+    group = CPU_GROUP if CPU_GROUP not in cfg.stages else f"{CPU_GROUP}_pool"
+    actors = max(1, int(local_cpus // 2))  # one torch process per 2 cores
+    cfg.groups[group] = Resources(num_cpus=0.5, num_gpus=0.0, batch_size=4, min_actors=1, max_actors=actors)
+    for name, stage in cfg.stages.items():
+        _substitute(subs, f"stages.{name}.group", stage, "group", group)
+    subs.append({"key": f"groups.{group}", "from": None, "to": dataclasses.asdict(cfg.groups[group])})
+    return subs

@@ -174,9 +174,12 @@ def redo_lost_shards(out: Path) -> None:
         forget_shard(out, name)
 
 
-def new_record(cfg: Config, num_inputs: int, previous: dict[str, Any]) -> dict[str, Any]:
-    """This attempt's run record: config, stage provenance, versions, the attempts so far; no secrets
-    (interpolations as written, secret-looking values masked, URIs redacted)."""
+def new_record(
+    cfg: Config, num_inputs: int, previous: dict[str, Any], substitutions: list[dict[str, Any]] | None = None
+) -> dict[str, Any]:
+    """This attempt's run record: config, stage provenance, versions, the attempts so far, and what
+    `--cpu` substituted in the manifest (`config.apply_cpu`); no secrets (interpolations as written,
+    secret-looking values masked, URIs redacted)."""
     config = recorded_config(cfg)
     config["inputs"] = [redact_uri(u) for u in config["inputs"]]
     record: dict[str, Any] = {
@@ -189,6 +192,7 @@ def new_record(cfg: Config, num_inputs: int, previous: dict[str, Any]) -> dict[s
         "attempts": previous.get("attempts", []),
     }
     record["random_weight_models"] = [n for n, s in record["stages"].items() if s.get("random_weights")]
+    record["substitutions"] = substitutions or []
     return record
 
 
@@ -236,12 +240,13 @@ def annotate(
     return cluster
 
 
-def run_pipeline(cfg: Config) -> dict[str, Any]:
-    """Annotate every pending input of `cfg` into its output directory; returns the run record."""
+def run_pipeline(cfg: Config, substitutions: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    """Annotate every pending input of `cfg` (`substitutions`: what `--cpu` changed, for the run
+    record); returns the run record."""
     out = Path(cfg.output.dir)
     claim_output(out)
     with output_lock(out):
-        return _run_locked(cfg, out)
+        return _run_locked(cfg, out, substitutions)
 
 
 def _pending(cfg: Config, out: Path, done: set[str]) -> tuple[list[dict[str, Any]], int]:
@@ -255,7 +260,7 @@ def _pending(cfg: Config, out: Path, done: set[str]) -> tuple[list[dict[str, Any
     return pending, len(listing.uris) + len(listing.failures)
 
 
-def _run_locked(cfg: Config, out: Path) -> dict[str, Any]:
+def _run_locked(cfg: Config, out: Path, substitutions: list[dict[str, Any]] | None) -> dict[str, Any]:
     removed = clean_uncommitted(out)
     if removed:
         log.info("removed %d uncommitted file(s) left by an interrupted run", len(removed))
@@ -271,7 +276,7 @@ def _run_locked(cfg: Config, out: Path) -> dict[str, Any]:
     pending, num_inputs = _pending(cfg, out, done)
 
     previous = json.loads(record_path.read_text()) if record_path.exists() else {}
-    record = new_record(cfg, num_inputs, previous)
+    record = new_record(cfg, num_inputs, previous, substitutions)
     if previous and done:
         refuse_changed_settings(out, previous, record)
     attempt = {"started": datetime.now(UTC).isoformat(), "pending": len(pending), "already_done": len(done)}

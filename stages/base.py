@@ -207,8 +207,10 @@ class Stage(ABC):
         """What produced this stage's output: recorded in every record and in run.json."""
         info: dict[str, Any] = {}
         if self.uses_model:
+            from groundmill.stages.hub import random_weights  # hub imports this module
+
             info["model"] = self.model_spec.id
-            info["random_weights"] = self.model_spec.is_random
+            info["random_weights"] = random_weights(self.model_spec)
         return info
 
 

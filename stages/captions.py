@@ -2,9 +2,10 @@
 
 The stage talks to a `Captioner` (a batch of images -> n captions each), picked by `params.backend`:
 
-- `transformers`: BLIP through transformers (`BlipForConditionalGeneration`; hub ids and local paths
-  load unchanged; `tiny` is the same class from a small config with random weights, whose captions
-  are word salad; the run record flags it).
+- `transformers`: an image-to-text model in-process: hub ids and local paths load the checkpoint's own
+  classes (`AutoModelForImageTextToText` + `AutoProcessor`: BLIP, BLIP-2 as in GranD, ...); `tiny` is
+  `BlipForConditionalGeneration` from a small config with random weights, whose captions are word
+  salad (the run record flags it).
 - `http`: a vision-language model behind an OpenAI-compatible chat endpoint (`vllm serve`, SGLang,
   hosted APIs) through the shared HTTP LLM client (`stages/llm/http.py`: bounded concurrency, timeouts,
   transport retries). Each request carries `params.instruction` and the image as a base64 JPEG
@@ -85,10 +86,12 @@ class BlipCaptioner:
             model = BlipForConditionalGeneration(config)
             size = {"height": TINY_IMAGE_SIZE, "width": TINY_IMAGE_SIZE}
             self.processor = BlipProcessor(image_processor=BlipImageProcessor(size=size), tokenizer=tokenizer)
-        else:
+        else:  # the checkpoint's own classes: BLIP, BLIP-2 (OPT or Flan-T5), ...
+            from transformers import AutoModelForImageTextToText, AutoProcessor
+
             source = local_path(spec) or spec.id
-            model = BlipForConditionalGeneration.from_pretrained(source, revision=spec.revision)
-            self.processor = BlipProcessor.from_pretrained(source, revision=spec.revision)
+            model = AutoModelForImageTextToText.from_pretrained(source, revision=spec.revision)
+            self.processor = AutoProcessor.from_pretrained(source, revision=spec.revision)
         self.model = model.to(self.device, self.dtype).eval()
         self.gen = params.generation
 

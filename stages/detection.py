@@ -1,5 +1,6 @@
-"""Open-vocabulary detection through transformers: OWLv2 and Grounding DINO, queried with the image's
-tags plus configured classes.
+"""Detection through transformers: OWLv2 and Grounding DINO (open vocabulary, queried with the image's
+tags plus configured classes) and Mask2Former (a closed-vocabulary universal segmentation model, e.g.
+COCO-panoptic, whose detections carry their own masks, as GranD's EVA-02 instance masks did).
 
 One stage class, one detector per manifest entry (`params.detector`), so each detector has its own
 model id, resources and actor pool; each writes its filtered boxes to `record["detections"][stage]`
@@ -8,7 +9,7 @@ IoU 0.9 by default).
 
 `tiny` builds the same model classes from small configs with random weights and real offline
 tokenizers (see `stages.tokenizers`): CLIP BPE for OWLv2, bert-base-uncased WordPiece for
-Grounding DINO.
+Grounding DINO. Hub ids and local paths load the model and its processor with `from_pretrained`.
 """
 
 from __future__ import annotations
@@ -21,9 +22,11 @@ import torch
 from PIL import Image
 
 from groundmill.media import pad_to_aspect
+from groundmill.schema import encode_mask
 from groundmill.stages.base import Sample, Stage, views_of
 from groundmill.stages.boxes import Detection, decode_boxes, filter_detections
 from groundmill.stages.models import device_for, dtype_for, local_path, seeded
+from groundmill.stages.tagging import load_vocabulary
 from groundmill.stages.tokenizers import bert_wordpiece_tokenizer, clip_bpe_tokenizer
 
 TINY_IMAGE_SIZE = 224
@@ -66,6 +69,7 @@ class _Detector:
 
     model_class: str  # transformers class names, imported on use
     processor_class: str
+    open_vocabulary = True  # False: the model has its own label set and takes no queries
 
     def __init__(self, spec: Any, device: torch.device, dtype: torch.dtype, seed: int):
         import transformers
@@ -82,7 +86,9 @@ class _Detector:
         self.model = self.model.to(device, dtype).eval()
         self.device, self.dtype = device, dtype
 
-    def tiny(self) -> tuple[Any, Any]:
+    @staticmethod
+    def tiny() -> tuple[Any, Any]:
+        """The same model class from a small config (random weights) and a real offline processor."""
         raise NotImplementedError
 
     def inputs(self, **kwargs: Any) -> Any:
@@ -96,7 +102,8 @@ class _Owlv2(_Detector):
 
     model_class, processor_class = "Owlv2ForObjectDetection", "Owlv2Processor"
 
-    def tiny(self) -> tuple[Any, Any]:
+    @staticmethod
+    def tiny() -> tuple[Any, Any]:
         from transformers import Owlv2Config, Owlv2ForObjectDetection, Owlv2ImageProcessor, Owlv2Processor
 
         tokenizer = clip_bpe_tokenizer()
@@ -130,7 +137,8 @@ class _GroundingDino(_Detector):
 
     model_class, processor_class = "GroundingDinoForObjectDetection", "GroundingDinoProcessor"
 
-    def tiny(self) -> tuple[Any, Any]:
+    @staticmethod
+    def tiny() -> tuple[Any, Any]:
         from transformers import (
             GroundingDinoConfig,
             GroundingDinoForObjectDetection,
@@ -185,11 +193,98 @@ class _GroundingDino(_Detector):
         return decode_boxes(out.pred_boxes[0].float().cpu().numpy(), scores, queries, padded.size, image.size)
 
 
+class _Mask2Former(_Detector):
+    """Mask2Former: closed vocabulary (the checkpoint's `id2label`, e.g. COCO-panoptic's 133 classes).
+    Each kept query becomes a detection with its own binary mask (instance post-processing, so
+    overlapping instances keep whole masks); its box is the mask's tight box. The queries and the
+    template are not used."""
+
+    model_class, processor_class = "Mask2FormerForUniversalSegmentation", "AutoImageProcessor"
+    open_vocabulary = False
+
+    @staticmethod
+    def tiny() -> tuple[Any, Any]:
+        from transformers import Mask2FormerForUniversalSegmentation, Mask2FormerImageProcessor
+
+        labels = COCO_PANOPTIC_LABELS
+        return Mask2FormerForUniversalSegmentation(
+            tiny_mask2former_config(labels)
+        ), Mask2FormerImageProcessor(
+            size={"shortest_edge": TINY_IMAGE_SIZE // 2, "longest_edge": TINY_IMAGE_SIZE}, size_divisor=32
+        )
+
+    @torch.inference_mode()
+    def detect(self, image: Image.Image, queries: list[str], template: str) -> list[Detection]:
+        inputs = self.inputs(images=[image])
+        out = self.model(**inputs)
+        post = self.processor.post_process_instance_segmentation(
+            out, threshold=0.0, target_sizes=[(image.height, image.width)], return_binary_maps=True
+        )[0]
+        if post["segmentation"] is None:
+            return []
+        masks = post["segmentation"].bool().cpu().numpy()
+        id2label = self.model.config.id2label
+        dets = []
+        for mask, info in zip(masks, post["segments_info"], strict=True):
+            ys, xs = np.nonzero(mask)
+            if len(xs) == 0:
+                continue
+            box = [float(xs.min()), float(ys.min()), float(xs.max() + 1), float(ys.max() + 1)]
+            label = panoptic_label(id2label[int(info["label_id"])])
+            dets.append({"bbox": box, "label": label, "score": round(float(info["score"]), 4), "mask": mask})
+        return dets
+
+
+def panoptic_label(name: str) -> str:
+    """COCO-panoptic class names as words: 'wall-other-merged' -> 'wall', 'door-stuff' -> 'door'."""
+    for suffix in ("-merged", "-other", "-stuff"):
+        name = name.removesuffix(suffix)
+    return name.replace("-", " ")
+
+
+# The label set of `facebook/mask2former-*-coco-panoptic`: the tiny model uses it so its detections name
+# real classes.
+COCO_PANOPTIC_LABELS = load_vocabulary(["coco_panoptic"])
+
+
+def tiny_mask2former_config(labels: list[str]) -> Any:
+    from transformers import Mask2FormerConfig
+
+    backbone = {"model_type": "swin", "embed_dim": 16, "depths": [1, 1, 1, 1], "num_heads": [1, 1, 1, 1]}
+    backbone |= {"window_size": 4, "image_size": TINY_IMAGE_SIZE}
+    backbone["out_features"] = ["stage1", "stage2", "stage3", "stage4"]
+    return Mask2FormerConfig(
+        backbone_config=backbone,
+        feature_size=32,
+        mask_feature_size=32,
+        hidden_dim=32,
+        encoder_feedforward_dim=64,
+        dim_feedforward=64,
+        encoder_layers=1,
+        decoder_layers=2,
+        num_attention_heads=2,
+        num_queries=10,
+        id2label=dict(enumerate(labels)),
+        label2id={name: i for i, name in enumerate(labels)},
+        use_pretrained_backbone=False,
+    )
+
+
 def _tiny_encoder() -> dict[str, int]:
     return {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2}
 
 
-DETECTORS = {"owlv2": _Owlv2, "grounding_dino": _GroundingDino}
+DETECTORS = {"owlv2": _Owlv2, "grounding_dino": _GroundingDino, "mask2former": _Mask2Former}
+
+
+def with_own_masks(dets: list[Detection], source: str) -> list[Detection]:
+    """Detections that came with a binary mask store it as COCO RLE, named by the model that made it
+    (the masks stage prompts SAM2 only for detections without one)."""
+    for d in dets:
+        if "mask" in d:
+            d["segmentation"] = encode_mask(d.pop("mask"))
+            d["segmentation_source"] = source
+    return dets
 
 
 class OpenVocabDetection(Stage):
@@ -199,7 +294,7 @@ class OpenVocabDetection(Stage):
 
     @dataclass
     class Params:
-        detector: str = "owlv2"  # owlv2 | grounding_dino: which model class `model.id` is
+        detector: str = "owlv2"  # owlv2 | grounding_dino | mask2former: which model class `model.id` is
         classes: list[str] = field(default_factory=list)  # always queried, after the tags
         use_tags: bool = True
         max_queries: int = 16
@@ -219,8 +314,11 @@ class OpenVocabDetection(Stage):
         p = self.params
         for view in views_of(samples):
             queries = detection_queries(view.record.get("tags", []), p.classes, p.use_tags, p.max_queries)
-            dets = self.detector.detect(view.image, queries, p.query_template) if queries else []
-            kept = filter_detections(dets, p.score_threshold, p.nms_iou, p.max_boxes)
+            asks = queries or not self.detector.open_vocabulary
+            dets = self.detector.detect(view.image, queries, p.query_template) if asks else []
+            kept = with_own_masks(
+                filter_detections(dets, p.score_threshold, p.nms_iou, p.max_boxes), self.model_spec.id
+            )
             # keyed by stage: voting counts agreeing stages, two checkpoints of one family included
             view.record.setdefault("detections", {})[self.stage_id] = kept
 

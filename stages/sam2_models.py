@@ -1,7 +1,11 @@
 """SAM2 model loading for the mask stage (image predictor) and video tracking (video predictor).
 
 Model ids:
-- a hub id (`facebook/sam2.1-hiera-tiny`, ...): the sam2 package's own `from_pretrained`;
+- a hub id (`facebook/sam2.1-hiera-large`, ...): the checkpoint file sam2's `from_pretrained` downloads
+  (`sam2.1_hiera_large.pt`, named in sam2's `HF_MODEL_ID_TO_FILENAMES`) through `hf_hub_download`,
+  built with the repo's own hydra config beside it (`sam2.1_hiera_l.yaml`) when the snapshot has one,
+  else with sam2's packaged config of that name: the same files and config as `from_pretrained`, and
+  a snapshot that carries a smaller config (the offline hub fixture) builds that;
 - a local checkpoint: a `.pt` file named like an official one (`sam2.1_hiera_tiny.pt`, its config is
   taken from sam2's table), or a directory holding one `*.yaml` hydra config and one `*.pt` file.
   Checkpoints load with `torch.load(weights_only=True)` (sam2's own loader);
@@ -62,8 +66,27 @@ def _local_config(path: Path) -> tuple[Any, Path]:
     return OmegaConf.load(configs[0]), ckpts[0]
 
 
+def _hub_config(spec: ModelSpec) -> tuple[Any, Path]:
+    """(hydra config, checkpoint) of a SAM2 hub id, from the files sam2's `from_pretrained` uses."""
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
+    from hydra import compose
+    from omegaconf import OmegaConf
+    from sam2.build_sam import HF_MODEL_ID_TO_FILENAMES
+
+    if spec.id not in HF_MODEL_ID_TO_FILENAMES:
+        known = ", ".join(sorted(HF_MODEL_ID_TO_FILENAMES))
+        raise ValueError(f"SAM2 model id {spec.id!r} is not one of sam2's hub ids ({known}) nor a local path")
+    config_name, ckpt_name = HF_MODEL_ID_TO_FILENAMES[spec.id]
+    ckpt = Path(hf_hub_download(spec.id, ckpt_name, revision=spec.revision))
+    try:
+        return OmegaConf.load(hf_hub_download(spec.id, Path(config_name).name, revision=spec.revision)), ckpt
+    except (EntryNotFoundError, LocalEntryNotFoundError):
+        return compose(config_name=config_name), ckpt
+
+
 def build_sam2_model(spec: ModelSpec, resources: Resources, seed: int = 0, video: bool = False) -> Any:
-    """A SAM2Base (or SAM2VideoPredictor when `video`) for a `tiny` or local spec, on its device, eval."""
+    """A SAM2Base (or SAM2VideoPredictor when `video`) for a spec, on its device, eval."""
     from hydra import compose
     from hydra.utils import instantiate
     from omegaconf import OmegaConf
@@ -75,7 +98,7 @@ def build_sam2_model(spec: ModelSpec, resources: Resources, seed: int = 0, video
     elif (path := local_path(spec)) is not None:
         cfg, ckpt = _local_config(path)
     else:
-        raise ValueError(f"{spec.id!r} is neither 'tiny' nor a local path (hub ids use from_pretrained)")
+        cfg, ckpt = _hub_config(spec)
     if video:
         cfg = OmegaConf.merge(cfg, {"model": {"_target_": _VIDEO_TARGET}})
     OmegaConf.resolve(cfg)
@@ -96,23 +119,13 @@ def load_image_predictor(spec: ModelSpec, resources: Resources, seed: int = 0) -
     """A `sam2.sam2_image_predictor.SAM2ImagePredictor` for `spec`, usable at any configured image size."""
     from sam2.sam2_image_predictor import SAM2ImagePredictor
 
-    if spec.is_random or local_path(spec) is not None:
-        predictor = SAM2ImagePredictor(build_sam2_model(spec, resources, seed))
-    else:
-        device = str(device_for(spec, resources))
-        predictor = SAM2ImagePredictor.from_pretrained(spec.id, device=device, apply_postprocessing=False)
-    return fit_feature_sizes(predictor)
+    return fit_feature_sizes(SAM2ImagePredictor(build_sam2_model(spec, resources, seed)))
 
 
 def load_video_predictor(spec: ModelSpec, resources: Resources, seed: int = 0) -> Any:
     """A `sam2.sam2_video_predictor.SAM2VideoPredictor` for `spec` (init_state / add_new_points_or_box /
     propagate_in_video)."""
-    from sam2.sam2_video_predictor import SAM2VideoPredictor
-
-    if spec.is_random or local_path(spec) is not None:
-        return build_sam2_model(spec, resources, seed, video=True)
-    device = str(device_for(spec, resources))
-    return SAM2VideoPredictor.from_pretrained(spec.id, device=device, apply_postprocessing=False)
+    return build_sam2_model(spec, resources, seed, video=True)
 
 
 @torch.inference_mode()

@@ -26,7 +26,7 @@ def load_vocabulary(names: list[str]) -> list[str]:
         if not path.is_file():
             raise FileNotFoundError(f"tag vocabulary {name!r} not found (looked for {path})")
         for line in path.read_text().splitlines():
-            if line.strip():
+            if line.strip() and not line.startswith("#"):  # '#' lines say where a list comes from
                 words.setdefault(line.strip().lower(), None)
     return list(words)
 
