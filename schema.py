@@ -672,7 +672,6 @@ class ErrorCode(StrEnum):
     UNSAFE_PATH = "unsafe_path"  # a tar member that is absolute or traverses with `..`
     UNSAFE_URI = "unsafe_uri"  # a scheme not allowlisted, credentials or options in a URI
     NOT_REGULAR_FILE = "not_regular_file"  # a FIFO, device, directory or link where a file was expected
-    TIMEOUT = "timeout"
     EMPTY = "empty"
 
 

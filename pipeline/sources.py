@@ -130,6 +130,7 @@ class _Walker:
         self.follow_links = follow_links
         self.seen: set[tuple[int, int]] = set()
         self.skipped = 0
+        self.unreadable: dict[str, str] = {}  # folder -> why it could not be listed
 
     def walk(self, folder: Path, depth: int | None = None) -> Iterator[Path]:
         """`depth`: how many folder levels below `folder` to enter (None: all)."""
@@ -140,8 +141,12 @@ class _Walker:
         if folder_id in self.excluded:
             self.skipped += 1
             return
-        with os.scandir(folder) as it:
-            entries = sorted((e for e in it if not e.name.startswith(".")), key=lambda e: e.name)
+        try:
+            with os.scandir(folder) as it:
+                entries = sorted((e for e in it if not e.name.startswith(".")), key=lambda e: e.name)
+        except OSError as e:  # one unreadable folder is its own error row, not the run's end
+            self.unreadable[str(folder)] = e.strerror or str(e)
+            return
         for entry in entries:
             mode = self._mode(entry)
             if mode is None:
@@ -283,6 +288,9 @@ class _Lister:
                 self.add(f"{path}{TAR_SEPARATOR}{name}")
 
     def result(self) -> Listing:
+        for walker in self._walkers:
+            for folder, reason in walker.unreadable.items():
+                self.fail(folder, ErrorCode.UNREADABLE, f"cannot list folder: {reason}")
         self.listing.uris = list(self._uris)
         self.listing.skipped = self.skipped()
         return self.listing

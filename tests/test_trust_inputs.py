@@ -90,6 +90,25 @@ def test_a_list_file_inside_a_folder_is_a_file_not_a_list(tmp_path):
         list_inputs([str(root / "no_uri.parquet")])
 
 
+def test_an_unreadable_subfolder_is_one_failure(tmp_path, monkeypatch):
+    """Permissions cannot be denied to root, so a test double of os.scandir refuses one folder."""
+    root = tmp_path / "in"
+    (root / "locked").mkdir(parents=True)
+    (root / "locked" / "x.jpg").write_bytes(rgb_jpeg(1))
+    (root / "a.jpg").write_bytes(rgb_jpeg(2))
+    real_scandir = os.scandir
+
+    def scandir_refusing_locked(path):
+        if Path(path).name == "locked":
+            raise PermissionError(13, "Permission denied")
+        return real_scandir(path)
+
+    monkeypatch.setattr(os, "scandir", scandir_refusing_locked)
+    listing = list_sources([str(root)])
+    assert _names(listing.uris, root) == ["a.jpg"]
+    assert listing.failures == {str(root / "locked"): "[unreadable] cannot list folder: Permission denied"}
+
+
 @pytest.mark.timeout(30)
 def test_symlink_loops_end_the_listing(tmp_path):
     root = tmp_path / "in"
