@@ -18,11 +18,11 @@ import json
 from pathlib import Path
 from typing import Any
 
-import av
 import numpy as np
 from PIL import Image, ImageDraw
 
 from groundmill.media import decode_rgb
+from groundmill.media import video_frames as upright_frames
 from groundmill.pipeline.export.common import ExportSample, iter_samples
 from groundmill.pipeline.inspect import summarize
 from groundmill.pipeline.run import RUN_RECORD
@@ -129,18 +129,9 @@ def _objects(frame: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def video_frames(data: bytes, indices: set[int], rotation: int = 0) -> dict[int, Image.Image]:
-    """Decode only the frames at `indices` (upright) from a stored video."""
-    frames: dict[int, Image.Image] = {}
-    if not indices:
-        return frames
-    with av.open(io.BytesIO(data)) as container:
-        for i, frame in enumerate(container.decode(video=0)):
-            if i in indices:
-                im = frame.to_image()
-                frames[i] = im.rotate(-rotation, expand=True) if rotation else im
-            if i >= max(indices):
-                break
-    return frames
+    """Decode only the frames at `indices` (upright) from a stored video, through the foundation's
+    allowlisted demuxers."""
+    return dict(upright_frames(data, rotation, indices)) if indices else {}
 
 
 def _spaced(items: list[int], k: int) -> list[int]:
