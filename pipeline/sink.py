@@ -32,7 +32,7 @@ from groundmill.stages.base import STATUS_DUPLICATE, Sample
 
 def error_fields(sample: Sample) -> dict[str, str | None]:
     """error, error_stage (the `stage: reason` prefix) and error_code of an error sample."""
-    if sample.status not in (STATUS_ERROR,) or not sample.error:
+    if sample.status != STATUS_ERROR or not sample.error:
         return {"error": sample.error or None, "error_stage": None, "error_code": None}
     stage, sep, _ = sample.error.partition(": ")
     # A stage may set a machine code on the sample (issue 16); otherwise the row says it has none.
