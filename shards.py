@@ -22,13 +22,15 @@ import tarfile
 import uuid
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-import webdataset as wds
 
 from groundmill.schema import INDEX_SCHEMA, ErrorCode, Record, is_valid_key
+
+if TYPE_CHECKING:
+    import webdataset as wds
 
 SHARDS_DIR = "shards"
 INDEX_DIR = "index"
@@ -119,6 +121,9 @@ class ShardWriter:
         if self._writer is None:
             self._tar_path.parent.mkdir(parents=True, exist_ok=True)
             self._file = open(_temp_path(self._tar_path), "wb")  # noqa: SIM115 (closed by commit/discard)
+            # Imported here: webdataset imports torch (seconds, ~500 MB), which readers of shards never need.
+            import webdataset as wds
+
             self._writer = wds.TarWriter(self._file, encoder=False)
         body = json.dumps(record, ensure_ascii=False, separators=(",", ":")).encode()
         self._writer.write({"__key__": key, media_ext: media, "json": body})

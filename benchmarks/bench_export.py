@@ -7,7 +7,7 @@ Run from the repository root, on a finished run (e.g. `make demo`'s `out/demo`):
 The copies are the run's own records (written by the real stages) with their pictures perturbed and
 re-encoded so every copy has its own content key, written with the engine's ShardWriter in uniform
 shards (schema v2; v1 records are upgraded). Each format is exported in a fresh process whose peak
-RSS is its `ru_maxrss`; the table and one JSON line give samples/s and MiB per format.
+RSS (VmHWM) is reported; the table and one JSON line give samples/s and MiB per format.
 """
 
 from __future__ import annotations
@@ -80,13 +80,22 @@ def write_copies(source: Path, dest: Path, copies: int, per_shard: int = 64) -> 
     return kinds
 
 
+def peak_rss_mib() -> float:
+    """This process's peak resident memory (VmHWM). Not ru_maxrss: Linux carries that across exec, so a
+    child would report its parent's peak."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def _export_once(out: str, fmt: str, dest: str) -> None:
     from groundmill.pipeline.export import export
 
     start = time.perf_counter()
     counts = export(out, fmt, dest, progress=False)
     seconds = time.perf_counter() - start
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak = peak_rss_mib()
     print(json.dumps({"format": fmt, "seconds": round(seconds, 3), "peak_rss_mib": round(peak, 1), **counts}))
 
 

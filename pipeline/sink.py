@@ -42,7 +42,7 @@ ERROR_CODE_CODED = re.compile(r"\[([a-z_]+)\] ")
 
 def error_fields(sample: Sample) -> dict[str, str | None]:
     """error, error_stage (the `stage: reason` prefix) and error_code of an error sample."""
-    if sample.status not in (STATUS_ERROR,) or not sample.error:
+    if sample.status != STATUS_ERROR or not sample.error:
         return {"error": sample.error or None, "error_stage": None, "error_code": None}
     stage, sep, reason = sample.error.partition(": ")
     code = ERROR_CODE_CODED.match(reason if sep else sample.error)  # `[code] reason` (schema.error_reason)

@@ -25,7 +25,7 @@ from datasets import Features, Image, List, Value
 
 from groundmill.pipeline.export.common import ExportSample, iter_samples
 
-ROWS_PER_GROUP = 256
+ROWS_PER_GROUP = 64  # rows held in memory at once (pictures and records): the export's memory bound
 ROWS_PER_FILE = 4096
 
 RLE_FEATURE = {"size": List(Value("int32")), "counts": Value("string")}
