@@ -172,32 +172,18 @@ def write_image_to_text(repo: str, folder: Path) -> None:
 
 def write_causal_lm(repo: str, folder: Path) -> None:
     """A 2-layer decoder of the repo's family (Qwen2 for Qwen ids, Llama otherwise)."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from groundmill.stages.llm.hf import tiny_causal_lm
 
     tokenizer = _chat_tokenizer()
     family = "qwen2" if "qwen" in repo.lower() else "llama"
-    config = AutoConfig.for_model(
-        family,
-        vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=32768,  # Qwen2.5's context: long prompts must not exceed it
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        tie_word_embeddings=False,
-    )
     seeded(0, repo)
-    _save((AutoModelForCausalLM.from_config(config), tokenizer), folder)
+    # Qwen2.5's context length: the stages' long prompts must fit the fixture as they fit the model.
+    _save((tiny_causal_lm(tokenizer, family, max_positions=32768), tokenizer), folder)
 
 
 def write_sentence_embedder(repo: str, folder: Path) -> None:
     """all-MiniLM-L6-v2: the real files installed from the package registry; other ids: a 2-layer BERT."""
-    from transformers import BertConfig, BertModel
-
+    from groundmill.stages.text_embed import tiny_bert
     from groundmill.stages.tokenizers import MINILM_HUB_ID, bert_wordpiece_tokenizer, minilm_dir
 
     if repo == MINILM_HUB_ID:  # linked, as the hub cache links snapshot files to its blobs
@@ -207,15 +193,8 @@ def write_sentence_embedder(repo: str, folder: Path) -> None:
                 (folder / path.relative_to(minilm_dir())).symlink_to(path)
         return
     tokenizer = bert_wordpiece_tokenizer()
-    config = BertConfig(
-        vocab_size=tokenizer.vocab_size,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-    )
     seeded(0, repo)
-    _save((BertModel(config), tokenizer), folder)
+    _save((tiny_bert(tokenizer), tokenizer), folder)
 
 
 WRITERS: dict[str, Writer] = {

@@ -41,21 +41,28 @@ class TextEmbedder:
         return np.concatenate(chunks) if chunks else np.zeros((0, dim), dtype=np.float32)
 
 
+def tiny_bert(tokenizer: Any) -> Any:
+    """A 2-layer BERT over `tokenizer`'s vocabulary (random weights: seed torch first)."""
+    from transformers import BertConfig, BertModel
+
+    config = BertConfig(
+        vocab_size=tokenizer.vocab_size,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+    )
+    return BertModel(config)
+
+
 def load_text_embedder(spec: ModelSpec, resources: Resources, seed: int = 0) -> TextEmbedder:
-    from transformers import AutoModel, AutoTokenizer, BertConfig, BertModel
+    from transformers import AutoModel, AutoTokenizer
 
     device = device_for(spec, resources)
     if spec.is_random:
         tokenizer = bert_wordpiece_tokenizer()
         seeded(seed, "text-embed")
-        config = BertConfig(
-            vocab_size=tokenizer.vocab_size,
-            hidden_size=32,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            intermediate_size=64,
-        )
-        model = BertModel(config)
+        model = tiny_bert(tokenizer)
     else:
         source: Any = local_path(spec) or spec.id
         if spec.id in (MINILM_HUB_ID, MINILM_HUB_ID.split("/")[1]):

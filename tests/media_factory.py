@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import tarfile
 import zlib
 from fractions import Fraction
 from pathlib import Path
@@ -32,6 +33,16 @@ def h264(frames: list[np.ndarray], times_ms: list[int], rotation: int = 0, fmt: 
         for packet in stream.encode():
             container.mux(packet)
     return buf.getvalue()
+
+
+def write_tar(path: Path, members: list[tuple[str, bytes]]) -> Path:
+    """A plain tar at `path` holding `members` (name, bytes) as regular files, in order."""
+    with tarfile.open(path, "w") as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return path
 
 
 def _save(im: Image.Image, fmt: str, **kw) -> bytes:

@@ -5,7 +5,6 @@ checks type and size first and costs one seek per tar member (issue 16, findings
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import tarfile
@@ -27,18 +26,9 @@ from groundmill.pipeline.sources import (
     redact_uri,
 )
 from groundmill.schema import ErrorCode
-from groundmill.tests.media_factory import rgb_jpeg
+from groundmill.tests.media_factory import rgb_jpeg, write_tar
 
 S3_ATTACK = "s3://AKIAKEY:SeCrEt/part@bucket/x.jpg?endpoint_override=10.0.0.1:9000&scheme=http"
-
-
-def _tar(path: Path, members: list[tuple[str, bytes]]) -> Path:
-    with tarfile.open(path, "w") as tar:
-        for name, data in members:
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-    return path
 
 
 def _names(uris: list[str], root: Path) -> list[str]:
@@ -144,7 +134,7 @@ def test_the_output_directory_is_never_listed(tmp_path):
     (root / "out" / "shards").mkdir(parents=True)
     (root / "a.jpg").write_bytes(rgb_jpeg(1))
     (root / "out" / "run.json").write_text("{}")
-    _tar(root / "out" / "shards" / "000-000-00000-abc.tar", [("k.jpg", rgb_jpeg(2))])
+    write_tar(root / "out" / "shards" / "000-000-00000-abc.tar", [("k.jpg", rgb_jpeg(2))])
     (root / "list.jsonl").write_text(json.dumps("out/run.json") + "\n")
 
     listing = list_sources([str(root), f"{root}/**/*.tar", str(root / "list.jsonl")], exclude=[root / "out"])
@@ -159,9 +149,9 @@ def test_one_bad_tar_or_member_is_one_failure_and_the_rest_is_listed(tmp_path):
     root.mkdir()
     (root / "good.jpg").write_bytes(rgb_jpeg(1))
     (root / "corrupt.tar").write_bytes(b"this is not a tar" * 64)
-    whole = _tar(tmp_path / "whole.tar", [("m0.jpg", rgb_jpeg(2)), ("m1.jpg", rgb_jpeg(3))]).read_bytes()
+    whole = write_tar(tmp_path / "whole.tar", [("m0.jpg", rgb_jpeg(2)), ("m1.jpg", rgb_jpeg(3))]).read_bytes()
     (root / "truncated.tar").write_bytes(whole[: 512 + 200])  # cut inside the first member's data
-    _tar(root / "traversal.tar", [("ok.jpg", rgb_jpeg(4)), ("../escape.jpg", rgb_jpeg(5))])
+    write_tar(root / "traversal.tar", [("ok.jpg", rgb_jpeg(4)), ("../escape.jpg", rgb_jpeg(5))])
 
     listing = list_sources([str(root)])
     assert _names(listing.uris, root) == ["good.jpg", "traversal.tar#ok.jpg"]
@@ -230,7 +220,7 @@ def test_oversized_files_and_members_are_refused_with_their_code(tmp_path):
     with pytest.raises(InputError, match="max_file_mb") as e:
         read_uri(str(path), max_bytes=1024)
     assert e.value.code == ErrorCode.TOO_LARGE
-    shard = _tar(tmp_path / "in.tar", [("big.jpg", b"y" * 4096)])
+    shard = write_tar(tmp_path / "in.tar", [("big.jpg", b"y" * 4096)])
     with pytest.raises(InputError, match="max_file_mb"):
         read_uri(f"{shard}#big.jpg", max_bytes=1024)
 
@@ -240,7 +230,7 @@ def test_ten_thousand_tar_members_are_indexed_once(tmp_path, monkeypatch):
     rescanned the tar per member: n^2 / 2 = 50M header reads here, hours). The work bound is on
     header reads, which the spy counts; it stops the old, quadratic reader early."""
     n = 10_000
-    shard = _tar(tmp_path / "many.tar", [(f"{i:05d}.jpg", b"%05d" % i) for i in range(n)])
+    shard = write_tar(tmp_path / "many.tar", [(f"{i:05d}.jpg", b"%05d" % i) for i in range(n)])
     calls = {"next": 0}
     real_next = tarfile.TarFile.next
 

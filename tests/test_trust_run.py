@@ -6,10 +6,8 @@ after a shard is deleted by hand redoes it without ingesting the output (issue 1
 
 from __future__ import annotations
 
-import io
 import json
 import os
-import tarfile
 from pathlib import Path
 
 import pyarrow as pa
@@ -22,20 +20,11 @@ from groundmill.pipeline.run import run_pipeline
 from groundmill.schema import content_key
 from groundmill.shards import read_index
 from groundmill.tests.fault_doubles import assert_exactly_once
-from groundmill.tests.media_factory import decompression_bomb_png, rgb_jpeg
+from groundmill.tests.media_factory import decompression_bomb_png, rgb_jpeg, write_tar
 
 pytestmark = pytest.mark.slow
 SECRET = "hunter2-SeCrEt"
 S3_ATTACK = f"s3://AKIAKEY:{SECRET}@bucket/x.jpg?endpoint_override=127.0.0.1:9&scheme=http"
-
-
-def _tar(path: Path, members: list[tuple[str, bytes]]) -> bytes:
-    with tarfile.open(path, "w") as tar:
-        for name, data in members:
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-    return path.read_bytes()
 
 
 def _hostile_folder(tmp_path: Path) -> tuple[Path, dict[str, str]]:
@@ -48,9 +37,11 @@ def _hostile_folder(tmp_path: Path) -> tuple[Path, dict[str, str]]:
     for i in range(3):
         (root / f"good{i}.jpg").write_bytes(rgb_jpeg(i + 1))
     (root / "corrupt.tar").write_bytes(b"not a tar at all" * 64)
-    whole = _tar(tmp_path / "whole.tar", [("m0.jpg", rgb_jpeg(10)), ("m1.jpg", rgb_jpeg(11))])
+    whole = write_tar(
+        tmp_path / "whole.tar", [("m0.jpg", rgb_jpeg(10)), ("m1.jpg", rgb_jpeg(11))]
+    ).read_bytes()
     (root / "truncated.tar").write_bytes(whole[:700])
-    _tar(root / "traversal.tar", [("inner.jpg", rgb_jpeg(12)), ("../escape.jpg", rgb_jpeg(13))])
+    write_tar(root / "traversal.tar", [("inner.jpg", rgb_jpeg(12)), ("../escape.jpg", rgb_jpeg(13))])
     (root / "metadata.jsonl").write_text('{"caption": "a dog"\n')
     pq.write_table(pa.table({"path": ["good0.jpg"]}), root / "no_uri.parquet")
     (root / "list.jsonl").write_text(json.dumps(str(private / "secret.jpg")) + "\n")

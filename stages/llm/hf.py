@@ -101,23 +101,30 @@ def resolve_checkpoint(model_id: str) -> str:
     return model_id
 
 
-def _tiny_model(tokenizer: Any, seed: int) -> torch.nn.Module:
-    from transformers import LlamaConfig, LlamaForCausalLM
+def tiny_causal_lm(tokenizer: Any, family: str = "llama", max_positions: int = 2048) -> torch.nn.Module:
+    """A 2-layer decoder of `family` (a transformers model type) over `tokenizer`'s vocabulary."""
+    from transformers import AutoConfig, AutoModelForCausalLM
 
-    torch.manual_seed(seed)
-    config = LlamaConfig(
+    config = AutoConfig.for_model(
+        family,
         vocab_size=len(tokenizer),
         hidden_size=64,
         intermediate_size=128,
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=2,
-        max_position_embeddings=2048,
+        max_position_embeddings=max_positions,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=False,
     )
-    return LlamaForCausalLM(config)
+    return AutoModelForCausalLM.from_config(config)
+
+
+def _tiny_model(tokenizer: Any, seed: int) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return tiny_causal_lm(tokenizer)
 
 
 class TransformersBackend(LLMBackend):
