@@ -19,40 +19,60 @@ import torch
 import webdataset as wds
 from torch import Tensor
 from torch.utils.data import IterableDataset
-from transformers import PreTrainedTokenizerBase
+from transformers import ProcessorMixin
 
 from groundmill.model.config import TrainConfig
-from groundmill.model.modeling import SEG
+from groundmill.model.modeling import FRAME, SEG, frame_picks
 from groundmill.model.records import load, shard_urls
 from groundmill.model.tasks import choose_task, make_samples
 
 MAX_BARREN_RECORDS = 1000
 
 
-def encode_text(tok: PreTrainedTokenizerBase, question: str, answer: str, max_len: int) -> tuple[list, list]:
-    """Token ids of question + answer + eos, and LM labels (-100 on the question)."""
-    q = tok(question, add_special_tokens=False)["input_ids"]
-    a = tok(answer, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
-    ids = (q + a)[:max_len]
-    return ids, ([-100] * len(q) + a)[:max_len]
+def prompt_text(processor: ProcessorMixin, question: str, images: int, sparse: int) -> str:
+    """The question with its image placeholders (through the processor's chat template when it has one)
+    and one `<frame>` slot per sparse video frame."""
+    text = FRAME * sparse + (" " if sparse else "") + question
+    if getattr(processor, "chat_template", None):
+        content = [{"type": "image"}] * images + [{"type": "text", "text": text}]
+        return processor.apply_chat_template(
+            [{"role": "user", "content": content}], add_generation_prompt=True
+        )
+    return processor.image_token * images + " " + text
 
 
-def collate(samples: list[dict], tok: PreTrainedTokenizerBase, max_len: int) -> dict[str, Tensor]:
-    """Samples of one modality -> a padded batch; masks in row-major [SEG] order (truncated [SEG]s dropped).
+def row_texts(
+    s: dict, processor: ProcessorMixin, dense: int, sparse: int
+) -> tuple[str, list[np.ndarray], str]:
+    """A sample's (prompt, the frames the VLM sees in full, answer + eos)."""
+    t = len(s["frames"])
+    images = [s["frames"][i] for i in frame_picks(t, dense)]
+    n_sparse = len(frame_picks(t, sparse)) if t > 1 else 0
+    answer = f" {s['answer']}{processor.tokenizer.eos_token}" if s["answer"] else ""
+    return prompt_text(processor, s["question"], len(images), n_sparse), images, answer
+
+
+def collate(
+    samples: list[dict], processor: ProcessorMixin, dense: int = 1, sparse: int = 16
+) -> dict[str, Tensor]:
+    """Samples of one modality -> a padded batch; masks in row-major [SEG] order. The VLM's processor
+    makes its inputs (`mllm.*` keys: pixel values and the like). LM labels: the answer tokens only.
     Rows whose "frames" are the same list object share one entry of `frames`; `row_frames` maps each row
-    to its entry, so a shared image is encoded once."""
-    seg_id = tok.convert_tokens_to_ids(SEG)
-    encoded = [encode_text(tok, s["question"], s["answer"], max_len) for s in samples]
-    length = max(len(ids) for ids, _ in encoded)
-    input_ids = torch.full((len(samples), length), tok.pad_token_id, dtype=torch.long)
+    to its entry, so a shared image is encoded once by SAM2."""
+    tok = processor.tokenizer
+    prompts, images, answers = zip(*(row_texts(s, processor, dense, sparse) for s in samples), strict=True)
+    enc = processor(text=[p + a for p, a in zip(prompts, answers, strict=True)], images=list(images),
+                    return_tensors="pt", padding=True)  # fmt: skip
+    input_ids, attention = enc.pop("input_ids"), enc.pop("attention_mask")
     labels = torch.full_like(input_ids, -100)
-    attention = torch.zeros_like(input_ids)
+    for b, answer in enumerate(answers):
+        n = len(tok(answer, add_special_tokens=False)["input_ids"]) if answer else 0
+        end = int(attention[b].sum())  # right padding
+        labels[b, end - n : end] = input_ids[b, end - n : end]
+    seg_id = tok.convert_tokens_to_ids(SEG)
     masks, regions, types, owners = [], [], [], []
-    for b, ((ids, lab), s) in enumerate(zip(encoded, samples, strict=True)):
-        input_ids[b, : len(ids)] = torch.tensor(ids)
-        labels[b, : len(lab)] = torch.tensor(lab)
-        attention[b, : len(ids)] = 1
-        masks += s["masks"][: ids.count(seg_id)]
+    for b, s in enumerate(samples):
+        masks += s["masks"][: int((input_ids[b] == seg_id).sum())]
         if "region" in s:
             regions.append(torch.from_numpy(s["region"][0]))
             types.append(s["region"][1])
@@ -68,6 +88,7 @@ def collate(samples: list[dict], tok: PreTrainedTokenizerBase, max_len: int) -> 
         "attention_mask": attention,
         "labels": labels,
         "masks": torch.from_numpy(np.array(masks, dtype=np.float32)),
+        **{f"mllm.{k}": v for k, v in enc.items() if isinstance(v, Tensor)},
     }
     if regions:
         batch.update(
@@ -95,9 +116,9 @@ def record_stream(urls: list[str], seed: int) -> Iterator[dict]:
 class TaskBatches(IterableDataset):
     """Endless batches mixed over sources (weights) and tasks (weights), grouped by modality."""
 
-    def __init__(self, cfg: TrainConfig, tokenizer: PreTrainedTokenizerBase):
+    def __init__(self, cfg: TrainConfig, processor: ProcessorMixin):
         super().__init__()
-        self.cfg, self.tok = cfg, tokenizer
+        self.cfg, self.processor = cfg, processor
         self.urls = [shard_urls(s.path) for s in cfg.data.train]
 
     def __iter__(self) -> Iterator[dict[str, Tensor]]:
@@ -124,11 +145,11 @@ class TaskBatches(IterableDataset):
             buffers[kind] += rows
             # A record's rows stay together, so a batch may run over its size by up to k-1 rows.
             if len(buffers[kind]) >= (d.video_batch_size if kind == "video" else d.batch_size):
-                yield collate(buffers[kind], self.tok, d.max_text_tokens)
+                yield collate(buffers[kind], self.processor, d.dense_frames, d.sparse_frames)
                 buffers[kind] = []
 
 
-def train_loader(cfg: TrainConfig, tokenizer: PreTrainedTokenizerBase, num_batches: int) -> wds.WebLoader:
+def train_loader(cfg: TrainConfig, processor: ProcessorMixin, num_batches: int) -> wds.WebLoader:
     """Exactly `num_batches` batches on every rank (equal steps, so DDP never waits on a missing rank)."""
-    loader = wds.WebLoader(TaskBatches(cfg, tokenizer), batch_size=None, num_workers=cfg.data.num_workers)
+    loader = wds.WebLoader(TaskBatches(cfg, processor), batch_size=None, num_workers=cfg.data.num_workers)
     return loader.with_epoch(num_batches)

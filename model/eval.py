@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from transformers import PreTrainedTokenizerBase
+from transformers import PreTrainedTokenizerBase, ProcessorMixin
 
 from groundmill.model.config import TrainConfig, load_config
 from groundmill.model.data import collate
@@ -30,6 +30,7 @@ from groundmill.model.metrics import (
     mask_recall,
     minilm_embedder,
 )
+from groundmill.model.mllm import load_processor
 from groundmill.model.modeling import P_CLOSE, P_OPEN, SEG, X2SamModel
 from groundmill.model.records import eval_records, mask_at
 from groundmill.model.tasks import (
@@ -41,19 +42,18 @@ from groundmill.model.tasks import (
     video_rows,
     video_targets,
 )
-from groundmill.model.tokenizer import load_tokenizer
 from groundmill.model.train import build_model, load_checkpoint, setup_device
 
 
-def load_for_eval(cfg: TrainConfig, ckpt: str | Path) -> tuple[X2SamModel, PreTrainedTokenizerBase]:
-    tok = load_tokenizer(ckpt)
+def load_for_eval(cfg: TrainConfig, ckpt: str | Path) -> tuple[X2SamModel, ProcessorMixin]:
+    tok = load_processor(ckpt)
     model = build_model(cfg, tok)
     load_checkpoint(Path(ckpt), model)
     return model.eval(), tok
 
 
 @torch.no_grad()
-def predict(model: X2SamModel, samples: list[dict], tok: PreTrainedTokenizerBase, cfg: TrainConfig,
+def predict(model: X2SamModel, samples: list[dict], tok: ProcessorMixin, cfg: TrainConfig,
             device: torch.device) -> list[np.ndarray]:  # fmt: skip
     """Teacher-forced masks for task samples: one bool (Q,T,S,S) array per sample."""
     out: list[np.ndarray | None] = [None] * len(samples)
@@ -64,7 +64,12 @@ def predict(model: X2SamModel, samples: list[dict], tok: PreTrainedTokenizerBase
     for idx in by_frames.values():
         for start in range(0, len(idx), bs):
             chunk = idx[start : start + bs]
-            batch = {k: v.to(device) for k, v in collate([samples[i] for i in chunk], tok, 10**6).items()}
+            batch = {
+                k: v.to(device)
+                for k, v in collate(
+                    [samples[i] for i in chunk], tok, cfg.data.dense_frames, cfg.data.sparse_frames
+                ).items()
+            }
             masks = (model(batch)["mask_logits"] > 0).cpu().numpy()
             counts = (batch["input_ids"] == model.seg_id).sum(1).tolist()
             for i, m in zip(chunk, np.split(masks, np.cumsum(counts)[:-1]), strict=True):
@@ -90,13 +95,13 @@ def parse_gcg(tok: PreTrainedTokenizerBase, ids: list[int]) -> tuple[str, list[s
 
 
 @torch.no_grad()
-def gcg_predict(model: X2SamModel, sample: dict, tok: PreTrainedTokenizerBase, device: torch.device,
+def gcg_predict(model: X2SamModel, sample: dict, tok: ProcessorMixin, device: torch.device,
                 max_new_tokens: int) -> tuple[str, list[str], list[np.ndarray]]:  # fmt: skip
     """Greedy caption with its [SEG]s, then the masks of those [SEG]s."""
-    batch = {k: v.to(device) for k, v in collate([{**sample, "answer": ""}], tok, 10**6).items()}
-    prompt = batch["input_ids"][:, :-1]  # drop the eos that closes an empty answer
-    ids = model.generate({**batch, "input_ids": prompt}, max_new_tokens, tok.eos_token_id)
-    caption, phrases = parse_gcg(tok, ids[0, prompt.shape[1] :].tolist())
+    batch = {k: v.to(device) for k, v in collate([{**sample, "answer": ""}], tok).items()}
+    prompt = batch["input_ids"]
+    ids = model.generate(batch, max_new_tokens, tok.tokenizer.eos_token_id)
+    caption, phrases = parse_gcg(tok.tokenizer, ids[0, prompt.shape[1] :].tolist())
     if not phrases:
         return caption, [], []
     full = {**batch, "input_ids": ids, "attention_mask": torch.ones_like(ids)}
@@ -194,7 +199,7 @@ def _instances(record: dict, sample: dict, size: int) -> list[np.ndarray]:
     return [m for m in masks if m.any() and (m & target).sum() == m.sum()]
 
 
-def evaluate_gcg(model: X2SamModel, items: list[tuple[dict, dict]], tok: PreTrainedTokenizerBase,
+def evaluate_gcg(model: X2SamModel, items: list[tuple[dict, dict]], tok: ProcessorMixin,
                  device: torch.device, size: int, max_new_tokens: int) -> dict[str, float]:  # fmt: skip
     preds, gts, captions, refs = [], [], {}, {}
     for sample, record in items:

@@ -19,16 +19,17 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from omegaconf import OmegaConf
-from safetensors.torch import load_model, save_model
+from safetensors.torch import load_file, save_file
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
-from transformers import PreTrainedTokenizerBase
+from transformers import ProcessorMixin
 
 from groundmill.model.config import OptimConfig, TrainConfig, load_config, to_dict
 from groundmill.model.data import train_loader
 from groundmill.model.losses import total_loss
+from groundmill.model.mllm import load_processor
 from groundmill.model.modeling import X2SamModel, configure_trainable
-from groundmill.model.tokenizer import load_tokenizer, make_tokenizer
+from groundmill.model.tokenizer import trainer_processor
 
 CKPT_DIR = "checkpoints"
 
@@ -69,25 +70,31 @@ def make_optimizer(model: torch.nn.Module, o: OptimConfig) -> torch.optim.AdamW:
     return torch.optim.AdamW(groups, lr=o.lr, betas=(0.9, 0.95))
 
 
-def build_model(cfg: TrainConfig, tokenizer: PreTrainedTokenizerBase) -> X2SamModel:
+def build_model(cfg: TrainConfig, processor: ProcessorMixin) -> X2SamModel:
     torch.manual_seed(cfg.seed)
-    model = X2SamModel(cfg, tokenizer)
+    model = X2SamModel(cfg, processor)
     configure_trainable(model, cfg)
     return model
 
 
+def trained_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The trained parameters only: frozen ones come back from their pretrained source (or the seeded
+    init) when the model is rebuilt, so a checkpoint of a LoRA-tuned 3B VLM holds megabytes, not its base."""
+    return {n: p.detach().contiguous() for n, p in model.named_parameters() if p.requires_grad}
+
+
 def save_checkpoint(path: Path, model: X2SamModel, optimizer: torch.optim.Optimizer, state: dict[str, Any],
-                    tokenizer: PreTrainedTokenizerBase, cfg: TrainConfig) -> None:  # fmt: skip
+                    processor: ProcessorMixin, cfg: TrainConfig) -> None:  # fmt: skip
     tmp = path.with_name(path.name + ".tmp")
     tmp.mkdir(parents=True, exist_ok=True)
-    save_model(model, str(tmp / "model.safetensors"))
+    save_file(trained_weights(model), str(tmp / "model.safetensors"))
     rng = {"torch": torch.get_rng_state(), "python": random.getstate()}
     if torch.cuda.is_available():
         rng["cuda"] = torch.cuda.get_rng_state()
     torch.save({"optimizer": optimizer.state_dict(), "rng": rng}, tmp / "train_state.pt")
     (tmp / "state.json").write_text(json.dumps(state, indent=1))
     OmegaConf.save(OmegaConf.create(to_dict(cfg)), tmp / "config.yaml")
-    tokenizer.save_pretrained(str(tmp))
+    processor.save_pretrained(str(tmp))
     if path.exists():
         for f in path.iterdir():
             f.unlink()
@@ -97,7 +104,9 @@ def save_checkpoint(path: Path, model: X2SamModel, optimizer: torch.optim.Optimi
 
 def load_checkpoint(path: Path, model: X2SamModel, optimizer: torch.optim.Optimizer | None = None) -> dict:
     """Weights (and optimizer + RNG state when an optimizer is given) from a checkpoint; its state.json."""
-    load_model(model, str(path / "model.safetensors"))
+    _, unexpected = model.load_state_dict(load_file(str(path / "model.safetensors")), strict=False)
+    if unexpected:
+        raise ValueError(f"checkpoint {path} has weights this model lacks: {unexpected[:5]}")
     if optimizer is not None:
         saved = torch.load(path / "train_state.pt", weights_only=True)
         optimizer.load_state_dict(saved["optimizer"])
@@ -144,8 +153,8 @@ def train(cfg: TrainConfig, resume: str | None = None) -> Path:
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     ckpt = latest_checkpoint(out) if resume == "auto" else Path(resume) if resume else None
-    tokenizer = load_tokenizer(ckpt) if ckpt else make_tokenizer(cfg)
-    model = build_model(cfg, tokenizer).to(device)
+    processor = load_processor(ckpt) if ckpt else trainer_processor(cfg)
+    model = build_model(cfg, processor).to(device)
     o = cfg.optim
     optimizer = make_optimizer(model, o)
     state = {"step": 0, "batches": 0, "seconds": 0.0}
@@ -153,7 +162,7 @@ def train(cfg: TrainConfig, resume: str | None = None) -> Path:
         state = load_checkpoint(ckpt, model, optimizer)
     ddp = DistributedDataParallel(model, find_unused_parameters=True) if world > 1 else model
     # Resuming replays the deterministic batch stream up to the saved position.
-    batches = iter(train_loader(cfg, tokenizer, o.max_steps * o.grad_accum))
+    batches = iter(train_loader(cfg, processor, o.max_steps * o.grad_accum))
     for _ in itertools.islice(batches, state["batches"]):
         pass
     log = MetricsLog(out) if rank == 0 else None
@@ -192,7 +201,7 @@ def train(cfg: TrainConfig, resume: str | None = None) -> Path:
             bar.set_postfix(loss=f"{sums['loss']:.3f}")
         if rank == 0 and (state["step"] % cfg.ckpt_every == 0 or done):
             save_checkpoint(
-                out / CKPT_DIR / f"step-{state['step']:07d}", model, optimizer, state, tokenizer, cfg
+                out / CKPT_DIR / f"step-{state['step']:07d}", model, optimizer, state, processor, cfg
             )
     bar.close()
     if log:
