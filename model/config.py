@@ -146,6 +146,8 @@ class TrainConfig:
     trainable: list[str] = field(default_factory=list)
     freeze_vision: bool = True
     device: str = "auto"  # auto | cpu | cuda
+    # auto: bf16 autocast on GPU, fp32 on CPU; bf16: autocast on any device; fp32: never.
+    precision: str = "auto"
     threads: int = 2  # torch CPU threads
     log_every: int = 10
     ckpt_every: int = 500
@@ -159,6 +161,8 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
         cfg = OmegaConf.merge(cfg, OmegaConf.load(path))
     if overrides:
         cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(overrides)))
+    if cfg.precision not in ("auto", "bf16", "fp32"):
+        raise ValueError(f"precision must be auto, bf16 or fp32, got {cfg.precision!r}")
     unknown = set(cfg.data.tasks) - set(TASKS)
     if unknown:
         raise ValueError(f"unknown task(s) {sorted(unknown)} in data.tasks; known: {TASKS}")

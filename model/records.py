@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import io
 import json
+import tarfile
+from collections import OrderedDict
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -17,7 +19,7 @@ from PIL import Image
 from groundmill.media import video_frames
 from groundmill.model.config import SourceConfig
 from groundmill.schema import STATUS_OK, decode_mask
-from groundmill.shards import read_index
+from groundmill.shards import read_index, safe_members
 
 
 def shard_urls(source: str | Path) -> list[str]:
@@ -27,6 +29,39 @@ def shard_urls(source: str | Path) -> list[str]:
     if not shards:
         raise FileNotFoundError(f"no committed shards under {source}")
     return [str(Path(source) / s) for s in shards]
+
+
+class ShardReader:
+    """Random access to one shard's samples by key: the tar's headers are read once, a sample's files are
+    read by offset when asked for (so a shard is never held in memory)."""
+
+    def __init__(self, url: str):
+        self.tar = tarfile.open(url, "r")  # noqa: SIM115 (open while cached; ShardCache closes it)
+        self.members: dict[str, list[tarfile.TarInfo]] = {}
+        for member in safe_members(self.tar):
+            self.members.setdefault(Path(member.name).name.partition(".")[0], []).append(member)
+        self.keys = sorted(self.members)
+
+    def sample(self, key: str) -> dict[str, Any]:
+        files = {
+            Path(m.name).name.partition(".")[2]: self.tar.extractfile(m).read() for m in self.members[key]
+        }
+        return {"__key__": key, **files}
+
+
+class ShardCache:
+    """The few most recently used ShardReaders (open tar files), closed when evicted."""
+
+    def __init__(self, size: int = 4):
+        self.size, self.readers = size, OrderedDict()
+
+    def __call__(self, url: str) -> ShardReader:
+        if url not in self.readers:
+            self.readers[url] = ShardReader(url)
+            if len(self.readers) > self.size:
+                self.readers.popitem(last=False)[1].tar.close()
+        self.readers.move_to_end(url)
+        return self.readers[url]
 
 
 def decode_video(data: bytes, rotation: int = 0) -> list[np.ndarray]:

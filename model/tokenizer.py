@@ -3,9 +3,9 @@ language half, one over a word-level vocabulary built from the first records of 
 
 from __future__ import annotations
 
+import itertools
 import json
 
-import webdataset as wds
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
 from transformers import PreTrainedTokenizerFast, ProcessorMixin
 
@@ -13,6 +13,7 @@ from groundmill.model.config import TrainConfig
 from groundmill.model.mllm import IMAGE_TOKEN, SPECIAL_TOKENS, make_processor
 from groundmill.model.records import record_texts, shard_urls
 from groundmill.model.tasks import ANSWER, QUESTIONS
+from groundmill.shards import iter_shard
 
 
 def build_word_tokenizer(texts: list[str]) -> PreTrainedTokenizerFast:
@@ -42,9 +43,8 @@ def trainer_processor(cfg: TrainConfig) -> ProcessorMixin:
     if c.name != "tiny" or c.language:
         return make_processor(c)
     texts: list[str] = []
-    for source in cfg.data.train:
-        for n, sample in enumerate(wds.WebDataset(shard_urls(source.path), shardshuffle=False)):
-            if n >= cfg.data.tokenizer_records:
-                break
-            texts += record_texts(json.loads(sample["json"]))
+    for source in cfg.data.train:  # the same first records on every rank: the same vocabulary
+        samples = (files for url in shard_urls(source.path) for _, files in iter_shard(url))
+        for files in itertools.islice(samples, cfg.data.tokenizer_records):
+            texts += record_texts(json.loads(files["json"]))
     return make_processor(c, build_word_tokenizer(texts))

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import itertools
 import json
 import math
 import os
@@ -122,17 +121,39 @@ def latest_checkpoint(out_dir: str | Path) -> Path | None:
     return found[-1] if found else None
 
 
+def rank_summary(model: torch.nn.Module, loss: float, device: torch.device) -> dict[str, float]:
+    """The loss averaged over ranks, and a checksum of the trained weights (equal on every rank while DDP
+    keeps them in sync). Collective: every rank calls it at the same step."""
+    mean = torch.tensor(loss, dtype=torch.float64, device=device)
+    dist.all_reduce(mean)
+    checksum = sum(p.detach().double().sum() for p in model.parameters() if p.requires_grad)
+    return {"global_loss": mean.item() / dist.get_world_size(), "weights": float(checksum)}
+
+
+def gather_positions(positions: dict[str, dict], rank: int, world: int) -> dict[str, dict]:
+    """Every rank's stream positions, by rank (collective: every rank calls it at the same step)."""
+    if world == 1:
+        return {"0": positions}
+    gathered: list[dict] = [{} for _ in range(world)]
+    dist.all_gather_object(gathered, positions)
+    return {str(r): p for r, p in enumerate(gathered)}
+
+
 class MetricsLog:
-    """JSONL always; TensorBoard event files too when tensorboard is installed."""
+    """JSONL per rank (rank 0: metrics.jsonl, others metrics-rank{r}.jsonl, their own batches' losses);
+    TensorBoard event files too on rank 0 when tensorboard is installed."""
 
-    def __init__(self, out_dir: Path):
-        self.file = open(out_dir / "metrics.jsonl", "a")  # noqa: SIM115 (closed in close())
-        try:
-            from torch.utils.tensorboard import SummaryWriter
+    def __init__(self, out_dir: Path, rank: int = 0):
+        name = "metrics.jsonl" if rank == 0 else f"metrics-rank{rank}.jsonl"
+        self.file = open(out_dir / name, "a")  # noqa: SIM115 (closed in close())
+        self.tb = None
+        if rank == 0:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
 
-            self.tb = SummaryWriter(str(out_dir / "tb"))
-        except ImportError:
-            self.tb = None
+                self.tb = SummaryWriter(str(out_dir / "tb"))
+            except ImportError:
+                pass
 
     def write(self, step: int, values: dict[str, float]) -> None:
         self.file.write(json.dumps({"step": step, **values}) + "\n")
@@ -154,19 +175,20 @@ def train(cfg: TrainConfig, resume: str | None = None) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     ckpt = latest_checkpoint(out) if resume == "auto" else Path(resume) if resume else None
     processor = load_processor(ckpt) if ckpt else trainer_processor(cfg)
-    model = build_model(cfg, processor).to(device)
+    model = build_model(cfg, processor).to(device).train()  # from_pretrained hands back eval mode
     o = cfg.optim
     optimizer = make_optimizer(model, o)
     state = {"step": 0, "batches": 0, "seconds": 0.0}
     if ckpt:
         state = load_checkpoint(ckpt, model, optimizer)
     ddp = DistributedDataParallel(model, find_unused_parameters=True) if world > 1 else model
-    # Resuming replays the deterministic batch stream up to the saved position.
-    batches = iter(train_loader(cfg, processor, o.max_steps * o.grad_accum))
-    for _ in itertools.islice(batches, state["batches"]):
-        pass
-    log = MetricsLog(out) if rank == 0 else None
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+    # The stream resumes from the stored positions of this rank's workers: no replay.
+    positions: dict[str, dict] = state.get("data", {}).get(str(rank), {})
+    remaining = o.max_steps * o.grad_accum - state["batches"]
+    batches = iter(train_loader(cfg, processor, remaining, positions, state["batches"]))
+    log = MetricsLog(out, rank)
+    bf16 = cfg.precision == "bf16" or cfg.precision == "auto" and device.type == "cuda"
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
     bar = tqdm(total=o.max_steps, initial=state["step"], disable=rank != 0, mininterval=5, desc="train")
     started = time.perf_counter() - state["seconds"]
     done = state["step"] >= o.max_steps
@@ -176,7 +198,10 @@ def train(cfg: TrainConfig, resume: str | None = None) -> Path:
             group["lr"] = lr
         sums: dict[str, float] = {}
         for micro in range(o.grad_accum):
-            batch = {k: v.to(device, non_blocking=True) for k, v in next(batches).items()}
+            raw = next(batches)
+            position = raw.pop("position")
+            positions[str(position["stream"])] = position
+            batch = {k: v.to(device, non_blocking=True) for k, v in raw.items()}
             state["batches"] += 1
             # DDP all-reduces gradients only on the last micro-batch.
             sync = micro == o.grad_accum - 1 or world == 1
@@ -196,16 +221,18 @@ def train(cfg: TrainConfig, resume: str | None = None) -> Path:
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
             done = bool(flag.item())
         bar.update(1)
-        if log and (state["step"] % cfg.log_every == 0 or done):
-            log.write(state["step"], {**sums, "lr": lr, "seconds": round(state["seconds"], 2)})
+        if state["step"] % cfg.log_every == 0 or done:
+            extra = rank_summary(model, sums["loss"], device) if world > 1 else {}
+            log.write(state["step"], {**sums, **extra, "lr": lr, "seconds": round(state["seconds"], 2)})
             bar.set_postfix(loss=f"{sums['loss']:.3f}")
-        if rank == 0 and (state["step"] % cfg.ckpt_every == 0 or done):
-            save_checkpoint(
-                out / CKPT_DIR / f"step-{state['step']:07d}", model, optimizer, state, processor, cfg
-            )
+        if state["step"] % cfg.ckpt_every == 0 or done:
+            state["data"] = gather_positions(positions, rank, world)
+            if rank == 0:
+                save_checkpoint(
+                    out / CKPT_DIR / f"step-{state['step']:07d}", model, optimizer, state, processor, cfg
+                )
     bar.close()
-    if log:
-        log.close()
+    log.close()
     if world > 1:
         dist.barrier()
     return out / CKPT_DIR / f"step-{state['step']:07d}"

@@ -40,7 +40,10 @@ def test_sam2_checkpoint_loads_by_path_and_trains_with_a_frozen_encoder(shards, 
     cfg = tiny(shards, tmp_path / "run", f"vision.checkpoint={tmp_path / 'sam2_tiny.pt'}", "freeze_vision=true",
                *sam_decoder)  # fmt: skip
     model = build_model(cfg, trainer_processor(cfg))
-    for ours, theirs in ((model.vision.image_encoder, sam.image_encoder), (model.mask_decoder, sam.sam_mask_decoder)):
+    for ours, theirs in (
+        (model.vision.image_encoder, sam.image_encoder),
+        (model.mask_decoder, sam.sam_mask_decoder),
+    ):
         for (name, a), b in zip(ours.state_dict().items(), theirs.state_dict().values(), strict=True):
             torch.testing.assert_close(a, b, msg=name)
     frames = torch.randint(0, 255, (2, 3, 128, 128), dtype=torch.uint8)
@@ -69,9 +72,11 @@ def test_vlm_saved_with_save_pretrained_loads_by_path_with_lora(shards, tmp_path
     vlm.save_pretrained(tmp_path / "vlm")
     processor.save_pretrained(tmp_path / "vlm")
     cfg = tiny(shards, tmp_path / "run", f"mllm.name={tmp_path / 'vlm'}", "mllm.lora=true",
-               "mllm.freeze_vision_tower=true", "mllm.train_embeddings=false")  # fmt: skip
+               "mllm.freeze_vision_tower=true", "mllm.train_embeddings=false",
+               "mllm.gradient_checkpointing=true", "precision=bf16")  # bf16 autocast, here on CPU  # fmt: skip
     ckpt = train(cfg)
     model = build_model(cfg, trainer_processor(cfg))
+    assert model.mllm.base_model.model.model.language_model.gradient_checkpointing
     load_checkpoint(ckpt, model)
     base = vlm.state_dict()
     lora = {n: p for n, p in model.mllm.named_parameters() if "lora_" in n}
@@ -95,7 +100,9 @@ def test_smollm2_is_the_language_half_and_trains_on_engine_shards(tmp_path):
     model = build_model(cfg, processor)
     lm = AutoModelForCausalLM.from_pretrained(str(language_dir(SMOLLM2)))
     ours = model.mllm.base_model.model.model.language_model
-    torch.testing.assert_close(ours.layers[3].mlp.down_proj.base_layer.weight, lm.model.layers[3].mlp.down_proj.weight)
+    torch.testing.assert_close(
+        ours.layers[3].mlp.down_proj.base_layer.weight, lm.model.layers[3].mlp.down_proj.weight
+    )
     old = lm.get_input_embeddings().weight
     torch.testing.assert_close(ours.embed_tokens.weight[: len(old)], old)  # grown for the added tokens only
     train(cfg)

@@ -133,9 +133,13 @@ def test_loss_falls(shards, tmp_path):
     assert last < 0.7 * first
 
 
-def test_resume_gives_the_same_next_step_loss(shards, tmp_path):
+def test_resume_gives_the_same_next_step_loss(shards, tmp_path, monkeypatch):
     extra = ["optim.max_steps=4", "ckpt_every=2"]
+    reads = []
+    rows = TaskBatches.rows
+    monkeypatch.setattr(TaskBatches, "rows", lambda self, *a: reads.append(a) or rows(self, *a))
     train(config(shards, tmp_path / "full", *extra))
+    full_reads, reads[:] = list(reads), []
     resumed = tmp_path / "resumed"
     ckpt = tmp_path / "full" / "checkpoints" / "step-0000002"
     train_main(
@@ -144,6 +148,8 @@ def test_resume_gives_the_same_next_step_loss(shards, tmp_path):
     full, again = losses(tmp_path / "full"), losses(resumed)
     assert set(again) == {3, 4}
     assert again[3] == full[3] and again[4] == full[4]
+    # From the stored position: the records of steps 1-2 are not read again (only buffered ones).
+    assert set(reads) < set(full_reads) and len(reads) < len(full_reads) * 3 / 4
 
 
 def engine_like_output(out):
