@@ -60,8 +60,8 @@ def predict(model: X2SamModel, samples: list[dict], tok: ProcessorMixin, cfg: Tr
     by_frames: dict[int, list[int]] = defaultdict(list)  # a batch needs one frame count
     for i, s in enumerate(samples):
         by_frames[len(s["frames"])].append(i)
-    bs = cfg.data.batch_size
-    for idx in by_frames.values():
+    for frames, idx in by_frames.items():
+        bs = cfg.data.video_batch_size if frames > 1 else cfg.data.batch_size
         for start in range(0, len(idx), bs):
             chunk = idx[start : start + bs]
             batch = {

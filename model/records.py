@@ -69,19 +69,40 @@ def decode_video(data: bytes, rotation: int = 0) -> list[np.ndarray]:
     return [np.asarray(im) for _, im in video_frames(data, rotation)]
 
 
-def load(sample: dict[str, Any], size: int) -> tuple[dict, list[np.ndarray]]:
-    """A webdataset sample -> (record, frames resized to size x size); one frame for an image."""
+def resized(im: Image.Image, size: int) -> np.ndarray:
+    return np.asarray(im if im.size == (size, size) else im.resize((size, size)))
+
+
+class Clip:
+    """A video's frames at training resolution, decoded when asked for and only those asked for: each
+    decoded frame is resized at once, so a clip of any length holds size x size frames only."""
+
+    def __init__(self, data: bytes, rotation: int, size: int, length: int | None):
+        self.data, self.rotation, self.size = data, rotation, size
+        self.length = length if length else sum(1 for _ in video_frames(data, rotation))
+
+    def __len__(self) -> int:
+        return self.length
+
+    def take(self, indices: list[int]) -> list[np.ndarray]:
+        """The frames at `indices` (repeats allowed), in that order; one decoding pass."""
+        decoded = {
+            i: resized(im, self.size) for i, im in video_frames(self.data, self.rotation, set(indices))
+        }
+        return [decoded[i] for i in indices]
+
+    def __getitem__(self, index: int) -> np.ndarray:
+        return self.take([index])[0]
+
+
+def load(sample: dict[str, Any], size: int) -> tuple[dict, list[np.ndarray] | Clip]:
+    """A webdataset sample -> (record, frames at size x size): one frame for an image, a Clip for a video."""
     record = json.loads(sample["json"])
     data = sample[record["media"]["ext"]]
     if record["media"]["type"] == "video":
-        frames = decode_video(data, record["media"].get("rotation", 0))
-    else:
-        frames = [np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))]
-    frames = [
-        f if f.shape[:2] == (size, size) else np.asarray(Image.fromarray(f).resize((size, size)))
-        for f in frames
-    ]
-    return record, frames
+        media = record["media"]
+        return record, Clip(data, media.get("rotation", 0), size, media.get("num_frames"))
+    return record, [resized(Image.open(io.BytesIO(data)).convert("RGB"), size)]
 
 
 def mask_at(rle: dict, size: int) -> np.ndarray:

@@ -19,7 +19,7 @@ import numpy as np
 
 from groundmill.model.config import DataConfig
 from groundmill.model.modeling import P_CLOSE, P_OPEN, PROMPT_TYPES, REGION, SEG
-from groundmill.model.records import mask_at
+from groundmill.model.records import Clip, mask_at
 
 IMAGE_TASKS = ("referring", "gcg", "interactive", "vgd")
 VIDEO_TASKS = ("video_referring", "video_object")
@@ -168,7 +168,7 @@ def video_targets(record: dict, task: str, rng: random.Random) -> list[tuple[str
     return out
 
 
-def video_rows(frames: list[np.ndarray], targets: list[tuple[str, dict]], rng: random.Random, size: int,
+def video_rows(frames: Clip, targets: list[tuple[str, dict]], rng: random.Random, size: int,
                task: str, num_frames: int) -> list[dict]:  # fmt: skip
     """Rows of one clip: `num_frames` frames sampled over the first target's track, every target's mask on
     those frames (empty where its track has none)."""
@@ -177,7 +177,7 @@ def video_rows(frames: list[np.ndarray], targets: list[tuple[str, dict]], rng: r
     if not available:
         return []
     idx = sample_frames(available, num_frames, rng)
-    clip = [frames[i] for i in idx]
+    clip = frames.take(idx)
     rows = []
     for text, track in targets:
         m = track["masklet"]
@@ -193,7 +193,7 @@ def video_rows(frames: list[np.ndarray], targets: list[tuple[str, dict]], rng: r
     return rows
 
 
-def make_samples(record: dict, frames: list[np.ndarray], task: str, rng: random.Random, cfg: DataConfig,
+def make_samples(record: dict, frames: list[np.ndarray] | Clip, task: str, rng: random.Random, cfg: DataConfig,
                  size: int) -> list[dict]:  # fmt: skip
     """The rows one record gives a task: several for referring tasks (sharing its frames), else one."""
     if task in VIDEO_TASKS:
