@@ -244,3 +244,9 @@ def test_eval_reports_every_task(shards, tmp_path):
         assert task in results
     assert 0 <= results["referring"]["cIoU"] <= 1 and 0 <= results["video_referring"]["J&F"] <= 1
     assert {"AP50", "mIoU", "recall"} <= set(results["gcg"])
+
+
+def test_full_size_manifest_is_a_valid_config():
+    cfg = load_config(TINY.parent / "train_x2sam.yaml")
+    assert cfg.vision.checkpoint == "facebook/sam2.1-hiera-large" and cfg.mllm.lora and cfg.freeze_vision
+    assert (cfg.loss.ce, cfg.loss.bce, cfg.loss.dice) == (1.0, 2.0, 0.5)
