@@ -11,7 +11,8 @@ from typing import Any
 from omegaconf import OmegaConf
 
 # Every task the data loader can make from a record (see model/tasks.py).
-TASKS = ("referring", "gcg", "interactive", "vgd", "video_referring", "video_object")
+# "generic" needs the query head (decoder.queries > 0), so it is off unless weighted.
+TASKS = ("referring", "gcg", "interactive", "vgd", "generic", "video_referring", "video_object")
 
 
 @dataclass
@@ -84,6 +85,10 @@ class DecoderConfig:
     memory_size: int = 4  # Mask Memory FIFO length (past frames), X2SAM's num_maskmem
     seg_tokens: int = 2  # sparse prompt tokens each [SEG] hidden state is projected to
     dense_hidden: int = 128  # hidden width of the per-pixel [SEG] dense prompt MLP
+    # X2SAM's generic / open-vocabulary head: N mask queries classified against the category [SEG]s
+    # (model/generic.py); 0 = off (one [SEG] -> one mask only).
+    queries: int = 0
+    generic_layers: int = 2
 
 
 @dataclass
@@ -97,7 +102,7 @@ class DataConfig:
     train: list[SourceConfig] = field(default_factory=list)
     val: list[SourceConfig] = field(default_factory=list)
     # Task mixing weights; a record only offers the tasks its annotations support.
-    tasks: dict[str, float] = field(default_factory=lambda: dict.fromkeys(TASKS, 1.0))
+    tasks: dict[str, float] = field(default_factory=lambda: {**dict.fromkeys(TASKS, 1.0), "generic": 0.0})
     batch_size: int = 16
     video_batch_size: int = 4
     # Referring questions asked of one image or clip per batch (LISA's num_classes_per_sample); the rows
@@ -118,6 +123,8 @@ class LossConfig:
     ce: float = 1.0
     bce: float = 2.0
     dice: float = 0.5
+    cls: float = 2.0  # generic head: Mask2Former's class weight...
+    no_object: float = 0.1  # ...and its "no object" class weight
 
 
 @dataclass
@@ -163,6 +170,8 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
         cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(overrides)))
     if cfg.precision not in ("auto", "bf16", "fp32"):
         raise ValueError(f"precision must be auto, bf16 or fp32, got {cfg.precision!r}")
+    if cfg.data.tasks.get("generic", 0) > 0 and cfg.decoder.queries < 1:
+        raise ValueError("data.tasks.generic needs the query head: set decoder.queries (e.g. 16)")
     unknown = set(cfg.data.tasks) - set(TASKS)
     if unknown:
         raise ValueError(f"unknown task(s) {sorted(unknown)} in data.tasks; known: {TASKS}")

@@ -70,8 +70,14 @@ def collate(
         labels[b, end - n : end] = input_ids[b, end - n : end]
     seg_id = tok.convert_tokens_to_ids(SEG)
     masks, regions, types, owners = [], [], [], []
+    instances, classes, instance_rows = [], [], []  # generic rows' instances (model/generic.py)
+    generic = [b for b, s in enumerate(samples) if "instances" in s]
     for b, s in enumerate(samples):
         masks += s["masks"][: int((input_ids[b] == seg_id).sum())]
+        for c, m in s.get("instances", []):
+            instances.append(m)
+            classes.append(c)
+            instance_rows.append(generic.index(b))
         if "region" in s:
             regions.append(torch.from_numpy(s["region"][0]))
             types.append(s["region"][1])
@@ -89,6 +95,15 @@ def collate(
         "masks": torch.from_numpy(np.array(masks, dtype=np.float32)),
         **{f"mllm.{k}": v for k, v in enc.items() if isinstance(v, Tensor)},
     }
+    if generic:
+        batch.update(
+            generic_rows=torch.tensor([b in generic for b in range(len(samples))]),
+            instance_masks=torch.from_numpy(np.array(instances, dtype=np.float32)).reshape(
+                -1, *frames.shape[-2:]
+            ),
+            instance_class=torch.tensor(classes, dtype=torch.long),
+            instance_row=torch.tensor(instance_rows, dtype=torch.long),
+        )
     if regions:
         batch.update(
             region_maps=torch.stack(regions),

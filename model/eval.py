@@ -21,6 +21,7 @@ from transformers import PreTrainedTokenizerBase, ProcessorMixin
 
 from groundmill.model.config import TrainConfig, load_config
 from groundmill.model.data import collate
+from groundmill.model.generic import category_map, detections
 from groundmill.model.metrics import (
     caption_scores,
     ciou_giou,
@@ -37,6 +38,7 @@ from groundmill.model.tasks import (
     ANSWER,
     QUESTIONS,
     gcg_phrases,
+    generic_sample,
     prompt_sample,
     referring_targets,
     video_rows,
@@ -133,6 +135,9 @@ def eval_samples(cfg: TrainConfig) -> Iterator[tuple[str, dict, dict]]:
             sample = prompt_sample(record, rng, size, task)
             if sample:
                 yield task, {**sample, "frames": frames[:1]}, record
+        generic = generic_sample(record, rng, size) if cfg.decoder.queries else None
+        if generic:
+            yield "generic", {**generic, "frames": frames[:1]}, record
         if gcg_phrases(record, size):
             yield (
                 "gcg",
@@ -185,6 +190,8 @@ def evaluate(cfg: TrainConfig, ckpt: str | Path, gcg_limit: int = 50) -> dict[st
         results["vgd"] = mask_ap(
             [([p[0, 0]], [1.0]) for p in preds], [_instances(r, s, size) for s, r in groups["vgd"]]
         )
+    if groups["generic"]:
+        results["generic"] = evaluate_generic(model, [s for s, _ in groups["generic"]], tok, device, size)
     if groups["gcg"]:
         results["gcg"] = evaluate_gcg(
             model, groups["gcg"][:gcg_limit], tok, device, size, cfg.data.max_text_tokens
@@ -197,6 +204,19 @@ def _instances(record: dict, sample: dict, size: int) -> list[np.ndarray]:
     target = sample["masks"][0][0]
     masks = [mask_at(o["segmentation"], size) for o in record.get("objects", []) if o.get("segmentation")]
     return [m for m in masks if m.any() and (m & target).sum() == m.sum()]
+
+
+@torch.no_grad()
+def evaluate_generic(model: X2SamModel, samples: list[dict], tok: ProcessorMixin, device: torch.device,
+                     size: int) -> dict[str, float]:  # fmt: skip
+    """The generic head's COCO mask mAP over the samples' categories (teacher-forced category [SEG]s)."""
+    preds, gts = [], []
+    for s in samples:
+        batch = {k: v.to(device) for k, v in collate([s], tok).items()}
+        class_logits, mask_logits = model(batch)["generic"][0]
+        preds.append((s["categories"], detections(class_logits, mask_logits, size)))
+        gts.append([(s["categories"][c], m) for c, m in s["instances"]])
+    return {**category_map(preds, gts), "n": len(samples)}
 
 
 def evaluate_gcg(model: X2SamModel, items: list[tuple[dict, dict]], tok: ProcessorMixin,

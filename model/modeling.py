@@ -26,6 +26,7 @@ from torch import Tensor, nn
 from transformers import ProcessorMixin
 
 from groundmill.model.config import TrainConfig
+from groundmill.model.generic import GenericHead
 from groundmill.model.mllm import (
     FRAME,
     P_CLOSE,
@@ -51,6 +52,7 @@ PARTS = (
     "memory",
     "prompt_encoder",
     "mask_decoder",
+    "generic",
 )
 
 
@@ -165,6 +167,8 @@ class X2SamModel(nn.Module):
         self.seg_dense = SegDensePrompt(dim, d.dense_hidden)
         self.memory = MaskMemory(dim, min(d.heads, dim // 8), d.memory_size)
         self.prompt_encoder, self.mask_decoder = sam_heads(dim, v, d)
+        if d.queries:
+            self.generic = GenericHead(dim, hidden, d.queries, d.generic_layers, min(d.heads, dim // 8))
         if v.checkpoint:
             self.load_sam2(v.checkpoint)
         self._slot_fill: tuple[torch.Size, dict[int, Tensor]] | None = None
@@ -271,10 +275,21 @@ class X2SamModel(nn.Module):
         feats, high_res = self.encode_frames(batch)
         hidden, logits = self.run_mllm(batch, feats)
         seg_pos = batch["input_ids"] == self.seg_id
+        out = {"logits": logits}
+        if "generic_rows" in batch:  # those rows' [SEG]s are class embeddings, not mask prompts
+            rows = batch["generic_rows"]
+            out["generic"] = self.generic(
+                feats[rows, 0].float(), self.pe(), high_res[0][rows, 0].float(),
+                [hidden[r][seg_pos[r]].float() for r in rows.nonzero()[:, 0]],
+            )  # fmt: skip
+            seg_pos = seg_pos & ~rows[:, None]
         owner = seg_pos.nonzero()[:, 0]
+        if not len(owner):  # only generic rows
+            out["mask_logits"] = feats.new_zeros(0, feats.shape[1], self.image_size, self.image_size)
+            return out
         seg = self.seg_proj(hidden[seg_pos]).float().unflatten(-1, (self.seg_tokens, -1))
-        masks = self.decode(seg, feats[owner].float(), [m[owner].float() for m in high_res])
-        return {"logits": logits, "mask_logits": masks}
+        out["mask_logits"] = self.decode(seg, feats[owner].float(), [m[owner].float() for m in high_res])
+        return out
 
     @torch.no_grad()
     def generate(self, batch: dict[str, Tensor], max_new_tokens: int, eos_id: int) -> Tensor:

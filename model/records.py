@@ -115,6 +115,7 @@ def mask_at(rle: dict, size: int) -> np.ndarray:
 def record_texts(record: dict) -> list[str]:
     """Every text a record can contribute to samples (for building the tiny word-level vocabulary)."""
     texts = [r["expression"] for r in record.get("referring_expressions", [])]
+    texts += [o["labels"][0] for o in record.get("objects", []) if o.get("labels")]  # generic categories
     texts += [record[k]["caption"] for k in ("gcg", "dense_caption") if k in record]
     for e in record.get("expressions", []):
         texts += [v for k, v in e.items() if k != "track_id" and isinstance(v, str)]
