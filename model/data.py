@@ -35,7 +35,7 @@ def prompt_text(processor: ProcessorMixin, question: str, images: int, sparse: i
     if getattr(processor, "chat_template", None):
         content = [{"type": "image"}] * images + [{"type": "text", "text": text}]
         return processor.apply_chat_template(
-            [{"role": "user", "content": content}], add_generation_prompt=True
+            [{"role": "user", "content": content}], add_generation_prompt=True, tokenize=False
         )
     return processor.image_token * images + " " + text
 
