@@ -3,6 +3,7 @@ save_pretrained, and the real SmolLM2-135M weights as the language half of a tin
 
 import importlib.util
 
+import numpy as np
 import pytest
 import torch
 from sam2.build_sam import build_sam2
@@ -108,3 +109,27 @@ def test_smollm2_is_the_language_half_and_trains_on_engine_shards(tmp_path):
     train(cfg)
     log = losses(tmp_path / "run")
     assert set(log) == {1, 2, 3} and all(torch.isfinite(torch.tensor(v)) for v in log.values())
+
+
+def test_a_processor_with_a_chat_template_places_the_images_through_it(tmp_path):
+    from groundmill.model.data import collate
+    from groundmill.model.mllm import make_processor
+    from groundmill.model.tokenizer import build_word_tokenizer
+
+    cfg = load_config(TINY)
+    processor = make_processor(cfg.mllm, build_word_tokenizer(["the red circle", "user : assistant :"]))
+    processor.chat_template = (
+        "{% for m in messages %}user : {% for c in m['content'] %}"
+        "{% if c['type'] == 'image' %}<image>{% else %}{{ c['text'] }}{% endif %}{% endfor %}{% endfor %}"
+        "{% if add_generation_prompt %} assistant :{% endif %}"
+    )
+    frame = np.zeros((128, 128, 3), np.uint8)
+    row = {"question": "please segment the red circle .", "answer": "it is [SEG] .",
+           "masks": [[np.zeros((128, 128), bool)]], "frames": [frame]}  # fmt: skip
+    batch = collate([row], processor)
+    words = processor.tokenizer.convert_ids_to_tokens(batch["input_ids"][0])
+    assert words[:2] == ["user", ":"] and words[-7:] == ["assistant", ":", "it", "is", "[SEG]", ".", "[EOS]"]
+    assert words.count("<image>") == (64 // 8) ** 2  # the processor expanded the template's one placeholder
+    with torch.no_grad():
+        out = build_model(cfg, processor)(batch)
+    assert out["mask_logits"].shape == (1, 1, 128, 128)
