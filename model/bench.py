@@ -1,24 +1,141 @@
-"""`make bench-train`: the synthetic proof of learning.
+"""`make bench-train`: the synthetic proof that the model reads the words.
 
-Writes train and held-out synthetic shards (model/synthetic.py), trains the tiny config from scratch
-within a wall-clock budget, evaluates the held-out split and prints referring cIoU and video J&F next to
-the "segment every object regardless of the words" baseline. The last line is one JSON object.
+Writes a training split and a held-out compositional split (model/synthetic.py: the HELD_OUT colour-shape
+pairs never appear in training; in every scene one pair repeats, so a relation picks the copy), trains
+the tiny config from scratch for a fixed number of steps with each seed, and scores the held-out targets
+of HELD_OUT pairs: referring cIoU / gIoU, cIoU on the relational subset (targets whose pair repeats) and
+video J&F, next to four word-reading baselines on the same targets. The last stdout line is one JSON object.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import random
 import shutil
+import statistics
 import time
 from pathlib import Path
 
-from groundmill.model.config import load_config
-from groundmill.model.eval import evaluate
-from groundmill.model.synthetic import write_split
-from groundmill.model.train import train
+import numpy as np
+
+from groundmill.model.config import TrainConfig, load_config
+from groundmill.model.metrics import ciou_giou, j_and_f
+from groundmill.model.predict import load_for_eval, predict
+from groundmill.model.records import eval_records, mask_at
+from groundmill.model.synthetic import COLOURS, HELD_OUT, SHAPES, write_split
+from groundmill.model.tasks import ANSWER, QUESTIONS, video_rows
+from groundmill.model.train import setup_device, train
+from groundmill.schema import masklet_by_frame
 
 TINY = Path(__file__).resolve().parent.parent / "manifests" / "train_tiny.yaml"
+BASELINES = ("all_objects", "colour_only", "shape_only", "colour_shape_oracle")
+HELD = {f"{c} {s}" for c, s in HELD_OUT}
+
+
+def first_word(text: str, words) -> str | None:
+    """The vocabulary word mentioned first in `text` (the target's: expressions start with it)."""
+    found = [(text.find(w), w) for w in words if w in text.split()]
+    return min(found)[1] if found else None
+
+
+def baseline_picks(text: str, names: list[str]) -> dict[str, list[int]]:
+    """Each baseline's chosen objects (indices into `names`, the scene's "colour shape" labels)."""
+    colour, shape = first_word(text, COLOURS), first_word(text, SHAPES)
+    first = {
+        "colour_only": [i for i, n in enumerate(names) if n.split()[0] == colour][:1],
+        "shape_only": [i for i, n in enumerate(names) if n.split()[1] == shape][:1],
+        "colour_shape_oracle": [i for i, n in enumerate(names) if n == f"{colour} {shape}"][:1],
+    }
+    return {"all_objects": list(range(len(names))), **first}
+
+
+def union(masks: list[np.ndarray], picks: list[int], shape: tuple[int, ...]) -> np.ndarray:
+    return np.logical_or.reduce([masks[i] for i in picks]) if picks else np.zeros(shape, bool)
+
+
+def image_items(record: dict, frames: list, size: int) -> list[dict]:
+    objects = [o for o in record["objects"] if o.get("segmentation")]
+    names = [o["labels"][0] for o in objects]
+    masks = [mask_at(o["segmentation"], size) for o in objects]
+    by_id = {o["id"]: i for i, o in enumerate(objects)}
+    items = []
+    for ref in record["referring_expressions"]:
+        i = by_id[ref["object_id"]]
+        if names[i] not in HELD:
+            continue
+        sample = {"question": QUESTIONS["referring"].format(ref["expression"]), "answer": ANSWER,
+                  "masks": [[masks[i]]], "frames": frames[:1]}  # fmt: skip
+        picks = baseline_picks(ref["expression"], names)
+        base = {k: [union(masks, p, masks[i].shape)] for k, p in picks.items()}
+        items.append({"sample": sample, "relational": names.count(names[i]) > 1, "baselines": base})
+    return items
+
+
+def video_items(record: dict, frames, size: int) -> list[dict]:
+    tracks = record["tracks"]
+    names = [t["labels"][0] for t in tracks]
+    rng = random.Random(record["key"])
+    items = []
+    for e in record["expressions"]:
+        track = next(t for t in tracks if t["track_id"] == e["track_id"])
+        if track["labels"][0] not in HELD:
+            continue
+        text = e["video_level"]
+        (row,) = video_rows(frames, [(text, track)], rng, size, "video_referring", len(track["masklet"]))
+        picks = baseline_picks(text, names)
+        by_frame = [masklet_by_frame(t) for t in tracks]
+        per_frame = [[mask_at(m[f], size) for m in by_frame] for f in row["frame_index"]]
+        base = {k: [union(m, p, m[0].shape) for m in per_frame] for k, p in picks.items()}
+        items.append({"sample": row, "relational": names.count(track["labels"][0]) > 1, "baselines": base})
+    return items
+
+
+def held_out_items(cfg: TrainConfig) -> dict[str, list[dict]]:
+    """Every held-out target of a HELD_OUT pair, by task, with its baselines' masks."""
+    size, out = cfg.vision.image_size, {"referring": [], "video_referring": []}
+    for record, frames in eval_records(cfg.data.val, size):
+        if record["media"]["type"] == "video":
+            out["video_referring"] += video_items(record, frames, size)
+        else:
+            out["referring"] += image_items(record, frames, size)
+    return out
+
+
+def scores(preds: dict[str, list], items: dict[str, list[dict]]) -> dict[str, float]:
+    """cIoU, gIoU, relational cIoU (images) and J&F (videos) of per-target predictions (T,S,S)."""
+    refs, vids = items["referring"], items["video_referring"]
+    gts = [it["sample"]["masks"][0][0] for it in refs]
+    overall = ciou_giou([p[0] for p in preds["referring"]], gts)
+    rel = [i for i, it in enumerate(refs) if it["relational"]]
+    relational = ciou_giou([preds["referring"][i][0] for i in rel], [gts[i] for i in rel])
+    ciou, giou, rel_ciou = overall["cIoU"], overall["gIoU"], relational.get("cIoU", float("nan"))
+    jf = j_and_f(preds["video_referring"], [it["sample"]["masks"][0] for it in vids])["J&F"]
+    return {"ciou": ciou, "giou": giou, "relational_ciou": rel_ciou, "jf": jf}
+
+
+def model_scores(cfg: TrainConfig, ckpt: Path, items: dict[str, list[dict]]) -> dict[str, float]:
+    _, _, device = setup_device(cfg)
+    model, processor = load_for_eval(cfg, ckpt)
+    model.to(device)
+    preds = {
+        task: [p[0] > 0 for p in predict(model, [it["sample"] for it in group], processor, cfg, device)]
+        for task, group in items.items()
+    }
+    return scores(preds, items)
+
+
+def summary(
+    runs: list[dict[str, float]], base: dict[str, dict[str, float]], model_info: dict, seeds: list[int]
+) -> dict:
+    mean = {k: statistics.mean(r[k] for r in runs) for k in runs[0]}
+    sd = {k: statistics.stdev(r[k] for r in runs) if len(runs) > 1 else 0.0 for k in runs[0]}
+    picked = ("ciou", "relational_ciou", "jf")
+    return {
+        "model": model_info, "seeds": seeds, **mean, "ciou_sd": sd["ciou"], "giou_sd": sd["giou"], "jf_sd": sd["jf"],
+        "relational_ciou_sd": sd["relational_ciou"], "per_seed": runs,
+        "baselines": {name: {k: base[name][k] for k in picked} for name in BASELINES},
+    }  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -29,44 +146,43 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--videos", type=int, default=400)
     p.add_argument("--val-images", type=int, default=200)
     p.add_argument("--val-videos", type=int, default=60)
-    p.add_argument("--train-seconds", type=float, default=540.0, help="training wall-clock budget")
+    p.add_argument("--steps", type=int, default=1500, help="training steps per seed (a budget in work)")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("overrides", nargs="*", help="key.sub=value config overrides")
     a = p.parse_intermixed_args(argv)
     out = Path(a.out)
     shutil.rmtree(out, ignore_errors=True)  # always from scratch
     t0 = time.perf_counter()
     write_split(out / "train", a.images, a.videos, seed=1)
-    write_split(out / "val", a.val_images, a.val_videos, seed=2)  # a different seed: held-out scenes
+    write_split(out / "val", a.val_images, a.val_videos, seed=2, held_out=True)
     print(f"synthetic shards written in {time.perf_counter() - t0:.1f}s", flush=True)
-    cfg = load_config(
-        a.config,
-        [
-            f"out_dir={out / 'run'}",
-            f"data.train=[{{path: {out / 'train'}}}]",
-            f"data.val=[{{path: {out / 'val'}}}]",
-            f"optim.max_seconds={a.train_seconds}",
-            f"eval_samples={max(a.val_images, a.val_videos)}",
-            *a.overrides,
-        ],
+    runs, info = [], {}
+    for seed in a.seeds:
+        cfg = load_config(a.config, [f"out_dir={out / f'run-{seed}'}", f"seed={seed}",
+                                     f"data.train=[{{path: {out / 'train'}}}]", f"data.val=[{{path: {out / 'val'}}}]",
+                                     f"optim.max_steps={a.steps}", "optim.max_seconds=0", *a.overrides])  # fmt: skip
+        if seed == a.seeds[0]:
+            items = held_out_items(cfg)
+            base = {name: scores({t: [it["baselines"][name] for it in g] for t, g in items.items()}, items)
+                    for name in BASELINES}  # fmt: skip
+        t1 = time.perf_counter()
+        ckpt = train(cfg)
+        runs.append({**model_scores(cfg, ckpt, items), "train_seconds": round(time.perf_counter() - t1, 1)})
+        print(f"seed {seed}: {json.dumps(runs[-1])}", flush=True)
+        info = model_info(cfg, ckpt)
+    result = summary(runs, base, info, a.seeds)
+    result.update(steps=a.steps, targets={t: len(g) for t, g in items.items()},
+                  total_seconds=round(time.perf_counter() - t0, 1))  # fmt: skip
+    print(json.dumps(result))
+
+
+def model_info(cfg: TrainConfig, ckpt: Path) -> dict:
+    model, _ = load_for_eval(cfg, ckpt)
+    vision = f"SAM2 Hiera ({cfg.vision.sam2_config}, {len(cfg.vision.overrides)} overrides) @ {cfg.vision.image_size}px"
+    mllm = type(model.mllm).__name__ + (
+        f" ({cfg.mllm.name})" if cfg.mllm.name != "tiny" else " (tiny, from_config)"
     )
-    t1 = time.perf_counter()
-    ckpt = train(cfg)
-    train_seconds = time.perf_counter() - t1
-    results = evaluate(cfg, ckpt)
-    summary = {
-        "ciou": results["referring"]["cIoU"],
-        "giou": results["referring"]["gIoU"],
-        "jf": results["video_referring"]["J&F"],
-        "baseline_ciou": results["referring_baseline"]["cIoU"],
-        "baseline_jf": results["video_referring_baseline"]["J&F"],
-        "train_seconds": round(train_seconds, 1),
-        "total_seconds": round(time.perf_counter() - t0, 1),
-        "checkpoint": str(ckpt),
-    }
-    print(json.dumps(results, indent=1))
-    print(f"referring cIoU {summary['ciou']:.3f} (baseline {summary['baseline_ciou']:.3f})")
-    print(f"video J&F {summary['jf']:.3f} (baseline {summary['baseline_jf']:.3f})")
-    print(json.dumps(summary))
+    return {"vision": vision, "mllm": mllm, "params": sum(p.numel() for p in model.parameters())}
 
 
 if __name__ == "__main__":

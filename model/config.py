@@ -11,49 +11,84 @@ from typing import Any
 from omegaconf import OmegaConf
 
 # Every task the data loader can make from a record (see model/tasks.py).
-TASKS = ("referring", "gcg", "interactive", "vgd", "video_referring", "video_object")
+# "generic" needs the query head (decoder.queries > 0), so it is off unless weighted.
+TASKS = ("referring", "gcg", "interactive", "vgd", "generic", "video_referring", "video_object")
 
 
 @dataclass
-class LLMConfig:
-    # "tiny" builds a random-init Qwen2 from the fields below; anything else is a hub id or local path
-    # loaded unchanged with from_pretrained.
+class MLLMConfig:
+    # "tiny": a LLaVA (CLIP vision tower + Llama) built from_config from the fields below; anything else is
+    # a local directory or hub id of an image-text-to-text model (Qwen2.5-VL, InternVL, SmolVLM, LLaVA...)
+    # loaded with AutoModelForImageTextToText + AutoProcessor.
     name: str = "tiny"
+    # tiny only: a causal LM whose config, weights and tokenizer become the language half (a directory,
+    # a .gguf file, or "smollm2": the real SmolLM2-135M that installs offline); "" = a random Llama with
+    # a word-level vocabulary built from the training records.
+    language: str = ""
+    dtype: str = "float32"  # weights' dtype when loading a pretrained model (bf16 autocast is separate)
+    # The tiny vision tower (CLIPVisionModel) and its processor's input size.
+    vision_hidden: int = 64
+    vision_layers: int = 2
+    vision_heads: int = 4
+    vision_image_size: int = 64
+    vision_patch: int = 8
+    # The tiny language model (random init when `language` is "").
     hidden_size: int = 128
     num_layers: int = 2
     num_heads: int = 4
     intermediate_size: int = 256
-    # Weight init std of the tiny LLM. transformers' 0.02 leaves a random 2-layer model's [SEG] state
-    # nearly blind to the words (uniform attention over the prompt); a wider init makes it word-specific.
+    # Weight init std of the random tiny LLM. transformers' 0.02 leaves a random 2-layer model's [SEG]
+    # state nearly blind to the words (uniform attention over the prompt); a wider init makes it
+    # word-specific.
     init_std: float = 0.02
     # Std of the attention query/key projections (0: init_std). Narrow q/k under a wide init_std start
     # attention near uniform, so the [SEG] state begins as a bag of the prompt's words that the mask loss
     # sharpens; a wide q/k init saturates each head on one arbitrary token, where softmax has no gradient.
     qk_std: float = 0.0
-    # LoRA on the LLM's attention/MLP projections (peft); the base weights are then frozen.
+    # LoRA (peft) on the language model's projections; its base weights are then frozen.
     lora: bool = False
     lora_r: int = 8
     lora_alpha: int = 16
+    lora_dropout: float = 0.05
+    lora_targets: list[str] = field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    )
+    # The VLM's own vision tower is frozen (X2SAM, Sa2VA); its projector is trained. Module-name
+    # substrings that name the projector in each family: LLaVA / InternVL, Idefics3 / SmolVLM, Qwen-VL.
+    freeze_vision_tower: bool = True
+    projector_modules: list[str] = field(
+        default_factory=lambda: ["multi_modal_projector", "connector", "merger"]
+    )
+    # Input embeddings and LM head trained in full (LISA), so the added special tokens learn.
+    train_embeddings: bool = True
+    gradient_checkpointing: bool = False
 
 
 @dataclass
 class VisionConfig:
-    image_size: int = 64
-    # Channels of the conv stages; the last one is the mask decoder's width.
-    channels: list[int] = field(default_factory=lambda: [32, 64])
-    stem_channels: int = 16  # the full-resolution stem, also the decoder's finest high-res map
-    # Image tokens the LLM sees per dense frame: an llm_grid x llm_grid pooled grid.
-    llm_grid: int = 4
+    # SAM2's image encoder from one of sam2's hydra configs, with hydra overrides (a tiny Hiera).
+    sam2_config: str = "configs/sam2.1/sam2.1_hiera_l.yaml"
+    overrides: list[str] = field(default_factory=list)
+    # A sam2 checkpoint (.pt with a "model" state dict, or .safetensors) or a hub id such as
+    # facebook/sam2.1-hiera-large; "" = random init. Its prompt encoder and mask decoder load too.
+    checkpoint: str = ""
+    image_size: int = 1024  # SAM2's input size; the embedding is image_size / 16 square
 
 
 @dataclass
 class DecoderConfig:
+    # SAM2's mask decoder (defaults: SAM2's own, so its checkpoint loads).
     depth: int = 2  # TwoWayTransformer layers
-    heads: int = 4
-    mlp_dim: int = 256
+    heads: int = 8
+    mlp_dim: int = 2048
+    iou_hidden: int = 256
     memory_size: int = 4  # Mask Memory FIFO length (past frames), X2SAM's num_maskmem
     seg_tokens: int = 2  # sparse prompt tokens each [SEG] hidden state is projected to
     dense_hidden: int = 128  # hidden width of the per-pixel [SEG] dense prompt MLP
+    # X2SAM's generic / open-vocabulary head: N mask queries classified against the category [SEG]s
+    # (model/generic.py); 0 = off (one [SEG] -> one mask only).
+    queries: int = 0
+    generic_layers: int = 2
 
 
 @dataclass
@@ -67,17 +102,20 @@ class DataConfig:
     train: list[SourceConfig] = field(default_factory=list)
     val: list[SourceConfig] = field(default_factory=list)
     # Task mixing weights; a record only offers the tasks its annotations support.
-    tasks: dict[str, float] = field(default_factory=lambda: dict.fromkeys(TASKS, 1.0))
+    tasks: dict[str, float] = field(default_factory=lambda: {**dict.fromkeys(TASKS, 1.0), "generic": 0.0})
     batch_size: int = 16
     video_batch_size: int = 4
     # Referring questions asked of one image or clip per batch (LISA's num_classes_per_sample); the rows
     # share the encoded frames and count towards the batch size.
     targets_per_record: int = 3
     num_workers: int = 0
-    video_frames: int = 8  # frames decoded per video sample (sparse tokens for all of them)
-    dense_frames: int = 1  # of those, frames whose full token grid goes to the LLM
+    video_frames: int = 8  # frames sampled per training clip (the decoder predicts a mask on each)
+    # VideoLISA's sparse-dense sampling, at any clip length: dense frames go through the VLM's vision
+    # tower in full, sparse frames become one pooled token each; both spread evenly over the clip.
+    dense_frames: int = 1
+    sparse_frames: int = 16
     tokenizer_records: int = 500  # records scanned to build the word-level tokenizer of a tiny LLM
-    max_text_tokens: int = 64
+    max_text_tokens: int = 64  # generation length (GCG captions)
 
 
 @dataclass
@@ -85,6 +123,8 @@ class LossConfig:
     ce: float = 1.0
     bce: float = 2.0
     dice: float = 0.5
+    cls: float = 2.0  # generic head: Mask2Former's class weight...
+    no_object: float = 0.1  # ...and its "no object" class weight
 
 
 @dataclass
@@ -103,17 +143,18 @@ class OptimConfig:
 class TrainConfig:
     out_dir: str = "out/train"
     seed: int = 0
-    llm: LLMConfig = field(default_factory=LLMConfig)
+    mllm: MLLMConfig = field(default_factory=MLLMConfig)
     vision: VisionConfig = field(default_factory=VisionConfig)
     decoder: DecoderConfig = field(default_factory=DecoderConfig)
     data: DataConfig = field(default_factory=DataConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
-    # Parameter-name prefixes to train (vision, projector, llm, region, memory, decoder, seg_proj);
-    # empty means all. freeze_vision is a shortcut for the usual "frozen encoder" setting.
+    # Top-level parts to train (modeling.PARTS); empty means all. The SAM2 encoder is frozen by default.
     trainable: list[str] = field(default_factory=list)
-    freeze_vision: bool = False
+    freeze_vision: bool = True
     device: str = "auto"  # auto | cpu | cuda
+    # auto: bf16 autocast on GPU, fp32 on CPU; bf16: autocast on any device; fp32: never.
+    precision: str = "auto"
     threads: int = 2  # torch CPU threads
     log_every: int = 10
     ckpt_every: int = 500
@@ -127,10 +168,21 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
         cfg = OmegaConf.merge(cfg, OmegaConf.load(path))
     if overrides:
         cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(overrides)))
+    if cfg.precision not in ("auto", "bf16", "fp32"):
+        raise ValueError(f"precision must be auto, bf16 or fp32, got {cfg.precision!r}")
+    if cfg.data.tasks.get("generic", 0) > 0 and cfg.decoder.queries < 1:
+        raise ValueError("data.tasks.generic needs the query head: set decoder.queries (e.g. 16)")
     unknown = set(cfg.data.tasks) - set(TASKS)
     if unknown:
         raise ValueError(f"unknown task(s) {sorted(unknown)} in data.tasks; known: {TASKS}")
-    for key in ("batch_size", "video_batch_size", "targets_per_record", "video_frames", "dense_frames"):
+    for key in (
+        "batch_size",
+        "video_batch_size",
+        "targets_per_record",
+        "video_frames",
+        "dense_frames",
+        "sparse_frames",
+    ):
         if cfg.data[key] < 1:
             raise ValueError(f"data.{key} must be at least 1, got {cfg.data[key]}")
     return OmegaConf.to_object(cfg)

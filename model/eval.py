@@ -19,12 +19,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from transformers import PreTrainedTokenizerBase
+from transformers import ProcessorMixin
 
 from groundmill.model.config import SourceConfig, TrainConfig, load_config
+from groundmill.model.data import collate
 from groundmill.model.eval_bench import Segmenter, evaluate_layout
 from groundmill.model.eval_report import format_tables, write_report
 from groundmill.model.evalsets import LAYOUTS
+from groundmill.model.generic import category_map, detections
 from groundmill.model.metrics import caption_scores, ciou_giou, gcg_miou, gcg_recall, j_and_f, mask_ap
 from groundmill.model.modeling import X2SamModel
 from groundmill.model.phrases import GLAMM_EMBEDDER, Embedder, load_embedder
@@ -34,6 +36,7 @@ from groundmill.model.tasks import (
     ANSWER,
     QUESTIONS,
     gcg_phrases,
+    generic_sample,
     prompt_sample,
     referring_targets,
     video_rows,
@@ -67,6 +70,9 @@ def eval_samples(cfg: TrainConfig) -> Iterator[tuple[str, dict, dict]]:
             sample = prompt_sample(record, rng, size, task)
             if sample:
                 yield task, {**sample, "frames": frames[:1]}, record
+        generic = generic_sample(record, rng, size) if cfg.decoder.queries else None
+        if generic:
+            yield "generic", {**generic, "frames": frames[:1]}, record
         if gcg_phrases(record, size):
             yield (
                 "gcg",
@@ -117,6 +123,8 @@ def evaluate(cfg: TrainConfig, ckpt: str | Path, gcg_limit: int = 50,
         preds = [instances_from_logits(p[0, 0]) for p in predict(model, samples, tok, cfg, device)]
         gts = [_instances(r, s, size) for s, r in groups["vgd"]]
         results["vgd"] = {**mask_ap(preds, gts), "n": len(samples)}
+    if groups["generic"]:
+        results["generic"] = evaluate_generic(model, [s for s, _ in groups["generic"]], tok, device, size)
     if groups["gcg"]:
         embed, name = embedder or load_embedder()
         results["gcg"] = evaluate_gcg(
@@ -156,7 +164,20 @@ def _instances(record: dict, sample: dict, size: int) -> list[np.ndarray]:
     return [m for m in masks if m.any() and (m & target).sum() == m.sum()]
 
 
-def evaluate_gcg(model: X2SamModel, items: list[tuple[dict, dict]], tok: PreTrainedTokenizerBase,
+@torch.no_grad()
+def evaluate_generic(model: X2SamModel, samples: list[dict], tok: ProcessorMixin, device: torch.device,
+                     size: int) -> dict[str, float]:  # fmt: skip
+    """The generic head's COCO mask mAP over the samples' categories (teacher-forced category [SEG]s)."""
+    preds, gts = [], []
+    for s in samples:
+        batch = {k: v.to(device) for k, v in collate([s], tok).items()}
+        class_logits, mask_logits = model(batch)["generic"][0]
+        preds.append((s["categories"], detections(class_logits, mask_logits, size)))
+        gts.append([(s["categories"][c], m) for c, m in s["instances"]])
+    return {**category_map(preds, gts), "n": len(samples)}
+
+
+def evaluate_gcg(model: X2SamModel, items: list[tuple[dict, dict]], tok: ProcessorMixin,
                  device: torch.device, size: int, max_new_tokens: int, embed: Embedder) -> dict:  # fmt: skip
     preds, gts, captions, refs = [], [], {}, {}
     for sample, record in items:

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from transformers import PreTrainedTokenizerBase
+from transformers import ProcessorMixin
 
 from groundmill.model.config import TrainConfig
 from groundmill.model.evalsets import LAYOUTS, GCGItem, ReferItem, VideoItem, load_rgb, read_layout
@@ -48,9 +48,7 @@ def resize_logits(logits: np.ndarray, size: tuple[int, int]) -> np.ndarray:
 class Segmenter:
     """The model on benchmark images and clips, frames resized to cfg.vision.image_size."""
 
-    def __init__(
-        self, model: X2SamModel, tok: PreTrainedTokenizerBase, cfg: TrainConfig, device: torch.device
-    ):
+    def __init__(self, model: X2SamModel, tok: ProcessorMixin, cfg: TrainConfig, device: torch.device):
         self.model, self.tok, self.cfg, self.device = model, tok, cfg, device
         self.size = cfg.vision.image_size
 

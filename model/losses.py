@@ -1,12 +1,14 @@
 """LM cross-entropy + mask sigmoid BCE + Dice (Sa2VA / VideoLISA weights 1.0 / 2.0 / 0.5 by default).
 
-Each [SEG] decodes exactly one mask and is paired with its phrase's mask by order, so no Hungarian
-matching is needed (it would be with several learned queries per [SEG], as in X2SAM's Mask2Former head).
+Each [SEG] decodes exactly one mask and is paired with its phrase's mask by order, so no matching is
+needed; the generic head's N queries are matched to the instances (Hungarian, `generic_loss`).
 """
 
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
+from scipy.optimize import linear_sum_assignment
 from torch import Tensor
 
 from groundmill.model.config import LossConfig
@@ -23,9 +25,64 @@ def lm_loss(logits: Tensor, labels: Tensor) -> Tensor:
     return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
 
 
+def pairwise_costs(mask_logits: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
+    """Mean sigmoid BCE and Dice loss of every prediction (N,H,W) against every target (K,H,W)."""
+    x, t = mask_logits.flatten(1), target.flatten(1)
+    hw = x.shape[1]
+    bce = (F.softplus(-x) @ t.T + F.softplus(x) @ (1 - t).T) / hw
+    p = x.sigmoid()
+    dice = 1 - (2 * p @ t.T + 1) / (p.sum(1, keepdim=True) + t.sum(1)[None] + 1)
+    return bce, dice
+
+
+def generic_loss(outputs: list[tuple[Tensor, Tensor]], masks: Tensor, classes: Tensor, rows: Tensor,
+                 w: LossConfig) -> dict[str, Tensor]:  # fmt: skip
+    """X2SAM's generic head: Hungarian-matched cls + BCE + Dice (Mask2Former's matcher and criterion,
+    ``mask2former/modeling/matcher.py``, ``criterion.py``; scipy's linear_sum_assignment), averaged over rows. masks (K,S,S) instance targets, classes
+    (K,) category index within its row, rows (K,) their row among the generic rows."""
+    cls_l, bce_l, dice_l = [], [], []
+    for r, (class_logits, mask_logits) in enumerate(outputs):
+        mine = rows == r
+        target = F.interpolate(masks[mine][:, None].float(), size=mask_logits.shape[-2:], mode="area")[:, 0]
+        target_cls = torch.full((len(class_logits),), class_logits.shape[1] - 1, device=class_logits.device)
+        weight = torch.ones(class_logits.shape[1], device=class_logits.device)
+        weight[-1] = w.no_object
+        if len(target):
+            bce, dice = pairwise_costs(mask_logits.float(), target)
+            cost = -class_logits.float().softmax(-1)[:, classes[mine]] * w.cls + bce * w.bce + dice * w.dice
+            q, k = (
+                torch.as_tensor(i, device=target.device) for i in linear_sum_assignment(cost.detach().cpu())
+            )
+            target_cls[q] = classes[mine][k]
+            bce_l.append(F.binary_cross_entropy_with_logits(mask_logits[q].float(), target[k]))
+            dice_l.append(dice_loss(mask_logits[q].float(), target[k]))
+        cls_l.append(F.cross_entropy(class_logits.float(), target_cls, weight=weight))
+    zero = outputs[0][0].sum() * 0
+    cls = torch.stack(cls_l).mean()
+    bce = torch.stack(bce_l).mean() if bce_l else zero
+    dice = torch.stack(dice_l).mean() if dice_l else zero
+    return {
+        "loss": w.cls * cls + w.bce * bce + w.dice * dice,
+        "cls": cls,
+        "generic_bce": bce,
+        "generic_dice": dice,
+    }
+
+
 def total_loss(out: dict[str, Tensor], batch: dict[str, Tensor], w: LossConfig) -> dict[str, Tensor]:
+    """LM + [SEG] mask losses, plus the generic head's matched losses when the batch has generic rows."""
     ce = lm_loss(out["logits"], batch["labels"])
+    losses = {"ce": ce}
+    total = w.ce * ce
     logits, target = out["mask_logits"].float(), batch["masks"]
-    bce = F.binary_cross_entropy_with_logits(logits, target)
-    dice = dice_loss(logits, target)
-    return {"loss": w.ce * ce + w.bce * bce + w.dice * dice, "ce": ce, "bce": bce, "dice": dice}
+    if len(target):
+        losses["bce"] = F.binary_cross_entropy_with_logits(logits, target)
+        losses["dice"] = dice_loss(logits, target)
+        total = total + w.bce * losses["bce"] + w.dice * losses["dice"]
+    if "generic" in out:
+        g = generic_loss(
+            out["generic"], batch["instance_masks"], batch["instance_class"], batch["instance_row"], w
+        )
+        total = total + g.pop("loss")
+        losses.update(g)
+    return {"loss": total, **losses}

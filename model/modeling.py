@@ -1,15 +1,18 @@
-"""An X2SAM-style segmentation MLLM: vision encoder -> projector -> causal LM -> [SEG] -> SAM2 mask decoder.
+"""X2SAM: SAM2's image encoder + a transformers VLM with [SEG] tokens -> SAM2's mask decoder.
 
-Data flow for a batch of B samples with T frames each (T = 1 for images):
+Data flow for a batch of B rows with T frames each (T = 1 for images):
 
-    frames (F,T,3,S,S) -> VisionEncoder -> feats (B,T,C,h,w) + full- and half-resolution maps, per row
-    (rows asking different questions of one image share its frames: `row_frames`)
-    feats -> pooled tokens (dense frames: llm_grid^2 tokens, every frame: 1 sparse token) -> projector
-    [visual prefix | text embeddings, `<region>` slots replaced by RegionEncoder(prompt map)] -> LLM
-    LLM hidden state at each `[SEG]` -> seg_proj -> sparse prompt tokens of a SAM2 MaskDecoder; the first
+    frames (F,T,3,S,S) -> SAM2 Hiera + FPN (model/sam2_parts.py) -> embedding (B,T,C,S/16,S/16) and the
+    S/4, S/8 levels for the decoder's high-res path, per row (rows asking different questions of one
+    image share its frames: `row_frames`)
+    the VLM (model/mllm.py) sees the dense frames through its own vision tower and processor, the
+    question, and filled slots: `<region>` <- RegionEncoder(visual prompt over SAM2 features) and, for
+    videos, one `<frame>` per sparse frame <- pooled SAM2 features + a sinusoidal frame index (VideoLISA's
+    sparse-dense sampling, any clip length)
+    VLM hidden state at each `[SEG]` -> seg_proj -> sparse prompt tokens of SAM2's MaskDecoder; the first
     of them also makes the dense prompt (a per-pixel MLP over feature and [SEG], SegDensePrompt)
-    per frame: MaskMemory attends to a FIFO bank of past frames' mask features, then the decoder
-    predicts the mask, its upscaling sharpened by the encoder's high-res maps (SAM2's high-res path);
+    per frame, in order: MaskMemory attends to a FIFO bank of past frames' mask features, then the
+    decoder predicts the mask, its upscaling sharpened by the S/4, S/8 maps (SAM2's high-res path);
     the same [SEG] prompts every frame (One-Token-Seg-All, as in VideoLISA).
 """
 
@@ -19,72 +22,43 @@ import math
 
 import torch
 import torch.nn.functional as F
-from sam2.modeling.sam.mask_decoder import MaskDecoder
-from sam2.modeling.sam.prompt_encoder import PromptEncoder
-from sam2.modeling.sam.transformer import TwoWayTransformer
 from torch import Tensor, nn
-from transformers import AutoModelForCausalLM, PreTrainedTokenizerBase, Qwen2Config
+from transformers import ProcessorMixin
 
 from groundmill.model.config import TrainConfig
+from groundmill.model.generic import GenericHead
+from groundmill.model.mllm import (
+    FRAME,
+    P_CLOSE,
+    P_OPEN,
+    REGION,
+    SEG,
+    SPECIAL_TOKENS,
+    build_mllm,
+    configure_mllm_trainable,
+)
+from groundmill.model.sam2_parts import SamEncoder, sam2_state_dict, sam_heads
 
-SEG, P_OPEN, P_CLOSE, REGION = "[SEG]", "<p>", "</p>", "<region>"
-SPECIAL_TOKENS = [SEG, P_OPEN, P_CLOSE, REGION]
+__all__ = ["FRAME", "P_CLOSE", "P_OPEN", "REGION", "SEG", "SPECIAL_TOKENS", "X2SamModel", "frame_picks"]
 PROMPT_TYPES = ("point", "scribble", "box", "mask")
-MAX_FRAMES = 64  # size of the learned frame-index table for sparse tokens
 # Top-level module names, the vocabulary of `trainable` in the config.
 PARTS = (
     "vision",
-    "projector",
-    "llm",
+    "mllm",
     "region",
+    "sparse",
     "seg_proj",
     "seg_dense",
     "memory",
     "prompt_encoder",
     "mask_decoder",
+    "generic",
 )
 
 
-class ResBlock(nn.Module):
-    def __init__(self, dim: int):
-        super().__init__()
-        self.body = nn.Sequential(
-            nn.Conv2d(dim, dim, 3, padding=1),
-            nn.GroupNorm(8, dim),
-            nn.GELU(),
-            nn.Conv2d(dim, dim, 3, padding=1),
-        )
-        self.norm = nn.GroupNorm(8, dim)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return F.gelu(self.norm(x + self.body(x)))
-
-
-class VisionEncoder(nn.Module):
-    """A small conv net: a full-resolution stem, stride 2 per channel stage, then two residual blocks
-    (receptive field ~40 px). Returns the last stage and the two finest maps (full and half resolution),
-    which feed the SAM2 decoder's high-resolution path, as SAM2's backbone FPN levels do."""
-
-    def __init__(self, channels: list[int], stem: int):
-        super().__init__()
-        self.stem = nn.Sequential(nn.Conv2d(3, stem, 3, padding=1), nn.GroupNorm(8, stem), nn.GELU())
-        stages: list[nn.Module] = []
-        c_in = stem
-        for c in channels:
-            stages.append(
-                nn.Sequential(nn.Conv2d(c_in, c, 3, stride=2, padding=1), nn.GroupNorm(8, c), nn.GELU())
-            )
-            c_in = c
-        self.stages = nn.ModuleList(stages)
-        self.blocks = nn.Sequential(ResBlock(c_in), ResBlock(c_in))
-
-    def forward(self, images: Tensor) -> tuple[Tensor, list[Tensor]]:
-        x = self.stem(images.float() / 127.5 - 1.0)
-        maps = [x]
-        for stage in self.stages:
-            x = stage(x)
-            maps.append(x)
-        return self.blocks(x), maps[:2]
+def frame_picks(t: int, n: int) -> list[int]:
+    """n frame indices spread evenly over a clip of t frames (all of them when t <= n)."""
+    return torch.linspace(0, t - 1, min(n, t)).round().long().unique().tolist()
 
 
 def sinusoid(x: Tensor, dim: int) -> Tensor:
@@ -171,133 +145,106 @@ class RegionEncoder(nn.Module):
         return self.mlp(pooled) + self.type_emb(types)
 
 
-def build_llm(cfg: TrainConfig, tokenizer: PreTrainedTokenizerBase) -> nn.Module:
-    """A random-init tiny Qwen2 for `tiny`, else the named hub id / local path, unchanged apart from
-    the embedding rows added for the special tokens; LoRA through peft when configured."""
-    c = cfg.llm
-    if c.name == "tiny":
-        config = Qwen2Config(
-            vocab_size=len(tokenizer),
-            hidden_size=c.hidden_size,
-            num_hidden_layers=c.num_layers,
-            num_attention_heads=c.num_heads,
-            num_key_value_heads=c.num_heads,
-            intermediate_size=c.intermediate_size,
-            max_position_embeddings=1024,
-            tie_word_embeddings=True,
-            initializer_range=c.init_std,
-            pad_token_id=tokenizer.pad_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            bos_token_id=None,
-        )
-        llm = AutoModelForCausalLM.from_config(config)
-        if c.qk_std > 0:
-            for layer in llm.model.layers:
-                for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj):
-                    nn.init.normal_(proj.weight, std=c.qk_std)
-    else:
-        llm = AutoModelForCausalLM.from_pretrained(c.name)
-        if llm.get_input_embeddings().num_embeddings < len(tokenizer):
-            llm.resize_token_embeddings(len(tokenizer))
-    if c.lora:
-        from peft import LoraConfig, get_peft_model
-
-        targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-        llm = get_peft_model(llm, LoraConfig(r=c.lora_r, lora_alpha=c.lora_alpha, target_modules=targets))
-    return llm
-
-
 class X2SamModel(nn.Module):
-    def __init__(self, cfg: TrainConfig, tokenizer: PreTrainedTokenizerBase):
+    def __init__(self, cfg: TrainConfig, processor: ProcessorMixin):
         super().__init__()
         v, d = cfg.vision, cfg.decoder
-        dim = v.channels[-1]
+        tok = processor.tokenizer
         self.image_size = v.image_size
-        self.grid = v.image_size // 2 ** len(v.channels)
-        self.llm_grid = v.llm_grid
-        self.dense_frames = cfg.data.dense_frames
-        self.seg_id = tokenizer.convert_tokens_to_ids(SEG)
-        self.region_id = tokenizer.convert_tokens_to_ids(REGION)
+        self.dense_frames, self.sparse_frames = cfg.data.dense_frames, cfg.data.sparse_frames
+        self.seg_id, self.region_id, self.frame_id = tok.convert_tokens_to_ids([SEG, REGION, FRAME])
 
-        self.vision = VisionEncoder(v.channels, v.stem_channels)
-        self.llm = build_llm(cfg, tokenizer)
-        hidden = self.llm.config.hidden_size
-        self.projector = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, hidden))
-        self.projector_pos = nn.Parameter(torch.zeros(v.llm_grid**2, hidden))  # where each dense token is
-        self.projector_frame = nn.Parameter(torch.zeros(MAX_FRAMES, hidden))  # which frame a sparse token is
-        nn.init.normal_(self.projector_pos, std=0.02)
-        nn.init.normal_(self.projector_frame, std=0.02)
+        self.vision = SamEncoder(v)
+        dim = self.vision.dim
+        self.mllm = build_mllm(cfg.mllm, processor)
+        hidden = self.mllm.config.get_text_config().hidden_size
         self.region = RegionEncoder(dim, hidden)
+        self.sparse = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, hidden))
         self.seg_tokens = d.seg_tokens
         self.seg_proj = nn.Sequential(
             nn.Linear(hidden, hidden), nn.GELU(), nn.Linear(hidden, dim * d.seg_tokens)
         )
         self.seg_dense = SegDensePrompt(dim, d.dense_hidden)
-        self.memory = MaskMemory(dim, d.heads, d.memory_size)
-        self.prompt_encoder = PromptEncoder(
-            embed_dim=dim,
-            image_embedding_size=(self.grid, self.grid),
-            input_image_size=(v.image_size, v.image_size),
-            mask_in_chans=16,
-        )
-        self.mask_decoder = MaskDecoder(
-            transformer_dim=dim,
-            transformer=TwoWayTransformer(
-                depth=d.depth, embedding_dim=dim, num_heads=d.heads, mlp_dim=d.mlp_dim
-            ),
-            num_multimask_outputs=0,  # one [SEG] -> one mask: no ambiguity heads, no matching needed
-            iou_head_hidden_dim=dim,
-            use_high_res_features=True,
-        )
-        # SAM2 projects its backbone's two finest FPN levels with these; ours have the encoder's widths.
-        self.mask_decoder.conv_s0 = nn.Conv2d(v.stem_channels, dim // 8, 1)
-        self.mask_decoder.conv_s1 = nn.Conv2d(v.channels[0], dim // 4, 1)
+        self.memory = MaskMemory(dim, min(d.heads, dim // 8), d.memory_size)
+        self.prompt_encoder, self.mask_decoder = sam_heads(dim, v, d)
+        if d.queries:
+            self.generic = GenericHead(dim, hidden, d.queries, d.generic_layers, min(d.heads, dim // 8))
+        if v.checkpoint:
+            self.load_sam2(v.checkpoint)
+        self._slot_fill: tuple[torch.Size, dict[int, Tensor]] | None = None
+        self.mllm.get_input_embeddings().register_forward_hook(self._fill_slots)
+
+    def load_sam2(self, checkpoint: str) -> None:
+        """SAM2's encoder, prompt encoder and mask decoder weights (every one of them must fit)."""
+        missing, unexpected = self.load_state_dict(sam2_state_dict(checkpoint), strict=False)
+        sam_parts = ("vision.", "prompt_encoder.", "mask_decoder.")
+        missing = [k for k in missing if k.startswith(sam_parts)]
+        if missing or unexpected:
+            raise ValueError(
+                f"sam2 checkpoint {checkpoint} does not fit: missing {missing[:5]}, unexpected {unexpected[:5]}"
+            )
 
     # -- pieces -------------------------------------------------------------------------------------------
 
-    def visual_tokens(self, feats: Tensor) -> Tensor:
-        """(B,T,C,h,w) -> (B,P,hidden): llm_grid^2 tokens per dense frame, plus one sparse token per frame
-        for videos (VideoLISA's sparse-dense sampling)."""
-        b, t = feats.shape[:2]
-        dense_idx = torch.linspace(0, t - 1, min(self.dense_frames, t)).round().long().unique()
-        dense = F.adaptive_avg_pool2d(feats[:, dense_idx].flatten(0, 1), self.llm_grid)
-        dense = self.projector(dense.flatten(2).transpose(1, 2)) + self.projector_pos  # (B*D,g*g,H)
-        tokens = [dense.reshape(b, -1, dense.shape[-1])]
-        if t > 1:
-            sparse = self.projector(feats.mean((3, 4))) + self.projector_frame[:t]  # (B,T,H)
-            tokens.append(sparse)
-        return torch.cat(tokens, 1)
+    def _fill_slots(self, module: nn.Module, args: tuple, output: Tensor) -> Tensor:
+        """Forward hook on the VLM's input embeddings: `<region>` and `<frame>` slots take their features
+        (set by `run_mllm` for the one call; any family's own image handling stays untouched)."""
+        if self._slot_fill is None or args[0].shape != self._slot_fill[0]:
+            return output
+        out = output.clone()
+        for token_id, values in self._slot_fill[1].items():
+            out[args[0] == token_id] = values.to(out.dtype)
+        return out
 
-    def embed(self, batch: dict[str, Tensor], feats: Tensor) -> tuple[Tensor, Tensor, int]:
-        """LLM input embeddings and attention mask: [visual prefix | text], `<region>` slots filled."""
-        ids = batch["input_ids"]
-        text = self.llm.get_input_embeddings()(ids)
+    def sparse_tokens(self, feats: Tensor) -> Tensor:
+        """(B,T,C,h,w) -> (B*n,hidden): one pooled token per sparse frame, with its frame index."""
+        picks = frame_picks(feats.shape[1], self.sparse_frames)
+        pooled = self.sparse(feats[:, picks].mean((3, 4)))  # (B,n,H)
+        index = sinusoid(torch.tensor(picks, device=feats.device), pooled.shape[-1])
+        return (pooled + index).flatten(0, 1)
+
+    def run_mllm(self, batch: dict[str, Tensor], feats: Tensor) -> tuple[Tensor, Tensor]:
+        """The VLM on the batch's text and images, slots filled: last hidden states and LM logits."""
+        fills = {}
         if "region_maps" in batch and len(batch["region_maps"]):
-            r = batch["region_owner"]  # (R,2): sample, frame
-            region = self.region(
+            r = batch["region_owner"]  # (R,2): row, frame
+            fills[self.region_id] = self.region(
                 feats[r[:, 0], r[:, 1]], self.pe(), batch["region_maps"], batch["region_types"]
             )
-            slots = (ids == self.region_id)[..., None]
-            text = text.masked_scatter(slots, region.to(text.dtype))
-        prefix = self.visual_tokens(feats).to(text.dtype)
-        mask = torch.cat([batch["attention_mask"].new_ones(prefix.shape[:2]), batch["attention_mask"]], 1)
-        return torch.cat([prefix, text], 1), mask, prefix.shape[1]
+        if feats.shape[1] > 1:
+            fills[self.frame_id] = self.sparse_tokens(feats)
+        dtype = self.mllm.dtype
+        inputs = {
+            k[5:]: v.to(dtype) if v.is_floating_point() else v
+            for k, v in batch.items()
+            if k.startswith("mllm.")
+        }
+        self._slot_fill = (batch["input_ids"].shape, fills)
+        try:
+            out = self.mllm(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                            output_hidden_states=True, **inputs)  # fmt: skip
+        finally:
+            self._slot_fill = None
+        return out.hidden_states[-1], out.logits
 
     def pe(self) -> Tensor:
         return self.prompt_encoder.get_dense_pe()
 
     def encode_frames(self, batch: dict[str, Tensor]) -> tuple[Tensor, list[Tensor]]:
-        """Each row's features (B,T,C,h,w) and the decoder's high-res maps, each (B,T,c,H,W), from the
-        batch's (F,T,3,S,S) uint8 frames, encoded once however many rows share them (`row_frames`)."""
+        """Each row's SAM2 embedding (B,T,C,h,w) and high-res maps, each (B,T,C,H,W), from the batch's
+        (F,T,3,S,S) uint8 frames, encoded once however many rows share them (`row_frames`); without
+        gradients when the encoder is frozen."""
         frames = batch["frames"]
         f, t = frames.shape[:2]
-        feats, high_res = self.vision(frames.flatten(0, 1))
+        frozen = not any(p.requires_grad for p in self.vision.parameters())
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not frozen):
+            feats, high_res = self.vision(frames.flatten(0, 1))
         rows = batch.get("row_frames", torch.arange(f, device=frames.device))
         return feats.unflatten(0, (f, t))[rows], [m.unflatten(0, (f, t))[rows] for m in high_res]
 
     def decode(self, seg: Tensor, feats: Tensor, high_res: list[Tensor]) -> Tensor:
-        """[SEG] prompt tokens (Q,n,C) and their samples' frames (Q,T,C,h,w) plus high-res maps ->
-        mask logits (Q,T,S,S), frame by frame with the Mask Memory bank."""
+        """[SEG] prompt tokens (Q,n,C) and their rows' frames (Q,T,C,h,w) plus high-res maps ->
+        mask logits (Q,T,S,S), frame by frame in order with the Mask Memory bank."""
         t = feats.shape[1]
         pe = self.pe()
         no_mask = self.prompt_encoder.no_mask_embed.weight.reshape(1, -1, 1, 1)
@@ -315,10 +262,7 @@ class X2SamModel(nn.Module):
                 repeat_image=False,
                 high_res_features=[dec.conv_s0(high_res[0][:, i]), dec.conv_s1(high_res[1][:, i])],
             )[0]
-            if logits.shape[-1] != self.image_size:
-                logits = F.interpolate(
-                    logits, size=(self.image_size,) * 2, mode="bilinear", align_corners=False
-                )
+            logits = F.interpolate(logits, size=(self.image_size,) * 2, mode="bilinear", align_corners=False)
             out.append(logits[:, 0])
             if t > 1:
                 bank = (bank + [(self.memory.encode(feats[:, i], logits), i)])[-self.memory.size :]
@@ -327,27 +271,34 @@ class X2SamModel(nn.Module):
     # -- the whole model ----------------------------------------------------------------------------------
 
     def forward(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
-        """Teacher-forced pass: LM logits over the text positions and mask logits for every [SEG]."""
+        """Teacher-forced pass: LM logits over the sequence and mask logits for every [SEG]."""
         feats, high_res = self.encode_frames(batch)
-        embeds, mask, p = self.embed(batch, feats)
-        out = self.llm(inputs_embeds=embeds, attention_mask=mask, output_hidden_states=True)
-        hidden = out.hidden_states[-1][:, p:]
+        hidden, logits = self.run_mllm(batch, feats)
         seg_pos = batch["input_ids"] == self.seg_id
+        out = {"logits": logits}
+        if "generic_rows" in batch:  # those rows' [SEG]s are class embeddings, not mask prompts
+            rows = batch["generic_rows"]
+            out["generic"] = self.generic(
+                feats[rows, 0].float(), self.pe(), high_res[0][rows, 0].float(),
+                [hidden[r][seg_pos[r]].float() for r in rows.nonzero()[:, 0]],
+            )  # fmt: skip
+            seg_pos = seg_pos & ~rows[:, None]
         owner = seg_pos.nonzero()[:, 0]
+        if not len(owner):  # only generic rows
+            out["mask_logits"] = feats.new_zeros(0, feats.shape[1], self.image_size, self.image_size)
+            return out
         seg = self.seg_proj(hidden[seg_pos]).float().unflatten(-1, (self.seg_tokens, -1))
-        masks = self.decode(seg, feats[owner].float(), [m[owner].float() for m in high_res])
-        return {"logits": out.logits[:, p:], "mask_logits": masks}
+        out["mask_logits"] = self.decode(seg, feats[owner].float(), [m[owner].float() for m in high_res])
+        return out
 
     @torch.no_grad()
     def generate(self, batch: dict[str, Tensor], max_new_tokens: int, eos_id: int) -> Tensor:
-        """Greedy continuation of `input_ids` (one sample, no padding); returns the full id sequence."""
+        """Greedy continuation of `input_ids` (one row, no padding); returns the full id sequence."""
         ids = batch["input_ids"]
         feats, _ = self.encode_frames(batch)
         for _ in range(max_new_tokens):
-            embeds, mask, _ = self.embed(
-                {**batch, "input_ids": ids, "attention_mask": torch.ones_like(ids)}, feats
-            )
-            nxt = self.llm(inputs_embeds=embeds, attention_mask=mask).logits[:, -1].argmax(-1, keepdim=True)
+            step = {**batch, "input_ids": ids, "attention_mask": torch.ones_like(ids)}
+            nxt = self.run_mllm(step, feats)[1][:, -1].argmax(-1, keepdim=True)
             ids = torch.cat([ids, nxt], 1)
             if nxt.item() == eos_id:
                 break
@@ -355,14 +306,15 @@ class X2SamModel(nn.Module):
 
 
 def configure_trainable(model: X2SamModel, cfg: TrainConfig) -> None:
-    """Freeze everything outside cfg.trainable (all parts if empty), and the encoder if freeze_vision.
-    LoRA's own freezing of the LLM base weights is kept."""
+    """Freeze everything outside cfg.trainable (all parts if empty), and the SAM2 encoder if
+    freeze_vision; inside the VLM, LoRA / projector / embeddings as model/mllm.py decides."""
     unknown = set(cfg.trainable) - set(PARTS)
     if unknown:
         raise ValueError(f"unknown trainable part(s) {sorted(unknown)}; known: {PARTS}")
+    configure_mllm_trainable(model.mllm, cfg.mllm)
     for name, p in model.named_parameters():
         part = name.split(".")[0]
         if cfg.trainable and part not in cfg.trainable or cfg.freeze_vision and part == "vision":
             p.requires_grad_(False)
-        elif cfg.llm.lora and part == "llm":
-            p.requires_grad_("lora_" in name)
+        elif part != "mllm":
+            p.requires_grad_(True)

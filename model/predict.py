@@ -9,35 +9,38 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from transformers import PreTrainedTokenizerBase
+from transformers import PreTrainedTokenizerBase, ProcessorMixin
 
 from groundmill.model.config import TrainConfig
 from groundmill.model.data import collate
+from groundmill.model.mllm import load_processor
 from groundmill.model.modeling import P_CLOSE, P_OPEN, SEG, X2SamModel
-from groundmill.model.tokenizer import load_tokenizer
 from groundmill.model.train import build_model, load_checkpoint
 
 
-def load_for_eval(cfg: TrainConfig, ckpt: str | Path) -> tuple[X2SamModel, PreTrainedTokenizerBase]:
-    tok = load_tokenizer(ckpt)
-    model = build_model(cfg, tok)
+def load_for_eval(cfg: TrainConfig, ckpt: str | Path) -> tuple[X2SamModel, ProcessorMixin]:
+    processor = load_processor(ckpt)
+    model = build_model(cfg, processor)
     load_checkpoint(Path(ckpt), model)
-    return model.eval(), tok
+    return model.eval(), processor
 
 
 @torch.no_grad()
-def predict(model: X2SamModel, samples: list[dict], tok: PreTrainedTokenizerBase, cfg: TrainConfig,
+def predict(model: X2SamModel, samples: list[dict], processor: ProcessorMixin, cfg: TrainConfig,
             device: torch.device) -> list[np.ndarray]:  # fmt: skip
-    """Teacher-forced mask logits for task samples: one float (Q,T,S,S) array per sample."""
+    """Teacher-forced mask logits for task samples: one float (Q,T,S,S) array per sample. A batch holds
+    one frame count, in the training batch size of its modality."""
     out: list[np.ndarray | None] = [None] * len(samples)
-    by_frames: dict[int, list[int]] = defaultdict(list)  # a batch needs one frame count
+    by_frames: dict[int, list[int]] = defaultdict(list)
     for i, s in enumerate(samples):
         by_frames[len(s["frames"])].append(i)
-    bs = cfg.data.batch_size
-    for idx in by_frames.values():
+    for frames, idx in by_frames.items():
+        bs = cfg.data.video_batch_size if frames > 1 else cfg.data.batch_size
         for start in range(0, len(idx), bs):
             chunk = idx[start : start + bs]
-            batch = {k: v.to(device) for k, v in collate([samples[i] for i in chunk], tok, 10**6).items()}
+            rows = [samples[i] for i in chunk]
+            batch = collate(rows, processor, cfg.data.dense_frames, cfg.data.sparse_frames)
+            batch = {k: v.to(device) for k, v in batch.items()}
             masks = model(batch)["mask_logits"].float().cpu().numpy()
             counts = (batch["input_ids"] == model.seg_id).sum(1).tolist()
             for i, m in zip(chunk, np.split(masks, np.cumsum(counts)[:-1]), strict=True):
@@ -63,13 +66,13 @@ def parse_gcg(tok: PreTrainedTokenizerBase, ids: list[int]) -> tuple[str, list[s
 
 
 @torch.no_grad()
-def gcg_predict(model: X2SamModel, sample: dict, tok: PreTrainedTokenizerBase, device: torch.device,
+def gcg_predict(model: X2SamModel, sample: dict, processor: ProcessorMixin, device: torch.device,
                 max_new_tokens: int) -> tuple[str, list[str], np.ndarray]:  # fmt: skip
     """Greedy caption with its [SEG]s, then the (n, S, S) mask logits of those [SEG]s."""
-    batch = {k: v.to(device) for k, v in collate([{**sample, "answer": ""}], tok, 10**6).items()}
-    prompt = batch["input_ids"][:, :-1]  # drop the eos that closes an empty answer
-    ids = model.generate({**batch, "input_ids": prompt}, max_new_tokens, tok.eos_token_id)
-    caption, phrases = parse_gcg(tok, ids[0, prompt.shape[1] :].tolist())
+    batch = {k: v.to(device) for k, v in collate([{**sample, "answer": ""}], processor).items()}
+    prompt = batch["input_ids"]  # an empty answer has no eos to drop
+    ids = model.generate(batch, max_new_tokens, processor.tokenizer.eos_token_id)
+    caption, phrases = parse_gcg(processor.tokenizer, ids[0, prompt.shape[1] :].tolist())
     size = batch["frames"].shape[-1]
     if not phrases:
         return caption, [], np.zeros((0, size, size), np.float32)

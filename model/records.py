@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import io
 import json
+import tarfile
+from collections import OrderedDict
 from collections.abc import Iterator
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -17,7 +19,7 @@ from PIL import Image
 from groundmill.media import video_frames
 from groundmill.model.config import SourceConfig
 from groundmill.schema import STATUS_OK, decode_mask, upgrade_record
-from groundmill.shards import read_index
+from groundmill.shards import read_index, safe_members
 
 
 def safe_shard_path(source: str | Path, shard: str) -> str:
@@ -48,36 +50,79 @@ def shard_urls(source: str | Path) -> list[str]:
     return [safe_shard_path(source, s) for s in shards]
 
 
-def decode_video(data: bytes, rotation: int = 0, indices: set[int] | None = None) -> list[np.ndarray | None]:
-    """The frames of a video as displayed (clockwise `rotation` applied), RGB uint8, by frame index:
-    all of them, or only `indices` (the others are None, so memory holds only what is used)."""
-    frames: list[np.ndarray | None] = []
-    for index, im in video_frames(data, rotation, indices):
-        frames += [None] * (index - len(frames))
-        frames.append(np.asarray(im))
-    return frames
+class ShardReader:
+    """Random access to one shard's samples by key: the tar's headers are read once, a sample's files are
+    read by offset when asked for (so a shard is never held in memory)."""
+
+    def __init__(self, url: str):
+        self.tar = tarfile.open(url, "r")  # noqa: SIM115 (open while cached; ShardCache closes it)
+        self.members: dict[str, list[tarfile.TarInfo]] = {}
+        for member in safe_members(self.tar):
+            self.members.setdefault(Path(member.name).name.partition(".")[0], []).append(member)
+        self.keys = sorted(self.members)
+
+    def sample(self, key: str) -> dict[str, Any]:
+        files = {
+            Path(m.name).name.partition(".")[2]: self.tar.extractfile(m).read() for m in self.members[key]
+        }
+        return {"__key__": key, **files}
 
 
-def annotated_frames(record: dict) -> set[int]:
-    """The frame indices a video record annotates (keyframes and track masklets): what tasks sample."""
-    indices = {m["frame_index"] for t in record.get("tracks", []) for m in t.get("masklet", [])}
-    return indices | {f["frame_index"] for f in record.get("keyframes", [])} | {0}
+class ShardCache:
+    """The few most recently used ShardReaders (open tar files), closed when evicted."""
+
+    def __init__(self, size: int = 4):
+        self.size, self.readers = size, OrderedDict()
+
+    def __call__(self, url: str) -> ShardReader:
+        if url not in self.readers:
+            self.readers[url] = ShardReader(url)
+            if len(self.readers) > self.size:
+                self.readers.popitem(last=False)[1].tar.close()
+        self.readers.move_to_end(url)
+        return self.readers[url]
 
 
-def load(sample: dict[str, Any], size: int) -> tuple[dict, list[np.ndarray]]:
-    """A webdataset sample -> (record, frames resized to size x size); one frame for an image. Records
-    of schema v1 are read as v2; newer ones are refused, naming their version."""
+def decode_video(data: bytes, rotation: int = 0) -> list[np.ndarray]:
+    """Every frame of a video as displayed (clockwise `rotation` applied), RGB uint8."""
+    return [np.asarray(im) for _, im in video_frames(data, rotation)]
+
+
+def resized(im: Image.Image, size: int) -> np.ndarray:
+    return np.asarray(im if im.size == (size, size) else im.resize((size, size)))
+
+
+class Clip:
+    """A video's frames at training resolution, decoded when asked for and only those asked for: each
+    decoded frame is resized at once, so a clip of any length holds size x size frames only."""
+
+    def __init__(self, data: bytes, rotation: int, size: int, length: int | None):
+        self.data, self.rotation, self.size = data, rotation, size
+        self.length = length if length else sum(1 for _ in video_frames(data, rotation))
+
+    def __len__(self) -> int:
+        return self.length
+
+    def take(self, indices: list[int]) -> list[np.ndarray]:
+        """The frames at `indices` (repeats allowed), in that order; one decoding pass."""
+        decoded = {
+            i: resized(im, self.size) for i, im in video_frames(self.data, self.rotation, set(indices))
+        }
+        return [decoded[i] for i in indices]
+
+    def __getitem__(self, index: int) -> np.ndarray:
+        return self.take([index])[0]
+
+
+def load(sample: dict[str, Any], size: int) -> tuple[dict, list[np.ndarray] | Clip]:
+    """A webdataset sample -> (record, frames at size x size): one frame for an image, a Clip for a video.
+    Records of schema v1 are read as v2; newer ones are refused, naming their version."""
     record = upgrade_record(json.loads(sample["json"]))
     data = sample[record["media"]["ext"]]
     if record["media"]["type"] == "video":
-        frames = decode_video(data, record["media"].get("rotation", 0), annotated_frames(record))
-    else:
-        frames = [np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))]
-    frames = [
-        f if f is None or f.shape[:2] == (size, size) else np.asarray(Image.fromarray(f).resize((size, size)))
-        for f in frames
-    ]
-    return record, frames
+        media = record["media"]
+        return record, Clip(data, media.get("rotation", 0), size, media.get("num_frames"))
+    return record, [resized(Image.open(io.BytesIO(data)).convert("RGB"), size)]
 
 
 def mask_at(rle: dict, size: int) -> np.ndarray:
@@ -90,6 +135,7 @@ def mask_at(rle: dict, size: int) -> np.ndarray:
 def record_texts(record: dict) -> list[str]:
     """Every text a record can contribute to samples (for building the tiny word-level vocabulary)."""
     texts = [r["expression"] for r in record.get("referring_expressions", [])]
+    texts += [o["labels"][0] for o in record.get("objects", []) if o.get("labels")]  # generic categories
     texts += [record[k]["caption"] for k in ("gcg", "dense_caption") if k in record]
     for e in record.get("expressions", []):
         texts += [v for k, v in e.items() if k != "track_id" and isinstance(v, str)]

@@ -1,10 +1,14 @@
 """Synthetic coloured-shapes shards in exactly the engine's format: the trainer's proof of learning.
 
-Images: >= 3 shapes drawn from 5 colours x 3 shapes on a noisy background, each with a true mask, a
-referring expression and a phrase of a grounded dense caption. Every scene has a "hard" target when
-possible: another object shares its colour and another shares its shape, so neither word alone picks it.
-Videos: 8+ frames of 3-4 shapes moving in straight lines (bouncing off the borders); in about half the
-videos two of them are aimed at each other so they overlap. Masks are the visible pixels (z-ordered).
+Images: one colour-shape pair appears 2-3 times, next to an object sharing its colour and one sharing
+its shape, on a noisy background; each object has a true mask, a referring expression and a phrase of a
+grounded dense caption. A repeated pair's copies are told apart only by a relation that holds for that
+copy alone (leftmost, largest, above the blue square...), so the colour and shape words do not suffice.
+Videos: 8+ frames of 3-4 shapes moving in straight lines (bouncing off the borders), one pair twice with
+different motions ("the red circle moving left"); in about half the videos the two copies are aimed at
+each other so they overlap. Masks are the visible pixels (z-ordered).
+Compositional split: the pairs in HELD_OUT never appear in a training split (`held_out=False`); in a
+held-out split they are the repeated pair and one more object, so the words meet in new combinations.
 
 Run: ``python -m groundmill.model.synthetic OUT_DIR --images N --videos M --seed S``.
 """
@@ -40,6 +44,16 @@ COLOURS: dict[str, tuple[int, int, int]] = {
 }
 SHAPES = ("circle", "square", "triangle")
 SIZE = 64
+# One pair per colour, every shape held out for some colour.
+HELD_OUT = (
+    ("red", "triangle"),
+    ("green", "circle"),
+    ("blue", "square"),
+    ("yellow", "triangle"),
+    ("purple", "circle"),
+)
+ALL_KINDS = [(c, s) for c in COLOURS for s in SHAPES]
+TRAIN_KINDS = [k for k in ALL_KINDS if k not in HELD_OUT]
 
 
 @dataclass
@@ -92,26 +106,25 @@ def relation(a: Shape, b: Shape) -> str | None:
     return "above" if dy < 0 else "below"
 
 
-def pick_kinds(n: int, rng: random.Random) -> list[tuple[str, str]]:
-    """n distinct (colour, shape) pairs; the first is a target with a same-colour and a same-shape distractor."""
-    colour, shape = rng.choice(list(COLOURS)), rng.choice(SHAPES)
-    kinds = [
-        (colour, shape),
-        (colour, rng.choice([s for s in SHAPES if s != shape])),
-        (rng.choice([c for c in COLOURS if c != colour]), shape),
-    ]
-    pool = [(c, s) for c in COLOURS for s in SHAPES if (c, s) not in kinds]
-    kinds += rng.sample(pool, n - 3)
-    return kinds
+def pick_kinds(rng: random.Random, held_out: bool, copies: int, extra: int) -> list[tuple[str, str]]:
+    """The repeated pair `copies` times, a same-colour and a same-shape distractor, `extra` more pairs.
+    A training split never uses a HELD_OUT pair; a held-out split repeats one and adds another."""
+    allowed = ALL_KINDS if held_out else TRAIN_KINDS
+    colour, shape = repeated = rng.choice(HELD_OUT if held_out else TRAIN_KINDS)
+    kinds = [repeated] * copies
+    kinds.append(rng.choice([k for k in allowed if k[0] == colour and k != repeated]))
+    kinds.append(rng.choice([k for k in allowed if k[1] == shape and k != repeated]))
+    pool = [k for k in (HELD_OUT if held_out else allowed) if k not in kinds]
+    return kinds + rng.sample(pool, extra)
 
 
 def place(kinds: list[tuple[str, str]], rng: random.Random) -> list[Shape]:
-    """Non-overlapping placement by rejection sampling."""
+    """Non-overlapping placement by rejection sampling; radii vary so sizes can tell copies apart."""
     while True:
         shapes: list[Shape] = []
         for colour, shape in kinds:
             for _ in range(100):
-                r = rng.uniform(6.5, 10.0)
+                r = rng.uniform(5.0, 10.0)
                 s = Shape(
                     colour, shape, rng.uniform(r + 1, SIZE - r - 1), rng.uniform(r + 1, SIZE - r - 1), r
                 )
@@ -122,13 +135,48 @@ def place(kinds: list[tuple[str, str]], rng: random.Random) -> list[Shape]:
             return shapes
 
 
-def expression(target: Shape, scene: list[Shape], rng: random.Random) -> str:
-    """'the red circle', sometimes with a true relation to another object ('... left of the blue square')."""
+# Superlatives among a pair's copies: (word, key); the target must beat every other copy by a margin.
+SUPERLATIVES = (
+    ("leftmost", lambda s: -s.cx, 6.0),
+    ("rightmost", lambda s: s.cx, 6.0),
+    ("topmost", lambda s: -s.cy, 6.0),
+    ("lowest", lambda s: s.cy, 6.0),
+    ("largest", lambda s: s.r, 2.0),
+    ("smallest", lambda s: -s.r, 2.0),
+)
+
+
+def unique(scene: list[Shape]) -> list[Shape]:
+    """The objects whose pair appears once: the only ones a relation can name as its landmark."""
+    return [o for o in scene if sum(p.name == o.name for p in scene) == 1]
+
+
+def relational_expressions(target: Shape, scene: list[Shape]) -> list[str]:
+    """Expressions that pick `target` among the copies of its pair and no other copy."""
+    copies = [o for o in scene if o.name == target.name and o is not target]
+    out = [
+        f"the {word} {target.name}"
+        for word, key, margin in SUPERLATIVES
+        if all(key(target) - key(o) >= margin for o in copies)
+    ]
+    for other in unique(scene):
+        rel = relation(target, other) if other.name != target.name else None
+        if rel and all(relation(o, other) != rel for o in copies):
+            out.append(f"the {target.name} {rel} the {other.name}")
+    return out
+
+
+def expression(target: Shape, scene: list[Shape], rng: random.Random) -> str | None:
+    """A unique pair: 'the red circle', sometimes with a true relation ('... left of the blue square').
+    A repeated pair: a relational expression that only this copy satisfies (None if there is none)."""
+    if any(o.name == target.name and o is not target for o in scene):
+        options = relational_expressions(target, scene)
+        return rng.choice(options) if options else None
     base = rng.choice(["the {c} {s}", "the {s} that is {c}", "{c} {s}"]).format(
         c=target.colour, s=target.shape
     )
     if rng.random() < 0.5:
-        others = [o for o in scene if o is not target and relation(target, o)]
+        others = [o for o in unique(scene) if o is not target and relation(target, o)]
         if others:
             other = rng.choice(others)
             base = f"{base} {relation(target, other)} the {other.name}"
@@ -165,6 +213,8 @@ def frame_annotations(shapes: list[Shape], masks: list[np.ndarray], rng: random.
             }
         )
         refs.append({"object_id": i, "expression": expression(s, shapes, rng), "source": "synthetic"})
+    if any(r["expression"] is None for r in refs):
+        return {}  # a copy no relation singles out: the caller draws another scene
     order = sorted(range(len(shapes)), key=lambda i: shapes[i].cx)  # left to right, like a reader
     caption, spans = caption_with_spans([shapes[i].name for i in order], order)
     details = [
@@ -188,13 +238,19 @@ def frame_annotations(shapes: list[Shape], masks: list[np.ndarray], rng: random.
     }
 
 
-def make_image(rng: random.Random) -> tuple[bytes, dict]:
-    shapes = place(pick_kinds(rng.randint(3, 5), rng), rng)
-    rng.shuffle(shapes)  # the hard target is not always first
-    img, masks = render(shapes, rng, rng.randint(20, 90))
+def make_image(rng: random.Random, held_out: bool = False) -> tuple[bytes, dict]:
+    while True:
+        shapes = place(
+            pick_kinds(rng, held_out, rng.randint(2, 3), 1 if held_out else rng.randint(0, 1)), rng
+        )
+        rng.shuffle(shapes)  # the repeated pair's copies are not always first
+        img, masks = render(shapes, rng, rng.randint(20, 90))
+        fields = frame_annotations(shapes, masks, rng)
+        if fields:
+            break
     buf = io.BytesIO()
     Image.fromarray(img).save(buf, format="PNG")
-    return buf.getvalue(), frame_annotations(shapes, masks, rng)
+    return buf.getvalue(), fields
 
 
 def encode_video(frames: list[np.ndarray], fps: int = 8) -> bytes:
@@ -216,8 +272,12 @@ def motion_word(vx: float, vy: float) -> str:
     return "moving down" if vy > 0 else "moving up"
 
 
-def make_video(rng: random.Random, num_frames: int = 8) -> tuple[bytes, dict]:
-    kinds = rng.sample([(c, s) for c in COLOURS for s in SHAPES], rng.randint(3, 4))
+def simulate(
+    rng: random.Random, num_frames: int, held_out: bool
+) -> tuple[list, list, list[str], list[Shape]]:
+    """Frames, per-shape visible masks, net motion words and the shapes (the repeated pair's two copies
+    first) of one clip."""
+    kinds = pick_kinds(rng, held_out, 2, 0)[: rng.randint(3, 4)]
     shapes = [Shape(c, s, 0, 0, rng.uniform(6.5, 9.0)) for c, s in kinds]
     steps = num_frames - 1
     velocity = []
@@ -225,10 +285,11 @@ def make_video(rng: random.Random, num_frames: int = 8) -> tuple[bytes, dict]:
         s.cx, s.cy = rng.uniform(12, SIZE - 12), rng.uniform(12, SIZE - 12)
         velocity.append([rng.uniform(-3, 3), rng.uniform(-3, 3)])
     if rng.random() < 0.5:
-        # Aim the first two at a common meeting point so they overlap mid-video.
+        # Aim the two copies at a common meeting point so they overlap mid-video.
         mx, my = rng.uniform(24, 40), rng.uniform(24, 40)
         for s, v in zip(shapes[:2], velocity[:2], strict=True):
             v[0], v[1] = (mx - s.cx) * 2 / steps, (my - s.cy) * 2 / steps
+    start = [(s.cx, s.cy) for s in shapes]
     frames, tracks_masks, grey = [], [[] for _ in shapes], rng.randint(20, 90)
     for _ in range(num_frames):
         img, masks = render(shapes, rng, grey)
@@ -245,9 +306,20 @@ def make_video(rng: random.Random, num_frames: int = 8) -> tuple[bytes, dict]:
                     s.cx = pos
                 else:
                     s.cy = pos
+    motions = [motion_word(s.cx - x, s.cy - y) for s, (x, y) in zip(shapes, start, strict=True)]
+    return frames, tracks_masks, motions, shapes
+
+
+def make_video(rng: random.Random, num_frames: int = 8, held_out: bool = False) -> tuple[bytes, dict]:
+    """3-4 moving shapes, one pair twice; the copies' net motions differ (drawn again until they do), and
+    their only expression is that motion ("the red circle moving left")."""
+    while True:
+        frames, tracks_masks, motions, shapes = simulate(rng, num_frames, held_out)
+        if motions[0] != motions[1]:  # the two copies come first
+            break
     first_masks = [t[0] for t in tracks_masks]
     keyframe = {"frame_index": 0, "time_s": 0.0, **frame_annotations(shapes, first_masks, rng)}
-    keyframe.pop("gcg")
+    keyframe.pop("gcg", None)
     tracks, expressions = [], []
     for i, (s, ms) in enumerate(zip(shapes, tracks_masks, strict=True)):
         tracks.append(
@@ -260,13 +332,13 @@ def make_video(rng: random.Random, num_frames: int = 8) -> tuple[bytes, dict]:
                 "consistency": 1.0,
             }
         )
-        v = velocity[i]
+        moving = f"the {s.name} {motions[i]}"
         expressions.append(
             {
                 "track_id": i,
-                "object_level": f"the {s.name}",
+                "object_level": moving if i < 2 else f"the {s.name}",
                 "scene_level": f"the {s.name} among {len(shapes)} shapes",
-                "video_level": f"the {s.name} {motion_word(*v)}",
+                "video_level": moving,
             }
         )
     times = [{"frame_index": f, "time_s": f / 8} for f in range(num_frames)]
@@ -274,9 +346,11 @@ def make_video(rng: random.Random, num_frames: int = 8) -> tuple[bytes, dict]:
     return encode_video(frames), fields
 
 
-def write_split(out_dir: str | Path, images: int, videos: int, seed: int, per_shard: int = 250) -> None:
+def write_split(out_dir: str | Path, images: int, videos: int, seed: int, per_shard: int = 250,
+                held_out: bool = False) -> None:  # fmt: skip
     """Write `images` image samples and `videos` video samples as shards of at most `per_shard`, images
-    and videos in shards of their own (one media extension per shard, as the engine writes them)."""
+    and videos in shards of their own (one media extension per shard, as the engine writes them): a
+    training split without the HELD_OUT pairs, or (`held_out`) a compositional split built on them."""
     rng = random.Random(seed)
     jobs = ["image"] * images + ["video"] * videos
     for start in range(0, len(jobs), per_shard):
@@ -286,7 +360,9 @@ def write_split(out_dir: str | Path, images: int, videos: int, seed: int, per_sh
         }
         for n, kind in enumerate(jobs[start : start + per_shard], start):
             writer = writers[kind]
-            data, fields = make_image(rng) if kind == "image" else make_video(rng)
+            data, fields = (
+                make_image(rng, held_out) if kind == "image" else make_video(rng, held_out=held_out)
+            )
             ext = "png" if kind == "image" else "mp4"
             key = content_key(data)
             media = {"type": kind, "ext": ext, "width": SIZE, "height": SIZE}
@@ -321,8 +397,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--images", type=int, default=1000)
     p.add_argument("--videos", type=int, default=200)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--held-out", action="store_true", help="the compositional split (HELD_OUT pairs)")
     a = p.parse_intermixed_args(argv)
-    write_split(a.out_dir, a.images, a.videos, a.seed)
+    write_split(a.out_dir, a.images, a.videos, a.seed, held_out=a.held_out)
 
 
 if __name__ == "__main__":

@@ -19,16 +19,17 @@ import numpy as np
 
 from groundmill.model.config import DataConfig
 from groundmill.model.modeling import P_CLOSE, P_OPEN, PROMPT_TYPES, REGION, SEG
-from groundmill.model.records import mask_at
+from groundmill.model.records import Clip, mask_at
 from groundmill.schema import masklet_by_frame
 
-IMAGE_TASKS = ("referring", "gcg", "interactive", "vgd")
+IMAGE_TASKS = ("referring", "gcg", "interactive", "vgd", "generic")
 VIDEO_TASKS = ("video_referring", "video_object")
 QUESTIONS = {
     "referring": "please segment {} .",
     "gcg": "please give a grounded caption of the image .",
     "interactive": "please segment {} .",
     "vgd": "please segment everything like {} .",
+    "generic": "please segment every object of these categories .",
     "video_referring": "please segment {} in the video .",
     "video_object": "please track {} in the video .",
 }
@@ -146,6 +147,20 @@ def prompt_sample(record: dict, rng: random.Random, size: int, task: str) -> dic
             "region": (draw_prompt(masks[i], kind, rng), PROMPT_TYPES.index(kind), 0)}  # fmt: skip
 
 
+def generic_sample(record: dict, rng: random.Random, size: int) -> dict | None:
+    """Every labelled object as an instance of its category (the object's first label); the answer
+    names the categories in a random order, each with a [SEG] that becomes its class embedding."""
+    objects = [o for o in _objects_with_masks(record) if o.get("labels")]
+    if not objects:
+        return None
+    categories = sorted({o["labels"][0] for o in objects})
+    rng.shuffle(categories)
+    answer = " , ".join(f"{P_OPEN} {c} {P_CLOSE} {SEG}" for c in categories) + " ."
+    instances = [(categories.index(o["labels"][0]), mask_at(o["segmentation"], size)) for o in objects]
+    return {"task": "generic", "question": QUESTIONS["generic"], "answer": answer, "masks": [],
+            "categories": categories, "instances": instances}  # fmt: skip
+
+
 def sample_frames(available: list[int], t: int, rng: random.Random) -> list[int]:
     """t frame indices spread over `available` (sorted) with a random phase; repeats when too few."""
     if len(available) <= t:
@@ -169,7 +184,7 @@ def video_targets(record: dict, task: str, rng: random.Random) -> list[tuple[str
     return out
 
 
-def video_rows(frames: list[np.ndarray], targets: list[tuple[str, dict]], rng: random.Random, size: int,
+def video_rows(frames: Clip, targets: list[tuple[str, dict]], rng: random.Random, size: int,
                task: str, num_frames: int) -> list[dict]:  # fmt: skip
     """Rows of one clip: `num_frames` frames sampled over the first target's track, every target's mask on
     those frames (empty where its track has none)."""
@@ -181,7 +196,7 @@ def video_rows(frames: list[np.ndarray], targets: list[tuple[str, dict]], rng: r
     if not available:
         return []
     idx = sample_frames(available, num_frames, rng)
-    clip = [frames[i] for i in idx]
+    clip = frames.take(idx)
     rows = []
     for text, track in targets:
         m = masklet_by_frame(track)
@@ -197,7 +212,7 @@ def video_rows(frames: list[np.ndarray], targets: list[tuple[str, dict]], rng: r
     return rows
 
 
-def make_samples(record: dict, frames: list[np.ndarray], task: str, rng: random.Random, cfg: DataConfig,
+def make_samples(record: dict, frames: list[np.ndarray] | Clip, task: str, rng: random.Random, cfg: DataConfig,
                  size: int) -> list[dict]:  # fmt: skip
     """The rows one record gives a task: several for referring tasks (sharing its frames), else one."""
     if task in VIDEO_TASKS:
@@ -209,7 +224,8 @@ def make_samples(record: dict, frames: list[np.ndarray], task: str, rng: random.
     if task == "referring":
         rows = referring_samples(record, rng, size, cfg.targets_per_record)
     else:
-        row = gcg_sample(record, rng, size) if task == "gcg" else prompt_sample(record, rng, size, task)
+        make = {"gcg": gcg_sample, "generic": generic_sample}.get(task)
+        row = make(record, rng, size) if make else prompt_sample(record, rng, size, task)
         rows = [row] if row else []
     image = frames[:1]
     for row in rows:

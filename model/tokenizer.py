@@ -1,24 +1,24 @@
-"""The trainer's tokenizer: the LLM's own with the special tokens added, or, for the tiny LLM, a
-word-level vocabulary built from the first records of the training sources."""
+"""The trainer's processor: the MLLM's own with the special tokens added, or, for a tiny MLLM with a random
+language half, one over a word-level vocabulary built from the first records of the training sources."""
 
 from __future__ import annotations
 
+import itertools
 import json
-from pathlib import Path
 
-import webdataset as wds
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
-from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
+from transformers import PreTrainedTokenizerFast, ProcessorMixin
 
 from groundmill.model.config import TrainConfig
-from groundmill.model.modeling import SPECIAL_TOKENS
+from groundmill.model.mllm import IMAGE_TOKEN, SPECIAL_TOKENS, make_processor
 from groundmill.model.records import record_texts, shard_urls
 from groundmill.model.tasks import ANSWER, QUESTIONS
+from groundmill.shards import iter_shard
 
 
 def build_word_tokenizer(texts: list[str]) -> PreTrainedTokenizerFast:
     """A lowercase word-level tokenizer over `texts` + the task templates + the special tokens."""
-    base = ["[PAD]", "[UNK]", "[EOS]", *SPECIAL_TOKENS]
+    base = ["[PAD]", "[UNK]", "[EOS]", *SPECIAL_TOKENS, IMAGE_TOKEN]
     pre = pre_tokenizers.Whitespace()
     words: set[str] = set()
     for text in [*texts, *QUESTIONS.values(), ANSWER]:
@@ -32,27 +32,19 @@ def build_word_tokenizer(texts: list[str]) -> PreTrainedTokenizerFast:
         pad_token="[PAD]",
         unk_token="[UNK]",
         eos_token="[EOS]",
-        additional_special_tokens=SPECIAL_TOKENS,
+        additional_special_tokens=[*SPECIAL_TOKENS, IMAGE_TOKEN],
     )
 
 
-def make_tokenizer(cfg: TrainConfig) -> PreTrainedTokenizerBase:
-    """Tiny LLM: a word-level vocabulary from the first records of the training sources. Otherwise the
-    LLM's own tokenizer with the special tokens added."""
-    if cfg.llm.name != "tiny":
-        tok = AutoTokenizer.from_pretrained(cfg.llm.name)
-        tok.add_special_tokens({"additional_special_tokens": SPECIAL_TOKENS})
-        if tok.pad_token is None:
-            tok.pad_token = tok.eos_token
-        return tok
+def trainer_processor(cfg: TrainConfig) -> ProcessorMixin:
+    """The MLLM's processor; a tiny MLLM with a random language half gets a word-level vocabulary from
+    the first records of the training sources."""
+    c = cfg.mllm
+    if c.name != "tiny" or c.language:
+        return make_processor(c)
     texts: list[str] = []
-    for source in cfg.data.train:
-        for n, sample in enumerate(wds.WebDataset(shard_urls(source.path), shardshuffle=False)):
-            if n >= cfg.data.tokenizer_records:
-                break
-            texts += record_texts(json.loads(sample["json"]))
-    return build_word_tokenizer(texts)
-
-
-def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
-    return AutoTokenizer.from_pretrained(str(path))
+    for source in cfg.data.train:  # the same first records on every rank: the same vocabulary
+        samples = (files for url in shard_urls(source.path) for _, files in iter_shard(url))
+        for files in itertools.islice(samples, cfg.data.tokenizer_records):
+            texts += record_texts(json.loads(files["json"]))
+    return make_processor(c, build_word_tokenizer(texts))

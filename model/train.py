@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import itertools
 import json
 import math
 import os
@@ -19,16 +18,17 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from omegaconf import OmegaConf
-from safetensors.torch import load_model, save_model
+from safetensors.torch import load_file, save_file
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
-from transformers import PreTrainedTokenizerBase
+from transformers import ProcessorMixin
 
 from groundmill.model.config import OptimConfig, TrainConfig, load_config, to_dict
 from groundmill.model.data import train_loader
 from groundmill.model.losses import total_loss
+from groundmill.model.mllm import load_processor
 from groundmill.model.modeling import X2SamModel, configure_trainable
-from groundmill.model.tokenizer import load_tokenizer, make_tokenizer
+from groundmill.model.tokenizer import trainer_processor
 
 CKPT_DIR = "checkpoints"
 
@@ -69,25 +69,31 @@ def make_optimizer(model: torch.nn.Module, o: OptimConfig) -> torch.optim.AdamW:
     return torch.optim.AdamW(groups, lr=o.lr, betas=(0.9, 0.95))
 
 
-def build_model(cfg: TrainConfig, tokenizer: PreTrainedTokenizerBase) -> X2SamModel:
+def build_model(cfg: TrainConfig, processor: ProcessorMixin) -> X2SamModel:
     torch.manual_seed(cfg.seed)
-    model = X2SamModel(cfg, tokenizer)
+    model = X2SamModel(cfg, processor)
     configure_trainable(model, cfg)
     return model
 
 
+def trained_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The trained parameters only: frozen ones come back from their pretrained source (or the seeded
+    init) when the model is rebuilt, so a checkpoint of a LoRA-tuned 3B VLM holds megabytes, not its base."""
+    return {n: p.detach().contiguous() for n, p in model.named_parameters() if p.requires_grad}
+
+
 def save_checkpoint(path: Path, model: X2SamModel, optimizer: torch.optim.Optimizer, state: dict[str, Any],
-                    tokenizer: PreTrainedTokenizerBase, cfg: TrainConfig) -> None:  # fmt: skip
+                    processor: ProcessorMixin, cfg: TrainConfig) -> None:  # fmt: skip
     tmp = path.with_name(path.name + ".tmp")
     tmp.mkdir(parents=True, exist_ok=True)
-    save_model(model, str(tmp / "model.safetensors"))
+    save_file(trained_weights(model), str(tmp / "model.safetensors"))
     rng = {"torch": torch.get_rng_state(), "python": random.getstate()}
     if torch.cuda.is_available():
         rng["cuda"] = torch.cuda.get_rng_state()
     torch.save({"optimizer": optimizer.state_dict(), "rng": rng}, tmp / "train_state.pt")
     (tmp / "state.json").write_text(json.dumps(state, indent=1))
     OmegaConf.save(OmegaConf.create(to_dict(cfg)), tmp / "config.yaml")
-    tokenizer.save_pretrained(str(tmp))
+    processor.save_pretrained(str(tmp))
     if path.exists():
         for f in path.iterdir():
             f.unlink()
@@ -97,7 +103,9 @@ def save_checkpoint(path: Path, model: X2SamModel, optimizer: torch.optim.Optimi
 
 def load_checkpoint(path: Path, model: X2SamModel, optimizer: torch.optim.Optimizer | None = None) -> dict:
     """Weights (and optimizer + RNG state when an optimizer is given) from a checkpoint; its state.json."""
-    load_model(model, str(path / "model.safetensors"))
+    _, unexpected = model.load_state_dict(load_file(str(path / "model.safetensors")), strict=False)
+    if unexpected:
+        raise ValueError(f"checkpoint {path} has weights this model lacks: {unexpected[:5]}")
     if optimizer is not None:
         saved = torch.load(path / "train_state.pt", weights_only=True)
         optimizer.load_state_dict(saved["optimizer"])
@@ -113,17 +121,39 @@ def latest_checkpoint(out_dir: str | Path) -> Path | None:
     return found[-1] if found else None
 
 
+def rank_summary(model: torch.nn.Module, loss: float, device: torch.device) -> dict[str, float]:
+    """The loss averaged over ranks, and a checksum of the trained weights (equal on every rank while DDP
+    keeps them in sync). Collective: every rank calls it at the same step."""
+    mean = torch.tensor(loss, dtype=torch.float64, device=device)
+    dist.all_reduce(mean)
+    checksum = sum(p.detach().double().sum() for p in model.parameters() if p.requires_grad)
+    return {"global_loss": mean.item() / dist.get_world_size(), "weights": float(checksum)}
+
+
+def gather_positions(positions: dict[str, dict], rank: int, world: int) -> dict[str, dict]:
+    """Every rank's stream positions, by rank (collective: every rank calls it at the same step)."""
+    if world == 1:
+        return {"0": positions}
+    gathered: list[dict] = [{} for _ in range(world)]
+    dist.all_gather_object(gathered, positions)
+    return {str(r): p for r, p in enumerate(gathered)}
+
+
 class MetricsLog:
-    """JSONL always; TensorBoard event files too when tensorboard is installed."""
+    """JSONL per rank (rank 0: metrics.jsonl, others metrics-rank{r}.jsonl, their own batches' losses);
+    TensorBoard event files too on rank 0 when tensorboard is installed."""
 
-    def __init__(self, out_dir: Path):
-        self.file = open(out_dir / "metrics.jsonl", "a")  # noqa: SIM115 (closed in close())
-        try:
-            from torch.utils.tensorboard import SummaryWriter
+    def __init__(self, out_dir: Path, rank: int = 0):
+        name = "metrics.jsonl" if rank == 0 else f"metrics-rank{rank}.jsonl"
+        self.file = open(out_dir / name, "a")  # noqa: SIM115 (closed in close())
+        self.tb = None
+        if rank == 0:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
 
-            self.tb = SummaryWriter(str(out_dir / "tb"))
-        except ImportError:
-            self.tb = None
+                self.tb = SummaryWriter(str(out_dir / "tb"))
+            except ImportError:
+                pass
 
     def write(self, step: int, values: dict[str, float]) -> None:
         self.file.write(json.dumps({"step": step, **values}) + "\n")
@@ -144,20 +174,21 @@ def train(cfg: TrainConfig, resume: str | None = None) -> Path:
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     ckpt = latest_checkpoint(out) if resume == "auto" else Path(resume) if resume else None
-    tokenizer = load_tokenizer(ckpt) if ckpt else make_tokenizer(cfg)
-    model = build_model(cfg, tokenizer).to(device)
+    processor = load_processor(ckpt) if ckpt else trainer_processor(cfg)
+    model = build_model(cfg, processor).to(device).train()  # from_pretrained hands back eval mode
     o = cfg.optim
     optimizer = make_optimizer(model, o)
     state = {"step": 0, "batches": 0, "seconds": 0.0}
     if ckpt:
         state = load_checkpoint(ckpt, model, optimizer)
     ddp = DistributedDataParallel(model, find_unused_parameters=True) if world > 1 else model
-    # Resuming replays the deterministic batch stream up to the saved position.
-    batches = iter(train_loader(cfg, tokenizer, o.max_steps * o.grad_accum))
-    for _ in itertools.islice(batches, state["batches"]):
-        pass
-    log = MetricsLog(out) if rank == 0 else None
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+    # The stream resumes from the stored positions of this rank's workers: no replay.
+    positions: dict[str, dict] = state.get("data", {}).get(str(rank), {})
+    remaining = o.max_steps * o.grad_accum - state["batches"]
+    batches = iter(train_loader(cfg, processor, remaining, positions, state["batches"]))
+    log = MetricsLog(out, rank)
+    bf16 = cfg.precision == "bf16" or cfg.precision == "auto" and device.type == "cuda"
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
     bar = tqdm(total=o.max_steps, initial=state["step"], disable=rank != 0, mininterval=5, desc="train")
     started = time.perf_counter() - state["seconds"]
     done = state["step"] >= o.max_steps
@@ -167,7 +198,10 @@ def train(cfg: TrainConfig, resume: str | None = None) -> Path:
             group["lr"] = lr
         sums: dict[str, float] = {}
         for micro in range(o.grad_accum):
-            batch = {k: v.to(device, non_blocking=True) for k, v in next(batches).items()}
+            raw = next(batches)
+            position = raw.pop("position")
+            positions[str(position["stream"])] = position
+            batch = {k: v.to(device, non_blocking=True) for k, v in raw.items()}
             state["batches"] += 1
             # DDP all-reduces gradients only on the last micro-batch.
             sync = micro == o.grad_accum - 1 or world == 1
@@ -187,16 +221,18 @@ def train(cfg: TrainConfig, resume: str | None = None) -> Path:
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
             done = bool(flag.item())
         bar.update(1)
-        if log and (state["step"] % cfg.log_every == 0 or done):
-            log.write(state["step"], {**sums, "lr": lr, "seconds": round(state["seconds"], 2)})
+        if state["step"] % cfg.log_every == 0 or done:
+            extra = rank_summary(model, sums["loss"], device) if world > 1 else {}
+            log.write(state["step"], {**sums, **extra, "lr": lr, "seconds": round(state["seconds"], 2)})
             bar.set_postfix(loss=f"{sums['loss']:.3f}")
-        if rank == 0 and (state["step"] % cfg.ckpt_every == 0 or done):
-            save_checkpoint(
-                out / CKPT_DIR / f"step-{state['step']:07d}", model, optimizer, state, tokenizer, cfg
-            )
+        if state["step"] % cfg.ckpt_every == 0 or done:
+            state["data"] = gather_positions(positions, rank, world)
+            if rank == 0:
+                save_checkpoint(
+                    out / CKPT_DIR / f"step-{state['step']:07d}", model, optimizer, state, processor, cfg
+                )
     bar.close()
-    if log:
-        log.close()
+    log.close()
     if world > 1:
         dist.barrier()
     return out / CKPT_DIR / f"step-{state['step']:07d}"

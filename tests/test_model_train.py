@@ -10,11 +10,13 @@ import torch
 from PIL import Image
 
 from groundmill.model import data as data_module
+from groundmill.model.bench import TINY
 from groundmill.model.config import load_config
 from groundmill.model.data import TaskBatches
 from groundmill.model.eval import evaluate
+from groundmill.model.mllm import make_processor
 from groundmill.model.synthetic import write_split
-from groundmill.model.tokenizer import build_word_tokenizer, make_tokenizer
+from groundmill.model.tokenizer import build_word_tokenizer, trainer_processor
 from groundmill.model.train import build_model, train
 from groundmill.model.train import main as train_main
 from groundmill.schema import content_key, encode_mask, mask_bbox, new_record
@@ -41,7 +43,7 @@ def shards(tmp_path_factory):
 
 def config(shards, out, *extra):
     return load_config(
-        None,
+        TINY,
         [
             f"out_dir={out}",
             f"data.train=[{{path: {shards / 'train'}}}]",
@@ -62,7 +64,7 @@ def test_referring_rows_share_one_encoded_image(shards, tmp_path):
         f"data.tasks.{t}=0" for t in ("gcg", "interactive", "vgd", "video_referring", "video_object")
     ]
     cfg = config(shards, tmp_path, "data.targets_per_record=3", *only_referring)
-    tok = make_tokenizer(cfg)
+    tok = trainer_processor(cfg)
     batch = next(iter(TaskBatches(cfg, tok)))
     rows, images = batch["input_ids"].shape[0], batch["frames"].shape[0]
     assert rows >= cfg.data.batch_size and images < rows  # every synthetic image has >= 3 expressions
@@ -77,9 +79,9 @@ def test_referring_rows_share_one_encoded_image(shards, tmp_path):
         shared = model(batch)["mask_logits"]
         r = int(first[1])
         ids = batch["input_ids"][r : r + 1, : int(batch["attention_mask"][r].sum())]
-        alone = model(
-            {"frames": batch["frames"][:1], "input_ids": ids, "attention_mask": torch.ones_like(ids)}
-        )
+        pixels = batch["mllm.pixel_values"][r : r + 1]
+        alone = model({"frames": batch["frames"][:1], "input_ids": ids, "attention_mask": torch.ones_like(ids),
+                       "mllm.pixel_values": pixels})  # fmt: skip
     torch.testing.assert_close(alone["mask_logits"][0], shared[r], atol=1e-4, rtol=1e-4)
 
 
@@ -94,9 +96,9 @@ def test_sources_without_usable_annotations_fail_with_the_reason(tmp_path, monke
         w.add_sample(key, data, "png", rec, {"uri": f"{i}.png", "status": "ok", "media_type": "image"})
     w.commit()
     monkeypatch.setattr(data_module, "MAX_BARREN_RECORDS", 20)
-    cfg = load_config(None, [f"out_dir={tmp_path / 'run'}", f"data.train=[{{path: {tmp_path / 'bare'}}}]"])
+    cfg = load_config(TINY, [f"out_dir={tmp_path / 'run'}", f"data.train=[{{path: {tmp_path / 'bare'}}}]"])
     with pytest.raises(ValueError, match="gave no sample"):
-        next(iter(TaskBatches(cfg, build_word_tokenizer([]))))
+        next(iter(TaskBatches(cfg, make_processor(cfg.mllm, build_word_tokenizer([])))))
 
 
 def png_bytes(seed: int) -> bytes:
@@ -131,9 +133,13 @@ def test_loss_falls(shards, tmp_path):
     assert last < 0.7 * first
 
 
-def test_resume_gives_the_same_next_step_loss(shards, tmp_path):
+def test_resume_gives_the_same_next_step_loss(shards, tmp_path, monkeypatch):
     extra = ["optim.max_steps=4", "ckpt_every=2"]
+    reads = []
+    rows = TaskBatches.rows
+    monkeypatch.setattr(TaskBatches, "rows", lambda self, *a: reads.append(a) or rows(self, *a))
     train(config(shards, tmp_path / "full", *extra))
+    full_reads, reads[:] = list(reads), []
     resumed = tmp_path / "resumed"
     ckpt = tmp_path / "full" / "checkpoints" / "step-0000002"
     train_main(
@@ -142,6 +148,8 @@ def test_resume_gives_the_same_next_step_loss(shards, tmp_path):
     full, again = losses(tmp_path / "full"), losses(resumed)
     assert set(again) == {3, 4}
     assert again[3] == full[3] and again[4] == full[4]
+    # From the stored position: the records of steps 1-2 are not read again (only buffered ones).
+    assert set(reads) < set(full_reads) and len(reads) < len(full_reads) * 3 / 4
 
 
 def engine_like_output(out):
@@ -211,7 +219,7 @@ def engine_like_output(out):
 def test_trainer_reads_engine_shards(tmp_path):
     engine_like_output(tmp_path / "engine")
     cfg = load_config(
-        None,
+        TINY,
         [
             f"out_dir={tmp_path / 'run'}",
             f"data.train=[{{path: {tmp_path / 'engine'}}}]",
@@ -221,11 +229,12 @@ def test_trainer_reads_engine_shards(tmp_path):
             "optim.max_steps=3",
         ],  # fmt: skip
     )
-    tok = make_tokenizer(cfg)
+    processor = trainer_processor(cfg)
+    tok = processor.tokenizer
     assert tok.tokenize("the frisbee in the air") == ["the", "frisbee", "in", "the", "air"]
     seen = set()
-    for batch, _ in zip(TaskBatches(cfg, tok), range(12), strict=False):
-        assert batch["frames"].shape[-2:] == (64, 64)
+    for batch, _ in zip(TaskBatches(cfg, processor), range(12), strict=False):
+        assert batch["frames"].shape[-2:] == (128, 128)
         assert batch["masks"].shape[0] == (batch["input_ids"] == tok.convert_tokens_to_ids("[SEG]")).sum()
         seen.add(batch["frames"].shape[1])
     assert seen == {1, 4}  # image and video batches
@@ -240,3 +249,9 @@ def test_eval_reports_every_task(shards, tmp_path):
         assert task in results
     assert 0 <= results["referring"]["cIoU"] <= 1 and 0 <= results["video_referring"]["J&F"] <= 1
     assert {"AP50", "mIoU", "recall"} <= set(results["gcg"])
+
+
+def test_full_size_manifest_is_a_valid_config():
+    cfg = load_config(TINY.parent / "train_x2sam.yaml")
+    assert cfg.vision.checkpoint == "facebook/sam2.1-hiera-large" and cfg.mllm.lora and cfg.freeze_vision
+    assert (cfg.loss.ce, cfg.loss.bce, cfg.loss.dice) == (1.0, 2.0, 0.5)
