@@ -122,14 +122,26 @@ def test_a_concat_script_named_mp4_reads_no_other_file(tmp_path, monkeypatch, cl
     assert e.value.code == ErrorCode.UNSUPPORTED_FORMAT
 
 
-def test_the_trainer_decodes_only_the_frames_a_record_annotates(clip):
+def test_the_trainer_decodes_only_the_frames_it_samples(clip, monkeypatch):
+    """A video sample holds no frames until a task asks for some; then only those are kept, each at
+    training size, and decoding stops after the last one asked for."""
+    import groundmill.model.records as records
+
     record = {
-        "schema_version": 1,  # masklets keyed by frame: read as v2
-        "media": {"type": "video", "ext": "mp4", "rotation": 0, "width": 96, "height": 64},
-        "keyframes": [{"frame_index": 0}, {"frame_index": 6}],
-        "tracks": [{"track_id": 0, "masklet": {"3": {}, "6": {}}}],
+        "schema_version": 2,
+        "media": {"type": "video", "ext": "mp4", "rotation": 0, "width": 96, "height": 64, "num_frames": 12},
     }
+    yielded = []
+    real = records.video_frames
+
+    def counting(data, rotation, indices=None):
+        for index, im in real(data, rotation, indices):
+            yielded.append(index)
+            yield index, im
+
+    monkeypatch.setattr(records, "video_frames", counting)
     _, frames = load({"json": json.dumps(record).encode(), "mp4": clip}, 32)
-    decoded = [i for i, f in enumerate(frames) if f is not None]
-    assert decoded == [0, 3, 6]  # not 12 frames: decoding stops after the last annotated one
-    assert all(frames[i].shape == (32, 32, 3) for i in decoded)
+    assert len(frames) == 12 and yielded == []  # the length comes from the record: nothing decoded
+    taken = frames.take([3, 6, 3])
+    assert yielded == [3, 6] and [f.shape for f in taken] == [(32, 32, 3)] * 3
+    assert np.array_equal(taken[0], taken[2])
