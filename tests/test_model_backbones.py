@@ -15,7 +15,7 @@ from groundmill.model.mllm import SMOLLM2, build_mllm, language_dir
 from groundmill.model.synthetic import write_split
 from groundmill.model.tokenizer import trainer_processor
 from groundmill.model.train import build_model, load_checkpoint, train
-from tests.test_model_train import FAST, engine_like_output, losses
+from groundmill.tests.model_fixtures import FAST, engine_like_output, losses
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,7 @@ import sys
 
 from groundmill.model.bench import TINY
 from groundmill.model.synthetic import write_split
-from tests.test_model_train import FAST
+from groundmill.tests.model_fixtures import FAST
 
 
 def free_port() -> int:

@@ -11,7 +11,7 @@ from groundmill.model.generic import category_map
 from groundmill.model.losses import generic_loss
 from groundmill.model.synthetic import write_split
 from groundmill.model.train import train
-from tests.test_model_train import FAST
+from groundmill.tests.model_fixtures import FAST
 
 
 def test_matching_pairs_each_instance_with_the_query_that_predicts_it():

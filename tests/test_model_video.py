@@ -17,7 +17,7 @@ from groundmill.model.tokenizer import trainer_processor
 from groundmill.model.train import build_model, train
 from groundmill.schema import content_key, encode_mask, new_record
 from groundmill.shards import ShardWriter
-from tests.test_model_train import FAST
+from groundmill.tests.model_fixtures import FAST
 
 LONG = 80  # longer than the 64-frame table the trainer used to have
 

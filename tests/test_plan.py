@@ -36,7 +36,9 @@ def manifest(tmp_path):
 def output(tmp_path):
     """An output of two images and one 10-second video with known per-stage timings."""
     out = tmp_path / "out"
-    writer = ShardWriter(out, "part")
+    writers = {
+        kind: ShardWriter(out, f"part-{kind}") for kind in ("image", "video")
+    }  # one media kind a shard
     for i, (media, scale) in enumerate([("image", 1.0), ("image", 3.0), ("video", 20.0)]):
         key = content_key(bytes([i]))
         media_record = {"type": media, "ext": "mp4" if media == "video" else "jpg", "width": 8, "height": 8}
@@ -44,8 +46,9 @@ def output(tmp_path):
             media_record["duration_s"] = 10.0
         timings = {s: t * scale for s, t in TIMES.items()}
         row = {"uri": f"u{i}", "status": "ok", "media_type": media, "timings": timings}
-        writer.add_sample(key, b"x", media_record["ext"], {"key": key, "media": media_record}, row)
-    writer.commit()
+        writers[media].add_sample(key, b"x", media_record["ext"], {"key": key, "media": media_record}, row)
+    for writer in writers.values():
+        writer.commit()
     (out / "run.json").write_text(json.dumps({"attempts": [{"cluster": {"CPU": 2.0, "GPU": 0.0}}]}))
     return out
 
