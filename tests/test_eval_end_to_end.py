@@ -6,6 +6,7 @@ import shutil
 
 import pytest
 
+from groundmill.model.bench import TINY
 from groundmill.model.config import load_config
 from groundmill.model.synthetic import write_split
 from groundmill.model.train import train
@@ -27,7 +28,7 @@ def checkpoint(tmp_path_factory):
     root = tmp_path_factory.mktemp("e2e")
     write_split(root / "train", images=12, videos=4, seed=5)
     write_split(root / "val", images=3, videos=1, seed=6)
-    cfg = load_config(None, [f"out_dir={root / 'run'}", f"data.train=[{{path: {root / 'train'}}}]",
+    cfg = load_config(TINY, [f"out_dir={root / 'run'}", f"data.train=[{{path: {root / 'train'}}}]",
                              f"data.val=[{{path: {root / 'val'}}}]", *FAST])  # fmt: skip
     return root, train(cfg)
 
