@@ -254,3 +254,18 @@ def test_mask2former_detections_carry_their_own_masks():
         assert mask_bbox(d["segmentation"]) == d["bbox"]  # the box is the mask's tight box
         assert d["label"] in {panoptic_label(n) for n in COCO_PANOPTIC_LABELS} and "-" not in d["label"]
     assert panoptic_label("wall-other-merged") == "wall" and panoptic_label("playingfield") == "playingfield"
+
+
+@pytest.mark.slow
+def test_plan_from_the_offline_grand_output(grand_run, capsys):
+    """The planner reads the offline run's timings for grand.yaml's GPU placement, and says the costs
+    were measured without a GPU."""
+    from groundmill.pipeline.cli import main
+
+    out = grand_run[1]
+    argv = ["plan", str(GRAND_MANIFEST), "--images", "11000000", "--gpus", "8", "--from", str(out), "--json"]
+    assert main(argv) == 0
+    plan = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert plan["gpu_hours"] > 0 and plan["wall_hours"] > 0 and plan["usd"] > 0
+    assert plan["bottleneck"] in plan["stages"] and plan["bound_by"] in ("gpu", "cpu")
+    assert any("without a GPU" in w for w in plan["warnings"])
