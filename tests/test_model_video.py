@@ -39,7 +39,7 @@ def long_video_output(out, frames: int = LONG):
     key = content_key(buf.getvalue())
     rec = new_record(key, {"uri": "v.mp4", "sha256": key, "bytes": 1, "format": "mp4"},
                      {"type": "video", "ext": "mp4", "width": 96, "height": 80, "fps": 10.0, "num_frames": frames}, [])  # fmt: skip
-    rec["tracks"] = [{"track_id": 1, "labels": ["red square"], "masklet": {str(i): encode_mask(m) for i, m in enumerate(masks)},
+    rec["tracks"] = [{"track_id": 1, "labels": ["red square"], "masklet": [{"frame_index": i, "segmentation": encode_mask(m)} for i, m in enumerate(masks)],
                       "first_frame": 0, "last_frame": frames - 1, "consistency": 1.0}]  # fmt: skip
     rec["expressions"] = [
         {"track_id": 1, "object_level": "the red square", "video_level": "the square moving right"}
