@@ -380,14 +380,19 @@ def probe_video(
     )
 
 
-def pad_to_aspect(im: Image.Image, max_aspect: float) -> Image.Image:
-    """`im` padded with black on the right or bottom so that its long side is at most `max_aspect`
-    times its short side (unchanged when it already is). Pixel coordinates inside `im` stay the same,
-    so a model's boxes or maps over the padded picture crop back to `im` by clipping."""
+def pad_to_aspect(im: Image.Image, max_aspect: float, min_side: int = 1) -> Image.Image:
+    """`im` padded with black on the right and bottom so that its long side is at most `max_aspect`
+    times its short side and both sides are at least `min_side` (unchanged when it already is). Pixel
+    coordinates inside `im` stay the same, so a model's boxes or maps over the padded picture crop back
+    to `im` by clipping."""
     w, h = im.size
-    if max(w, h) <= max_aspect * min(w, h):
+    long_side = max(w, h, min_side)
+    size = (
+        max(w, min_side, math.ceil(long_side / max_aspect)),
+        max(h, min_side, math.ceil(long_side / max_aspect)),
+    )
+    if size == (w, h):
         return im
-    size = (w, max(h, math.ceil(w / max_aspect))) if w > h else (max(w, math.ceil(h / max_aspect)), h)
     padded = Image.new(im.mode, size)
     padded.paste(im, (0, 0))
     return padded

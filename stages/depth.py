@@ -47,6 +47,9 @@ def depth_layer(depth: float, cutoffs: list[float]) -> str:
     return LAYERS[len(cutoffs)]
 
 
+MIN_DEPTH_SIDE = 32  # pixels: two patches of 14 and more, after the processor's rounding
+
+
 class Depth(Stage):
     name = "depth"
     provides = ("objects.depth",)
@@ -79,13 +82,15 @@ class Depth(Stage):
         depth processors keep each image's aspect ratio, so differently shaped images do not stack."""
         maps = []
         for image in images:
-            padded = pad_to_aspect(image, self.max_aspect)
+            # a picture of a few pixels is also padded: processors misread its channels, maps collapse
+            padded = pad_to_aspect(image, self.max_aspect, min_side=MIN_DEPTH_SIDE)
             inputs = self.processor(images=[padded], return_tensors="pt").to(self.device)
             out = self.model(pixel_values=inputs["pixel_values"].to(self.dtype))
             post = self.processor.post_process_depth_estimation(
                 out, target_sizes=[(padded.height, padded.width)]
             )
-            maps.append(post[0]["predicted_depth"].float().cpu().numpy()[: image.height, : image.width])
+            depth = post[0]["predicted_depth"].float().cpu().numpy().reshape(padded.height, padded.width)
+            maps.append(depth[: image.height, : image.width])
         return maps
 
     @property

@@ -127,7 +127,9 @@ def test_full_disk_fails_clearly_and_leaves_no_partial_shard(tmp_path, ray_local
     out = tmp_path / "small_disk"
     _mount_tmpfs(out, "size=1m")
     try:
-        cfg = load_config(_manifest(tmp_path, tmp_path / "in", out, "raise_on_uri", "{marker: none}"))
+        # stored as PNG, so the noise stays incompressible (1.6 MB against the 1 MB disk)
+        manifest = _manifest(tmp_path, tmp_path / "in", out, "raise_on_uri", "{marker: none}")
+        cfg = load_config(manifest, ["output.image_format=png"])
         with pytest.raises(OSError, match="No space left on device"):
             run_pipeline(cfg)
         committed = {p.stem for p in (out / INDEX_DIR).glob("*.parquet")}

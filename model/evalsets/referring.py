@@ -20,11 +20,11 @@ EVAL_SPLITS = {
     "refcocog": ("val", "test"),
 }
 PICKLE_HELP = (
-    "{path} is a Python pickle, which groundmill does not load (unpickling runs code). Convert it once, "
-    "where you trust the file, to the JSON the refer API holds:\n"
-    "  python -c \"import json, pickle; json.dump(pickle.load(open('{path}', 'rb'), encoding='latin1'), "
-    "open('{json}', 'w'))\"\n"
-    "or to Parquet (one row per ref: ref_id, ann_id, image_id, split, sentences[{{sent}}])."
+    "{path} is a Python pickle, which groundmill does not load (unpickling runs code). Convert it once,"
+    " where you trust the file, to the JSON the refer API holds: load it with Python's pickle module"
+    " (encoding='latin1') and json.dump the list of refs to {json} (the README's 'Evaluation on the"
+    " field's benchmarks' gives the one-line command), or to Parquet (one row per ref: ref_id, ann_id,"
+    " image_id, split, sentences[{{sent}}])."
 )
 
 
