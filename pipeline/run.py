@@ -297,6 +297,9 @@ def _run_locked(cfg: Config, out: Path, substitutions: list[dict[str, Any]] | No
     from groundmill.pipeline.sink import settle_duplicates
 
     settle_duplicates(out)  # also after a killed run: duplicates of inputs that failed are errors too
+    # Writers of a killed earlier run (an orphaned Ray worker) can outlive the start-up clean-up: a
+    # finished run leaves no uncommitted file behind, whoever wrote it.
+    clean_uncommitted(out)
     attempt["finished"] = datetime.now(UTC).isoformat()
     record["status"] = "complete"
     _write_json(record_path, record)

@@ -111,7 +111,7 @@ def assert_exactly_once(out: Path, uris: list[str]) -> list[dict]:
     assert tar_keys == Counter(ok_keys)
     committed = {p.stem for p in (out / INDEX_DIR).glob("*.parquet")}
     assert {p.stem for p in (out / SHARDS_DIR).glob("*.tar")} <= committed
-    assert not list(out.rglob("*.tmp"))
+    assert not list(out.rglob("*.tmp")), list(out.rglob("*.tmp"))
     return rows
 
 
