@@ -148,15 +148,7 @@ class _GroundingDino(_Detector):
 
         tokenizer = bert_wordpiece_tokenizer()
         config = GroundingDinoConfig(
-            backbone_config={
-                "model_type": "swin",
-                "embed_dim": 16,
-                "depths": [1, 1, 1, 1],
-                "num_heads": [1, 1, 1, 1],
-                "window_size": 4,
-                "image_size": TINY_IMAGE_SIZE,
-                "out_features": ["stage2", "stage3", "stage4"],
-            },
+            backbone_config=_tiny_swin(["stage2", "stage3", "stage4"]),
             text_config={"model_type": "bert", "vocab_size": tokenizer.vocab_size} | _tiny_encoder(),
             d_model=32,
             encoder_layers=1,
@@ -250,11 +242,8 @@ COCO_PANOPTIC_LABELS = load_vocabulary(["coco_panoptic"])
 def tiny_mask2former_config(labels: list[str]) -> Any:
     from transformers import Mask2FormerConfig
 
-    backbone = {"model_type": "swin", "embed_dim": 16, "depths": [1, 1, 1, 1], "num_heads": [1, 1, 1, 1]}
-    backbone |= {"window_size": 4, "image_size": TINY_IMAGE_SIZE}
-    backbone["out_features"] = ["stage1", "stage2", "stage3", "stage4"]
     return Mask2FormerConfig(
-        backbone_config=backbone,
+        backbone_config=_tiny_swin(["stage1", "stage2", "stage3", "stage4"]),
         feature_size=32,
         mask_feature_size=32,
         hidden_dim=32,
@@ -268,6 +257,12 @@ def tiny_mask2former_config(labels: list[str]) -> Any:
         label2id={name: i for i, name in enumerate(labels)},
         use_pretrained_backbone=False,
     )
+
+
+def _tiny_swin(out_features: list[str]) -> dict[str, Any]:
+    """The small Swin backbone of the tiny Grounding DINO and Mask2Former builds."""
+    return {"model_type": "swin", "embed_dim": 16, "depths": [1, 1, 1, 1], "num_heads": [1, 1, 1, 1],
+            "window_size": 4, "image_size": TINY_IMAGE_SIZE, "out_features": out_features}  # fmt: skip
 
 
 def _tiny_encoder() -> dict[str, int]:
