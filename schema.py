@@ -673,6 +673,25 @@ class ErrorCode(StrEnum):
     UNSAFE_URI = "unsafe_uri"  # a scheme not allowlisted, credentials or options in a URI
     NOT_REGULAR_FILE = "not_regular_file"  # a FIFO, device, directory or link where a file was expected
     EMPTY = "empty"
+    # Stage failures (the load step's codes above are all about the input itself):
+    TIMEOUT = "timeout"  # a model server or a call did not answer in time
+    LLM_UNAVAILABLE = "llm_unavailable"  # the LLM backend could not be reached or started
+    IO = "io"  # an OS-level I/O error inside a stage (a network file system, a full temp disk)
+    OUT_OF_MEMORY = "out_of_memory"  # host or GPU memory ran out for this sample's batch
+    LLM_OUTPUT = "llm_output"  # the LLM answered, but with text that failed its checks every attempt
+
+
+# Codes of failures that say nothing about the input: `groundmill run --retry-errors` re-attempts
+# these rows; the others (corrupt, bomb, unsupported_format, ...) fail the same way every time.
+TRANSIENT_ERROR_CODES = frozenset(
+    {
+        ErrorCode.UNREADABLE,
+        ErrorCode.TIMEOUT,
+        ErrorCode.LLM_UNAVAILABLE,
+        ErrorCode.IO,
+        ErrorCode.OUT_OF_MEMORY,
+    }
+)
 
 
 def error_reason(code: ErrorCode | str, reason: str) -> str:

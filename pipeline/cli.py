@@ -44,6 +44,17 @@ def _parser() -> argparse.ArgumentParser:
         "one actor pool (run.json lists each substitution)",
     )
     run.add_argument(
+        "--from",
+        dest="parent",
+        metavar="OLD_OUT",
+        help="derive the output from OLD_OUT's records: rerun only the stages whose settings changed",
+    )
+    run.add_argument(
+        "--retry-errors",
+        action="store_true",
+        help="annotate again the error rows of transient failures (io, timeout, llm_unavailable, ...)",
+    )
+    run.add_argument(
         "overrides", nargs="*", help="dotted config overrides, e.g. stages.tagging.params.top_k=5"
     )
 
@@ -155,7 +166,7 @@ def _run(args: argparse.Namespace) -> int:
         overrides.append(f"inputs={json.dumps(args.input)}")
     cfg = load_config(args.manifest, overrides)
     substitutions = apply_cpu(cfg, cfg.ray.num_cpus or os.cpu_count() or 1) if args.cpu else []
-    run_pipeline(cfg, substitutions)
+    run_pipeline(cfg, substitutions, parent=args.parent, retry_errors=args.retry_errors)
     print(format_summary(summarize(cfg.output.dir)))
     return 0
 

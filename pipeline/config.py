@@ -27,7 +27,11 @@ class ConfigError(ValueError):
 
 
 # Keys whose values are masked wherever the config is recorded or echoed (`*_env` keys name a variable).
-SECRET_KEY = re.compile(r"secret|passw|token|credential|api_?key|access_?key|private_?key", re.IGNORECASE)
+# Token counts (`max_new_tokens`) and tokenizers are settings, not secrets: they must stay visible
+# (a derived run hashes them to decide what reruns).
+SECRET_KEY = re.compile(
+    r"secret|passw|token(?!s|izer)|credential|api_?key|access_?key|private_?key", re.IGNORECASE
+)
 MASK = "***"
 
 

@@ -18,16 +18,36 @@ from ray.data import ActorPoolStrategy, Dataset, TaskPoolStrategy
 
 from groundmill.pipeline.config import Config, ConfigError, Segment, StageConfig, segments
 from groundmill.pipeline.load import load_batch
+from groundmill.schema import ErrorCode, error_reason
 from groundmill.stages import stage_class
 from groundmill.stages.base import ROW_SCHEMA, Sample, SampleError, Stage
+from groundmill.stages.llm.base import LLMUnavailable
 
 
 def build_stage(name: str, cfg: StageConfig, seed: int, cls: type[Stage] | None = None) -> Stage:
     return (cls or stage_class(cfg.type or name))(cfg.params, cfg.model, cfg.resources, seed, stage_id=name)
 
 
+def failure_code(exc: BaseException) -> str | None:
+    """The `schema.ErrorCode` of a stage failure when its kind says it, else None (unclassified: a
+    stage bug, or an input the stage cannot handle)."""
+    if isinstance(exc, SampleError):
+        return exc.code
+    if isinstance(exc, TimeoutError):  # before OSError, which it subclasses
+        return ErrorCode.TIMEOUT
+    if isinstance(exc, LLMUnavailable):
+        return ErrorCode.LLM_UNAVAILABLE
+    if isinstance(exc, OSError):
+        return ErrorCode.IO
+    if isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError":  # torch's CUDA OOM
+        return ErrorCode.OUT_OF_MEMORY
+    return None
+
+
 def _fail(sample: Sample, stage: str, exc: BaseException) -> None:
-    sample.fail(stage, str(exc) if isinstance(exc, SampleError) else f"{type(exc).__name__}: {exc}")
+    reason = str(exc) if isinstance(exc, SampleError) else f"{type(exc).__name__}: {exc}"
+    code = failure_code(exc)
+    sample.fail(stage, error_reason(code, reason) if code else reason)
 
 
 def run_stage(stage: Stage, name: str, samples: list[Sample]) -> None:
@@ -191,6 +211,11 @@ def build_dataset(cfg: Config, items: list[dict[str, Any]], registry: Any) -> Da
         },
         num_cpus=cfg.load.num_cpus,
     )
+    return add_stages(ds, cfg)
+
+
+def add_stages(ds: Dataset, cfg: Config) -> Dataset:
+    """The enabled stages of `cfg` after `ds` (loaded samples), one operator per segment."""
     for seg in segments(cfg):
         r = seg.resources
         common = {"batch_format": "pyarrow", "batch_size": r.batch_size, "num_cpus": r.num_cpus}

@@ -4,7 +4,8 @@ Resume is by construction: an input whose URI has a committed index row is done.
 killed run removes uncommitted files, redoes shards that went missing or were truncated since their
 commit, skips what is done and annotates the rest; a rerun of a finished run finds nothing pending
 and returns without starting Ray. A rerun whose annotation settings differ from those that wrote
-the output is refused, naming what changed.
+the output is refused, naming what changed: write a derived output instead (`--from`,
+pipeline/derive.py), which reruns only the stages whose settings changed.
 
 Outputs stay owned: a run writes only into an empty directory or one holding groundmill's marker
 (:data:`MARKER`), holds an exclusive lock on it (:data:`LOCK`) for its whole length, and never lists
@@ -31,6 +32,8 @@ from typing import Any
 
 from groundmill import __version__
 from groundmill.pipeline.config import Config, ConfigError, mask_override, recorded_config
+from groundmill.pipeline.derive import Derivation, check_parent, derived_items, plan_derivation
+from groundmill.pipeline.retry import is_transient, withdraw_transient_errors
 from groundmill.pipeline.sources import list_sources, redact_uri
 from groundmill.shards import clean_uncommitted, forget_shard, lost_shards, read_index
 
@@ -208,13 +211,15 @@ def refuse_changed_settings(out: Path, previous: dict[str, Any], record: dict[st
 
 
 def annotate(
-    cfg: Config, out: Path, pending: list[dict[str, Any]], index: Any, attempt_number: int
-) -> dict[str, float]:
+    cfg: Config, out: Path, pending: list[dict[str, Any]], index: Any, attempt_number: int,
+    derivation: Derivation | None = None,
+) -> dict[str, float]:  # fmt: skip
     """Start (or join) Ray and stream the pending inputs ({uri, failure} items) through the graph
-    into the shard sink; returns the cluster's CPUs and GPUs (the planner reads where timings were
-    measured)."""
+    into the shard sink, then a derived run's rows of its parent through the rerun stages; returns the
+    cluster's CPUs and GPUs (the planner reads where timings were measured)."""
     import ray
 
+    from groundmill.pipeline.derive import build_derived_dataset
     from groundmill.pipeline.graph import build_dataset, check_resources
     from groundmill.pipeline.load import KeyRegistry
     from groundmill.pipeline.sink import ShardSink
@@ -228,25 +233,42 @@ def annotate(
             raise
         log.warning("%s; continuing, as an existing cluster may autoscale", e)
     ray.data.DataContext.get_current().max_errored_blocks = cfg.ray.max_errored_blocks
-    columns = (index.column(c).to_pylist() for c in ("key", "uri", "shard"))
-    committed = {k: u for k, u, s in zip(*columns, strict=True) if s}
+    committed = _committed_keys(index)
+    if derivation is not None:  # the parent's samples are this output's too: no input may repeat one
+        committed = _committed_keys(read_index(derivation.old_dir, ["key", "uri", "shard"])) | committed
     registry = KeyRegistry.remote(committed)
-    step = cfg.run.inputs_per_dataset
-    for n, i in enumerate(range(0, len(pending), step)):  # bounded driver memory (inputs_per_dataset)
-        # Shard names carry no config value: attempt, Dataset and (in the sink) write task numbers.
-        prefix = f"{attempt_number:03d}-{n:03d}"
-        sink = ShardSink(str(out), cfg.output.shard_max_samples, cfg.output.shard_max_mb * 2**20, prefix)
-        build_dataset(cfg, pending[i : i + step], registry).write_datasink(sink)
+    work = [(pending, lambda items: build_dataset(cfg, items, registry))]
+    if derivation is not None:
+        work.append((derivation.items, lambda items: build_derived_dataset(cfg, items, derivation)))
+    step, n = cfg.run.inputs_per_dataset, 0
+    for items, build in work:
+        for i in range(0, len(items), step):  # bounded driver memory (inputs_per_dataset)
+            # Shard names carry no config value: attempt, Dataset and (in the sink) write task numbers.
+            prefix = f"{attempt_number:03d}-{n:03d}"
+            sink = ShardSink(str(out), cfg.output.shard_max_samples, cfg.output.shard_max_mb * 2**20, prefix)
+            build(items[i : i + step]).write_datasink(sink)
+            n += 1
     return cluster
 
 
-def run_pipeline(cfg: Config, substitutions: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+def _committed_keys(index: Any) -> dict[str, str]:
+    columns = (index.column(c).to_pylist() for c in ("key", "uri", "shard"))
+    return {k: u for k, u, s in zip(*columns, strict=True) if s}
+
+
+def run_pipeline(
+    cfg: Config,
+    substitutions: list[dict[str, Any]] | None = None,
+    parent: str | Path | None = None,
+    retry_errors: bool = False,
+) -> dict[str, Any]:
     """Annotate every pending input of `cfg` (`substitutions`: what `--cpu` changed, for the run
-    record); returns the run record."""
+    record), or with `parent` derive the output from that one (pipeline/derive.py); `retry_errors`
+    re-attempts the error rows of transient failures (pipeline/retry.py). Returns the run record."""
     out = Path(cfg.output.dir)
     claim_output(out)
     with output_lock(out):
-        return _run_locked(cfg, out, substitutions)
+        return _run_locked(cfg, out, substitutions, Path(parent) if parent else None, retry_errors)
 
 
 def _pending(cfg: Config, out: Path, done: set[str]) -> tuple[list[dict[str, Any]], int]:
@@ -260,11 +282,41 @@ def _pending(cfg: Config, out: Path, done: set[str]) -> tuple[list[dict[str, Any
     return pending, len(listing.uris) + len(listing.failures)
 
 
-def _run_locked(cfg: Config, out: Path, substitutions: list[dict[str, Any]] | None) -> dict[str, Any]:
+def _derivation(
+    cfg: Config, out: Path, parent: Path, record: dict[str, Any], done: set[str], retry_errors: bool
+) -> tuple[Derivation, list[dict[str, Any]]]:
+    """A derived run's plan (recorded in `record`) and rows to carry, and the parent's transient
+    error rows to annotate afresh when `retry_errors`."""
+    plan = plan_derivation(check_parent(parent, out), record)
+    record.update(plan.as_record(str(parent)))
+    items = derived_items(parent, done)
+    retried = [{"uri": r["uri"], "failure": None} for r in items if retry_errors and is_transient(r)]
+    items = [r for r in items if not (retry_errors and is_transient(r))]
+    log.info("derived from %s: rerun %s, reused %s", parent, plan.rerun or "none", plan.reused or "none")
+    return Derivation(parent, plan, items), retried
+
+
+def refuse_other_parent(out: Path, previous: dict[str, Any], parent: Path | None) -> None:
+    """A derived output resumes only from the same parent (and a plain one never becomes derived)."""
+    before = previous.get("parent")
+    if before != (str(parent) if parent else None):
+        was = f"derived from {before}" if before else "not derived"
+        raise ConfigError(f"{out} was {was}: resume it with the same --from, or write to a new --output")
+
+
+def _run_locked(
+    cfg: Config,
+    out: Path,
+    substitutions: list[dict[str, Any]] | None,
+    parent: Path | None,
+    retry_errors: bool,
+) -> dict[str, Any]:
     removed = clean_uncommitted(out)
     if removed:
         log.info("removed %d uncommitted file(s) left by an interrupted run", len(removed))
     redo_lost_shards(out)
+    if retry_errors:
+        withdraw_transient_errors(out)
     index = read_index(out, columns=["uri", "key", "shard"])
     record_path = out / RUN_RECORD
     if len(index) and not record_path.exists():
@@ -273,13 +325,19 @@ def _run_locked(cfg: Config, out: Path, substitutions: list[dict[str, Any]] | No
             f"checked: restore {RUN_RECORD}, or write to a new --output"
         )
     done = set(index.column("uri").to_pylist())
-    pending, num_inputs = _pending(cfg, out, done)
-
     previous = json.loads(record_path.read_text()) if record_path.exists() else {}
-    record = new_record(cfg, num_inputs, previous, substitutions)
+    derivation = None
+    if parent is None:
+        pending, num_inputs = _pending(cfg, out, done)
+        record = new_record(cfg, num_inputs, previous, substitutions)
+    else:  # the parent's rows are the inputs: the manifest's `inputs` are not listed
+        record = new_record(cfg, len(read_index(parent, ["uri"])), previous, substitutions)
+        derivation, pending = _derivation(cfg, out, parent, record, done, retry_errors)
     if previous and done:
         refuse_changed_settings(out, previous, record)
-    attempt = {"started": datetime.now(UTC).isoformat(), "pending": len(pending), "already_done": len(done)}
+        refuse_other_parent(out, previous, parent)
+    todo = len(pending) + (len(derivation.items) if derivation else 0)
+    attempt = {"started": datetime.now(UTC).isoformat(), "pending": todo, "already_done": len(done)}
     record["attempts"].append(attempt)
     record["status"] = "running"
     _write_json(record_path, record)
@@ -288,12 +346,12 @@ def _run_locked(cfg: Config, out: Path, substitutions: list[dict[str, Any]] | No
             "stages %s use RANDOM weights: their annotations are not real (see run.json)",
             ", ".join(record["random_weight_models"]),
         )
-    if pending:
+    if pending or (derivation and derivation.items):
         start = time.perf_counter()
-        attempt["cluster"] = annotate(cfg, out, pending, index, len(record["attempts"]))
+        attempt["cluster"] = annotate(cfg, out, pending, index, len(record["attempts"]), derivation)
         attempt["seconds"] = round(time.perf_counter() - start, 3)
     else:
-        log.info("nothing to do: all %d inputs are already in %s", num_inputs, out)
+        log.info("nothing to do: all %d inputs are already in %s", record["inputs"], out)
     from groundmill.pipeline.sink import settle_duplicates
 
     settle_duplicates(out)  # also after a killed run: duplicates of inputs that failed are errors too

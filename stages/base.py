@@ -62,7 +62,12 @@ class Resources:
 
 
 class SampleError(Exception):
-    """Raised by a stage for one sample that cannot be annotated; the sample becomes an error row."""
+    """Raised by a stage for one sample that cannot be annotated; the sample becomes an error row,
+    with `code` (a `schema.ErrorCode`) when the stage knows why: `--retry-errors` reads it."""
+
+    def __init__(self, reason: str, code: str | None = None):
+        super().__init__(reason)
+        self.code = code
 
 
 @dataclass
@@ -174,6 +179,9 @@ class Stage(ABC):
     requires: ClassVar[tuple[str, ...]] = ()
     uses: ClassVar[tuple[str, ...]] = ()
     uses_model: ClassVar[bool] = True  # False: cheap CPU logic, run as Ray tasks instead of actors
+    # False: reads only the record, never the pixels; a derived run (`--from`) whose rerun stages
+    # all say so decodes no video keyframes.
+    uses_pixels: ClassVar[bool] = True
 
     @dataclass
     class Params:

@@ -54,6 +54,7 @@ class PhraseGrounding(Stage):
     name = "grounding"
     provides = ("relationships.grounding",)
     requires = ("captions", "objects")
+    uses_pixels = False  # captions and object labels only
 
     @dataclass
     class Params:

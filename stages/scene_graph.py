@@ -218,6 +218,7 @@ class SceneGraph(Stage):
     provides = ("scene_graph",)
     requires = ("objects",)
     uses_model = False
+    uses_pixels = False
 
     @dataclass
     class Params:

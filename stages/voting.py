@@ -113,6 +113,7 @@ class BoxVoting(Stage):
     requires = ("detections",)
     uses = ("detections.segmentation",)  # the masks stage must run before voting to take part
     uses_model = False
+    uses_pixels = False
 
     @dataclass
     class Params:

@@ -35,6 +35,8 @@ from groundmill.stages.llm.base import (
     as_messages,
 )
 
+# How a request that failed at the transport level every try is reported (a transient failure).
+GAVE_UP = "gave up after"
 _RETRY_STATUS = {408, 429, 500, 502, 503, 504}
 
 
@@ -125,7 +127,7 @@ class OpenAIHTTPBackend(LLMBackend):
             except ValueError as e:  # arrived but unusable: the caller's retry loop decides
                 return Generation("", FINISH_ERROR, error=str(e))
         return Generation(
-            "", FINISH_ERROR, error=f"gave up after {self.config.request_retries + 1} tries: {last}"
+            "", FINISH_ERROR, error=f"{GAVE_UP} {self.config.request_retries + 1} tries: {last}"
         )
 
     def _post(self, payload: dict[str, Any]) -> Generation:

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from groundmill.prompts import PromptTemplate, RenderedPrompt, load_prompt
-from groundmill.schema import FrameRecord
+from groundmill.schema import ErrorCode, FrameRecord, error_reason
 from groundmill.stages.base import Sample, Stage
 from groundmill.stages.llm import (
     Checked,
@@ -20,7 +20,19 @@ from groundmill.stages.llm import (
     generate_checked,
     make_backend,
 )
+from groundmill.stages.llm.http import GAVE_UP
 from groundmill.stages.llm.parsing import parse_prose
+
+
+def llm_failure_code(reason: str) -> ErrorCode:
+    """Why a prompt's last attempt failed, as a code: the server never answered (transient: timeout or
+    unavailable), or it answered with text that failed the checks (permanent for these settings)."""
+    if GAVE_UP in reason:
+        return ErrorCode.TIMEOUT if "timeout" in reason else ErrorCode.LLM_UNAVAILABLE
+    if "out of memory" in reason.lower():
+        return ErrorCode.OUT_OF_MEMORY
+    return ErrorCode.LLM_OUTPUT
+
 
 # (sample, the frame record to write into, its rendered prompt)
 Job = tuple[Sample, FrameRecord, RenderedPrompt]
@@ -30,6 +42,7 @@ class LLMStage(Stage):
     """Set `prompt_name`; subclasses extend `Params` (a dataclass subclass of LLMStage.Params)."""
 
     prompt_name: ClassVar[str]
+    uses_pixels = False  # LLMs here read the record's text, never the image
 
     @dataclass
     class Params:
@@ -101,7 +114,8 @@ class LLMStage(Stage):
         key = f"{self.name}.dropped"
         sample.stats[key] = sample.stats.get(key, 0.0) + 1.0
         if self.params.on_failure == "error":
-            sample.fail(self.name, f"LLM output failed after {result.attempts} attempts: {result.reason}")
+            reason = f"LLM output failed after {result.attempts} attempts: {result.reason}"
+            sample.fail(self.name, error_reason(llm_failure_code(result.reason), reason))
 
     def run_jobs(
         self,

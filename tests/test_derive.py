@@ -1,0 +1,205 @@
+"""Derived outputs (`run --from`) and `--retry-errors` through real Ray, with small test-double stages
+(tests/derive_doubles.py), plus the plan of the real demo manifest (which stages a change reruns)."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from groundmill.pipeline.config import ConfigError, load_config
+from groundmill.pipeline.derive import plan_derivation, stage_hashes
+from groundmill.pipeline.run import new_record, run_pipeline
+from groundmill.shards import INDEX_DIR, SHARDS_DIR, iter_shard, read_index
+from groundmill.tests.derive_doubles import use_derive_doubles
+from groundmill.tests.fault_doubles import assert_exactly_once
+from groundmill.tests.media_factory import rgb_jpeg
+
+REPO = Path(__file__).resolve().parents[1]
+DEMO = REPO / "manifests" / "demo.yaml"
+THREE = {
+    "paint": "resources: {batch_size: 2}",
+    "describe": "resources: {batch_size: 2}",
+    "stamp": "resources: {batch_size: 2}",
+}
+
+
+@pytest.fixture()
+def doubles(monkeypatch):
+    use_derive_doubles(monkeypatch.setitem)
+
+
+def _record(manifest: Path | str, overrides: list[str] | None = None) -> dict:
+    cfg = load_config(manifest, ["inputs=[x]", *(overrides or [])])
+    return json.loads(json.dumps(new_record(cfg, 0, {}), default=str))  # as run.json holds it
+
+
+def test_demo_max_new_tokens_of_extra_context_reruns_it_alone():
+    plan = plan_derivation(_record(DEMO), _record(DEMO, ["stages.extra_context.params.max_new_tokens=40"]))
+    assert plan.rerun == ["extra_context"]
+    assert plan.reset_fields == {"additional_context"}
+    assert "extra_context" not in plan.reused and len(plan.reused) == len(stage_hashes(_record(DEMO))) - 1
+
+
+def test_demo_detector_change_reruns_what_reads_its_boxes_and_nothing_else():
+    plan = plan_derivation(_record(DEMO), _record(DEMO, ["stages.detect_owlv2.params.max_boxes=5"]))
+    # masks rewrites `detections` (so both detectors rerun with it), voting builds `objects` from them,
+    # depth and attributes extend `objects`, and the language stages read the objects.
+    assert plan.rerun == [
+        "detect_owlv2", "detect_grounding_dino", "masks", "voting", "depth", "attributes", "grounding",
+        "scene_graph", "dense_caption", "verification", "refexp", "extra_context", "gcg",
+    ]  # fmt: skip
+    assert plan.reused == ["tagging", "landmark", "captions", "tracking", "video_expressions"]
+
+
+def test_a_derived_run_cannot_change_the_stored_media():
+    with pytest.raises(ConfigError, match="decide the stored media"):
+        plan_derivation(_record(DEMO), _record(DEMO, ["limits.max_side=512"]))
+
+
+def _inputs(folder: Path, names: list[str]) -> list[str]:
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, name in enumerate(names):
+        (folder / name).write_bytes(rgb_jpeg(seed=i + 1))
+    return [str(folder / n) for n in names]
+
+
+def _manifest(path: Path, inputs: Path, out: Path, stages: dict[str, str]) -> Path:
+    body = "".join(f"  {name}: {{{spec}}}\n" for name, spec in stages.items())
+    path.write_text(
+        f"run: {{name: derive}}\ninputs: [{inputs}]\noutput: {{dir: {out}, shard_max_samples: 2}}\n"
+        f"load: {{batch_size: 2}}\nray: {{num_cpus: 2}}\nstages:\n{body}"
+    )
+    return path
+
+
+def _samples(out: Path) -> dict[str, dict]:
+    """key -> {"media": bytes, "record": parsed json, "json": {field: its exact JSON text}}."""
+    found = {}
+    for tar in (out / SHARDS_DIR).glob("*.tar"):
+        for key, files in iter_shard(tar):
+            record = json.loads(files["json"])
+            fields = {k: json.dumps(v, ensure_ascii=False, separators=(",", ":")) for k, v in record.items()}
+            found[key] = {"media": files["jpg"], "record": record, "json": fields}
+    return found
+
+
+def _timed_stages(out: Path) -> set[str]:
+    return {t["stage"] for r in read_index(out).to_pylist() for t in r["timings"] or []}
+
+
+def _derive(manifest: Path, old: Path, new: Path, overrides: list[str] | None = None) -> dict:
+    run_pipeline(load_config(manifest, [f"output.dir={new}", *(overrides or [])]), parent=old)
+    return json.loads((new / "run.json").read_text())
+
+
+@pytest.mark.slow
+def test_change_add_and_remove_stages_of_a_derived_output(tmp_path, ray_local, doubles):
+    uris = _inputs(tmp_path / "in", [f"img{i}.jpg" for i in range(5)])
+    old = tmp_path / "old"
+    manifest = _manifest(tmp_path / "m.yaml", tmp_path / "in", old, THREE)
+    run_pipeline(load_config(manifest))
+    before = _samples(old)
+    assert len(before) == 5 and all(s["record"]["stamp"] == "first" for s in before.values())
+
+    # One param of an independent stage: it alone reruns; everything else is carried byte for byte.
+    new = tmp_path / "stamp2"
+    record = _derive(manifest, old, new, ["stages.stamp.params.text=second"])
+    assert (record["parent"], record["rerun_stages"], record["reused_stages"]) == (str(old), ["stamp"], ["paint", "describe"])
+    after = _samples(new)
+    assert after.keys() == before.keys()
+    for key, sample in after.items():
+        assert sample["media"] == before[key]["media"]
+        assert sample["record"]["stamp"] == "second"
+        for field in ("paint", "description", "source", "media", "normalisation"):
+            assert sample["json"][field] == before[key]["json"][field]
+        assert sample["record"]["provenance"].keys() == {"paint", "describe", "stamp"}
+    assert _timed_stages(new) == {"stamp"}
+    rows = assert_exactly_once(new, uris)
+    assert all({s["name"] for s in r["stats"]} == {"paint.calls"} for r in rows)  # carried from OLD
+
+    # A param of the stage others require: it and its dependant rerun, the independent one does not.
+    record = _derive(manifest, old, tmp_path / "blue", ["stages.paint.params.colour=blue"])
+    assert record["rerun_stages"] == ["paint", "describe"] and record["reused_stages"] == ["stamp"]
+    blue = _samples(tmp_path / "blue")
+    assert all(s["record"]["description"].startswith("painted blue:") for s in blue.values())
+    assert all(blue[k]["json"]["stamp"] == before[k]["json"]["stamp"] for k in blue)
+
+    # A new stage runs alone; a removed stage's fields and provenance are dropped, nothing reruns.
+    added = _manifest(tmp_path / "added.yaml", tmp_path / "in", old, {**THREE, "flaky": ""})
+    record = _derive(added, old, tmp_path / "added")
+    assert record["rerun_stages"] == ["flaky"] and _timed_stages(tmp_path / "added") == {"flaky"}
+    assert all(s["record"]["flaky"] == "ok" for s in _samples(tmp_path / "added").values())
+    removed = _manifest(tmp_path / "removed.yaml", tmp_path / "in", old, {"paint": "", "describe": ""})
+    record = _derive(removed, old, tmp_path / "removed")
+    assert (record["rerun_stages"], record["removed_stages"]) == ([], ["stamp"])
+    for key, sample in _samples(tmp_path / "removed").items():
+        assert "stamp" not in sample["record"] and "stamp" not in sample["record"]["provenance"]
+        assert sample["json"]["paint"] == before[key]["json"]["paint"]
+    assert _timed_stages(tmp_path / "removed") == set()
+    assert_exactly_once(tmp_path / "removed", uris)
+
+    # A derived output resumes only from its parent; rerunning it finished does nothing.
+    with pytest.raises(ConfigError, match="derived from"):
+        run_pipeline(load_config(manifest, [f"output.dir={new}", "stages.stamp.params.text=second"]))
+    _derive(manifest, old, new, ["stages.stamp.params.text=second"])
+    assert_exactly_once(new, uris)
+
+
+@pytest.mark.slow
+def test_killed_derived_run_then_rerun_loses_and_duplicates_nothing(tmp_path, ray_local, doubles):
+    uris = _inputs(tmp_path / "in", [f"img{i:02d}.jpg" for i in range(16)])
+    old, new = tmp_path / "old", tmp_path / "new"
+    manifest = _manifest(tmp_path / "m.yaml", tmp_path / "in", old, THREE)
+    run_pipeline(load_config(manifest))
+    slow = ["stages.paint.params.colour=green", "stages.paint.params.seconds=0.3"]
+    env = {**os.environ, "RAY_DATA_DISABLE_PROGRESS_BARS": "1"}
+    command = [sys.executable, "-m", "groundmill.tests.derive_doubles", "run", str(manifest),
+               "--from", str(old), "--output", str(new), *slow]  # fmt: skip
+    proc = subprocess.Popen(command, cwd=REPO, env=env, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    try:
+        deadline = time.monotonic() + 300  # generous: Ray start-up on a busy 2-core machine
+        while not list((new / INDEX_DIR).glob("*.parquet")) and proc.poll() is None:
+            assert time.monotonic() < deadline, "no shard committed within 300 s"
+            time.sleep(0.05)
+        os.kill(proc.pid, signal.SIGKILL)  # the driver, mid-run
+        proc.wait()
+    finally:
+        with contextlib.suppress(ProcessLookupError):  # then its embedded Ray
+            os.killpg(proc.pid, signal.SIGKILL)
+    done_before = len(read_index(new))
+    assert 0 < done_before < len(uris), f"the kill was not mid-run ({done_before} of {len(uris)} done)"
+
+    record = _derive(manifest, old, new, slow)
+    rows = assert_exactly_once(new, uris)
+    assert all(r["status"] == "ok" for r in rows) and record["rerun_stages"] == ["paint", "describe"]
+    assert all(s["record"]["paint"].startswith("green:") for s in _samples(new).values())
+    assert len(record["attempts"]) == 2
+
+
+@pytest.mark.slow
+def test_retry_errors_reattempts_transient_failures_only(tmp_path, ray_local, doubles):
+    uris = _inputs(tmp_path / "in", ["good.jpg", "transient.jpg", "permanent.jpg"])
+    outage = tmp_path / "outage"
+    outage.touch()
+    out = tmp_path / "out"
+    manifest = _manifest(tmp_path / "m.yaml", tmp_path / "in", out, {"flaky": f"params: {{outage: {outage}}}"})
+    run_pipeline(load_config(manifest))
+    codes = {Path(r["uri"]).name: r["error_code"] for r in read_index(out).to_pylist()}
+    assert codes == {"good.jpg": None, "transient.jpg": "timeout", "permanent.jpg": "unclassified"}
+
+    outage.unlink()  # the server is back
+    run_pipeline(load_config(manifest))  # a plain rerun keeps error rows: they are done
+    assert read_index(out).column("error_code").to_pylist().count("timeout") == 1
+    run_pipeline(load_config(manifest), retry_errors=True)
+    rows = {Path(r["uri"]).name: r for r in assert_exactly_once(out, uris)}
+    assert rows["transient.jpg"]["status"] == "ok" and rows["good.jpg"]["status"] == "ok"
+    assert rows["permanent.jpg"]["error"] == "flaky: this input always breaks the stage"
