@@ -112,7 +112,11 @@ def test_change_add_and_remove_stages_of_a_derived_output(tmp_path, ray_local, d
     # One param of an independent stage: it alone reruns; everything else is carried byte for byte.
     new = tmp_path / "stamp2"
     record = _derive(manifest, old, new, ["stages.stamp.params.text=second"])
-    assert (record["parent"], record["rerun_stages"], record["reused_stages"]) == (str(old), ["stamp"], ["paint", "describe"])
+    assert (record["parent"], record["rerun_stages"], record["reused_stages"]) == (
+        str(old),
+        ["stamp"],
+        ["paint", "describe"],
+    )
     after = _samples(new)
     assert after.keys() == before.keys()
     for key, sample in after.items():
@@ -191,7 +195,9 @@ def test_retry_errors_reattempts_transient_failures_only(tmp_path, ray_local, do
     outage = tmp_path / "outage"
     outage.touch()
     out = tmp_path / "out"
-    manifest = _manifest(tmp_path / "m.yaml", tmp_path / "in", out, {"flaky": f"params: {{outage: {outage}}}"})
+    manifest = _manifest(
+        tmp_path / "m.yaml", tmp_path / "in", out, {"flaky": f"params: {{outage: {outage}}}"}
+    )
     run_pipeline(load_config(manifest))
     codes = {Path(r["uri"]).name: r["error_code"] for r in read_index(out).to_pylist()}
     assert codes == {"good.jpg": None, "transient.jpg": "timeout", "permanent.jpg": "unclassified"}

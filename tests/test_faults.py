@@ -182,14 +182,20 @@ def test_shard_commit_on_a_full_disk_leaves_nothing_visible(tmp_path, monkeypatc
 
 @pytest.mark.parametrize(
     ("fault", "reason", "on_failure"),
-    [("garbage", "not JSON", "error"), ("garbage", "not JSON", "drop"), ("slow", "", "drop")],
+    [
+        ("garbage", "not JSON", "error"),
+        ("garbage", "not JSON", "drop"),
+        ("slow", "", "drop"),
+        ("slow", "timeout", "error"),
+    ],
 )
 def test_llm_endpoint_garbage_or_timeout_is_retried_then_recorded(
     tmp_path, ray_local, doubles, request, fault, reason, on_failure
 ):
     """A misbehaving OpenAI-compatible endpoint: each prompt is retried `attempts` times, then becomes
-    an error row (on_failure=error), or the drop is recorded in the kept sample (record `llm_drops`,
-    index stats); every input gets exactly one row either way."""
+    an error row (on_failure=error; coded `llm_output` for garbage, `timeout` for a server that never
+    answers, which `--retry-errors` re-attempts), or the drop is recorded in the kept sample (record
+    `llm_drops`, index stats); every input gets exactly one row either way."""
     base_url, hits = request.getfixturevalue("fault_server")[:2]
     uris = _inputs(tmp_path / "in", 3)
     manifest = tmp_path / "m.yaml"
@@ -205,9 +211,12 @@ def test_llm_endpoint_garbage_or_timeout_is_retried_then_recorded(
     rows = assert_exactly_once(tmp_path / "out", uris)
     if on_failure == "error":
         assert all(r["status"] == "error" and r["shard"] is None for r in rows)
-        assert all(r["error"].startswith("dense_caption: LLM output failed after 2 attempts") for r in rows)
-        assert all(reason in r["error"] for r in rows)
-        assert hits[fault] - before == 3 * 2
+        code = "llm_output" if fault == "garbage" else "timeout"
+        assert all(
+            r["error"].startswith(f"dense_caption: [{code}] LLM output failed after 2 attempts") for r in rows
+        )
+        assert all(reason in r["error"] and r["error_code"] == code for r in rows)
+        assert hits[fault] - before == 3 * 2 * (1 if fault == "garbage" else 2)
         return
     assert all(
         r["status"] == "ok" and {x["name"]: x["value"] for x in r["stats"]}["dense_caption.dropped"] == 1.0
