@@ -85,6 +85,24 @@ class Object(TypedDict):
     mask_in_box: NotRequired[bool]  # False flags a mask whose box disagrees with its prompt box
     depth: NotRequired[float | None]  # median normalised depth inside the mask (0 near .. 1 far)
     depth_layer: NotRequired[str]
+    replaced: NotRequired[ReplacedMask]  # the mask this one replaced (stages/prefer_masks.py)
+
+
+class ReplacedMask(TypedDict):
+    segmentation: RLE
+    segmentation_source: str
+    reason: str  # the comparison that preferred the new mask
+
+
+class X2SamMask(TypedDict):
+    """One text's mask from a trainer checkpoint (stages/x2sam.py), beside SAM2's."""
+
+    kind: str  # referring | gcg | labels | phrases: where the text came from
+    text: str
+    object_ids: list[int]  # the objects the text names in the record (none for a fixed phrase)
+    segmentation: RLE
+    segmentation_source: str  # "x2sam"
+    score: float  # mean mask probability inside the mask
 
 
 class Detection(TypedDict):
@@ -281,6 +299,7 @@ class FrameRecord(TypedDict, total=False):
     additional_context: str
     generations: dict[str, Generation]  # LLM stage name (from the manifest) -> its provenance
     llm_drops: list[LLMDrop]
+    x2sam: list[X2SamMask]
 
 
 class FrameSamplingInfo(TypedDict):

@@ -25,6 +25,8 @@ REGISTRY: dict[str, str | type] = {
     "gcg": "gcg:GCGExport",
     "tracking": "tracking:Sam2Tracking",
     "video_expressions": "video_expressions:VideoExpressions",
+    "x2sam": "x2sam:X2SamSegmentation",
+    "prefer_masks": "prefer_masks:PreferMasks",
 }
 
 
