@@ -11,7 +11,7 @@ export TOKENIZERS_PARALLELISM ?= false
 # Idle OpenMP threads sleep instead of spinning: on a shared 2-core machine spinning costs 10x.
 export OMP_WAIT_POLICY ?= PASSIVE
 
-.PHONY: install demo test lint bench bench-train clean
+.PHONY: install demo test lint bench bench-train loop clean
 
 install: $(STAMP)
 
@@ -47,6 +47,10 @@ bench: $(STAMP)
 
 bench-train: $(STAMP)
 	$(BIN)/groundmill bench-train
+
+# Round 0 trains the tiny X2SAM, the engine annotates with it, round 1 retrains on its output (README).
+loop: $(STAMP)
+	$(BIN)/python -m groundmill.pipeline.loop
 
 clean:
 	rm -rf out
