@@ -16,8 +16,12 @@ import pytest
 
 from groundmill.pipeline.config import ConfigError, load_config
 from groundmill.pipeline.derive import plan_derivation, stage_hashes
+from groundmill.pipeline.graph import failure_code
 from groundmill.pipeline.run import new_record, run_pipeline
 from groundmill.shards import INDEX_DIR, SHARDS_DIR, iter_shard, read_index
+from groundmill.stages.base import SampleError
+from groundmill.stages.llm.base import LLMUnavailable
+from groundmill.stages.llm.stage import llm_failure_code
 from groundmill.tests.derive_doubles import use_derive_doubles
 from groundmill.tests.fault_doubles import assert_exactly_once
 from groundmill.tests.media_factory import rgb_jpeg
@@ -209,3 +213,32 @@ def test_retry_errors_reattempts_transient_failures_only(tmp_path, ray_local, do
     rows = {Path(r["uri"]).name: r for r in assert_exactly_once(out, uris)}
     assert rows["transient.jpg"]["status"] == "ok" and rows["good.jpg"]["status"] == "ok"
     assert rows["permanent.jpg"]["error"] == "flaky: this input always breaks the stage"
+
+
+@pytest.mark.parametrize(
+    ("exc", "code"),
+    [
+        (TimeoutError("read timed out"), "timeout"),
+        (ConnectionRefusedError("refused"), "io"),
+        (LLMUnavailable("no vllm here"), "llm_unavailable"),
+        (MemoryError(), "out_of_memory"),
+        (SampleError("server down", code="timeout"), "timeout"),
+        (SampleError("cannot parse"), None),
+        (KeyError("a stage bug"), None),
+    ],
+)
+def test_stage_failures_are_classified_for_retry(exc, code):
+    assert failure_code(exc) == code
+
+
+@pytest.mark.parametrize(
+    ("reason", "code"),
+    [
+        ("request failed: gave up after 2 tries: timeout after 0.5s (ReadTimeout)", "timeout"),
+        ("request failed: gave up after 3 tries: HTTP 503", "llm_unavailable"),
+        ("request failed: response is not JSON: 'x'", "llm_output"),
+        ("2 sentence(s), need at least 3", "llm_output"),
+    ],
+)
+def test_llm_failures_are_classified_for_retry(reason, code):
+    assert llm_failure_code(reason) == code
