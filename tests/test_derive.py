@@ -12,19 +12,29 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
+import pyarrow as pa
 import pytest
 
 from groundmill.pipeline.config import ConfigError, load_config
-from groundmill.pipeline.derive import plan_derivation, stage_hashes
+from groundmill.pipeline.derive import (
+    DerivePlan,
+    derived_items,
+    derived_load_batch,
+    plan_derivation,
+    stage_hashes,
+)
 from groundmill.pipeline.graph import failure_code
+from groundmill.pipeline.load import normalise_input
 from groundmill.pipeline.run import new_record, run_pipeline
-from groundmill.shards import INDEX_DIR, SHARDS_DIR, iter_shard, read_index
+from groundmill.schema import content_key
+from groundmill.shards import INDEX_DIR, SHARDS_DIR, ShardWriter, iter_shard, read_index
 from groundmill.stages.base import SampleError
 from groundmill.stages.llm.base import LLMUnavailable
 from groundmill.stages.llm.stage import llm_failure_code
 from groundmill.tests.derive_doubles import use_derive_doubles
 from groundmill.tests.fault_doubles import assert_exactly_once
-from groundmill.tests.media_factory import rgb_jpeg
+from groundmill.tests.media_factory import h264, rgb_jpeg
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO = REPO / "manifests" / "demo.yaml"
@@ -242,3 +252,32 @@ def test_stage_failures_are_classified_for_retry(exc, code):
 )
 def test_llm_failures_are_classified_for_retry(reason, code):
     assert llm_failure_code(reason) == code
+
+
+def test_a_derived_video_decodes_its_keyframes_only_for_pixel_stages(tmp_path):
+    """OLD's stored video -> the rows a derived run's stages get: keyframes decoded (as the loader
+    would) when a rerun stage reads pixels, empty placeholders otherwise; the record reset either way."""
+    cfg = load_config(None, ["inputs=[x]"])
+    frames = [np.full((48, 64, 3), 30 * i, np.uint8) for i in range(8)]
+    data = h264(frames, [i * 100 for i in range(8)])
+    loaded = normalise_input("v.mp4", content_key(data), data, cfg.limits, cfg.video)
+    record = {**loaded.record, "stamp": "old", "paint": "kept"}
+    record["keyframes"][0]["stamp"] = "old"  # a field a stage wrote into a keyframe
+    writer = ShardWriter(tmp_path, name="old-00000")
+    writer.add_sample(
+        loaded.key, data, "mp4", record, {"uri": "v.mp4", "status": "ok", "media_type": "video"}
+    )
+    writer.commit()
+    plan = DerivePlan(
+        rerun=["stamp"], reused=["paint"], removed=[], reset_fields={"stamp"}, reset_names={"stamp"}
+    )
+    batch = pa.Table.from_pylist(derived_items(tmp_path, set()))
+    for pixels in (False, True):
+        [row] = derived_load_batch(batch, str(tmp_path), plan, cfg.limits, cfg.video, pixels).to_pylist()
+        out = json.loads(row["record"])
+        assert row["data"] == data and "stamp" not in out and "stamp" not in out["keyframes"][0]
+        assert out["paint"] == "kept" and len(row["frames"]) == len(out["keyframes"]) == cfg.video.keyframes
+        if pixels:
+            assert row["frames"] == loaded.frames
+        else:
+            assert row["frames"] == [b""] * cfg.video.keyframes
