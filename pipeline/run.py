@@ -304,6 +304,20 @@ def refuse_other_parent(out: Path, previous: dict[str, Any], parent: Path | None
         raise ConfigError(f"{out} was {was}: resume it with the same --from, or write to a new --output")
 
 
+def _work(
+    cfg: Config, out: Path, parent: Path | None, previous: dict[str, Any], substitutions: Any, done: set[str],
+    retry_errors: bool,
+) -> tuple[dict[str, Any], list[dict[str, Any]], Derivation | None]:  # fmt: skip
+    """This attempt's run record, the inputs to annotate, and a derived run's rows of its parent."""
+    if parent is None:
+        pending, num_inputs = _pending(cfg, out, done)
+        return new_record(cfg, num_inputs, previous, substitutions), pending, None
+    # The parent's rows are the inputs: the manifest's `inputs` are not listed.
+    record = new_record(cfg, len(read_index(parent, ["uri"])), previous, substitutions)
+    derivation, pending = _derivation(cfg, out, parent, record, done, retry_errors)
+    return record, pending, derivation
+
+
 def _run_locked(
     cfg: Config,
     out: Path,
@@ -315,8 +329,6 @@ def _run_locked(
     if removed:
         log.info("removed %d uncommitted file(s) left by an interrupted run", len(removed))
     redo_lost_shards(out)
-    if retry_errors:
-        withdraw_transient_errors(out)
     index = read_index(out, columns=["uri", "key", "shard"])
     record_path = out / RUN_RECORD
     if len(index) and not record_path.exists():
@@ -326,16 +338,14 @@ def _run_locked(
         )
     done = set(index.column("uri").to_pylist())
     previous = json.loads(record_path.read_text()) if record_path.exists() else {}
-    derivation = None
-    if parent is None:
-        pending, num_inputs = _pending(cfg, out, done)
-        record = new_record(cfg, num_inputs, previous, substitutions)
-    else:  # the parent's rows are the inputs: the manifest's `inputs` are not listed
-        record = new_record(cfg, len(read_index(parent, ["uri"])), previous, substitutions)
-        derivation, pending = _derivation(cfg, out, parent, record, done, retry_errors)
+    record, pending, derivation = _work(cfg, out, parent, previous, substitutions, done, retry_errors)
     if previous and done:
         refuse_changed_settings(out, previous, record)
         refuse_other_parent(out, previous, parent)
+    if retry_errors and withdraw_transient_errors(out):  # only once the settings are known to match
+        index = read_index(out, columns=["uri", "key", "shard"])
+        done = set(index.column("uri").to_pylist())
+        record, pending, derivation = _work(cfg, out, parent, previous, substitutions, done, retry_errors)
     todo = len(pending) + (len(derivation.items) if derivation else 0)
     attempt = {"started": datetime.now(UTC).isoformat(), "pending": todo, "already_done": len(done)}
     record["attempts"].append(attempt)

@@ -219,6 +219,9 @@ def test_retry_errors_reattempts_transient_failures_only(tmp_path, ray_local, do
     outage.unlink()  # the server is back
     run_pipeline(load_config(manifest))  # a plain rerun keeps error rows: they are done
     assert read_index(out).column("error_code").to_pylist().count("timeout") == 1
+    with pytest.raises(ConfigError, match="other settings"):  # refused before anything is withdrawn
+        run_pipeline(load_config(manifest, ["stages.flaky.params.outage=elsewhere"]), retry_errors=True)
+    assert read_index(out).column("error_code").to_pylist().count("timeout") == 1
     run_pipeline(load_config(manifest), retry_errors=True)
     rows = {Path(r["uri"]).name: r for r in assert_exactly_once(out, uris)}
     assert rows["transient.jpg"]["status"] == "ok" and rows["good.jpg"]["status"] == "ok"
