@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from groundmill import __version__
-from groundmill.pipeline.config import Config, ConfigError, mask_override, recorded_config
+from groundmill.pipeline.config import MASK, Config, ConfigError, mask_override, recorded_config
 from groundmill.pipeline.derive import Derivation, check_parent, derived_items, plan_derivation
 from groundmill.pipeline.retry import is_transient, withdraw_transient_errors
 from groundmill.pipeline.sources import list_sources, redact_uri
@@ -96,9 +96,14 @@ def annotation_settings(record: dict[str, Any]) -> dict[str, Any]:
 
 
 def settings_changes(previous: dict[str, Any], current: dict[str, Any]) -> list[str]:
-    """Dotted keys whose annotation settings differ between two run records."""
+    """Dotted keys whose annotation settings differ between two run records. A masked value cannot be
+    compared (and outputs written before token counts were unmasked hold `***` for them)."""
     before, after = annotation_settings(previous), annotation_settings(current)
-    return sorted(k for k in before.keys() | after.keys() if before.get(k) != after.get(k))
+    return sorted(
+        k
+        for k in before.keys() | after.keys()
+        if before.get(k) != after.get(k) and MASK not in (before.get(k), after.get(k))
+    )
 
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:

@@ -26,7 +26,7 @@ from groundmill.pipeline.derive import (
 )
 from groundmill.pipeline.graph import failure_code
 from groundmill.pipeline.load import normalise_input
-from groundmill.pipeline.run import new_record, run_pipeline
+from groundmill.pipeline.run import new_record, run_pipeline, settings_changes
 from groundmill.schema import content_key
 from groundmill.shards import INDEX_DIR, SHARDS_DIR, ShardWriter, iter_shard, read_index
 from groundmill.stages.base import SampleError
@@ -284,3 +284,14 @@ def test_a_derived_video_decodes_its_keyframes_only_for_pixel_stages(tmp_path):
             assert row["frames"] == loaded.frames
         else:
             assert row["frames"] == [b""] * cfg.video.keyframes
+
+
+def test_outputs_recorded_with_masked_token_counts_still_resume():
+    """Before token counts were unmasked, run.json held `***` for max_new_tokens: such a value cannot
+    be compared, so resuming that output is not refused for it; a real change still is."""
+    current = _record(DEMO)
+    older = json.loads(json.dumps(current))
+    older["config"]["stages"]["extra_context"]["params"]["max_new_tokens"] = "***"
+    assert settings_changes(older, current) == []
+    changed = _record(DEMO, ["stages.refexp.params.max_new_tokens=7"])
+    assert settings_changes(older, changed) == ["stages.refexp.params.max_new_tokens"]
