@@ -65,7 +65,7 @@ def auto_object(
 
 class Sam2AutoMasks(Stage):
     name = "auto_masks"
-    provides = ("floating_objects.auto",)
+    provides = ("floating_objects.segmentation_source",)  # new floating objects, source "SAM2-auto"
     requires = ("objects",)
 
     @dataclass
