@@ -226,7 +226,7 @@ class SceneName(TypedDict):
 
 
 class SceneStuff(TypedDict):
-    """A stuff region as scene-graph context: objects relate to it (`on`, `under`, `in`)."""
+    """A stuff region as scene-graph context: objects relate to it (`on`, `in front of`, `under`)."""
 
     id: int
     label: str
@@ -244,6 +244,7 @@ class SceneGraph(TypedDict):
     relations: list[Relation]
     dropped_objects: int
     stuff: NotRequired[list[SceneStuff]]  # background context, when the stuff stage ran
+    background: NotRequired[list[Relation]]  # object -> on / in front of / under -> stuff region id
 
 
 class ReferringExpression(TypedDict):
