@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 
 from groundmill.stages.scene_graph import (
-    context_shares,
     RelationParams,
     build_scene_graph,
+    context_shares,
     depth_layer,
     pair_relations,
     proximity_groups,
