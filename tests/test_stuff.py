@@ -56,7 +56,8 @@ def test_energy_rank_and_eigenscaling():
     assert spectral.energy_rank(s, 0.95) == 3
     assert spectral.energy_rank(s, 0.9) == 2
     assert spectral.energy_rank(s, 0.5) == 1
-    assert torch.allclose(spectral.eigenscale(s), torch.tensor([9.0, 3.9, 0.5]))  # [1, 6] -> [0.5, 9]: 3 -> 0.4 * 8.5 + 0.5
+    # [1, 6] -> [0.5, 9]: 3 -> (3 - 1) / 5 * 8.5 + 0.5
+    assert torch.allclose(spectral.eigenscale(s), torch.tensor([9.0, 3.9, 0.5]))
     assert torch.equal(spectral.eigenscale(torch.tensor([2.0, 2.0])), torch.tensor([2.0, 2.0]))
 
 
