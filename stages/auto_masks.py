@@ -78,6 +78,7 @@ class Sam2AutoMasks(Stage):
         pred_iou_thresh: float = 0.8
         stability_score_thresh: float = 0.95
         box_nms_thresh: float = 0.7
+        multimask_output: bool = True  # SAM's three masks per point (False: one, a third of the work)
         min_area_frac: float = 0.001  # masks smaller than this share of the image are dropped
         max_iou: float = 0.5  # a mask overlapping a known object this much is that object
         max_new: int = 50  # new floating objects per image, largest first
@@ -97,6 +98,7 @@ class Sam2AutoMasks(Stage):
             pred_iou_thresh=p.pred_iou_thresh,
             stability_score_thresh=p.stability_score_thresh,
             box_nms_thresh=p.box_nms_thresh,
+            multimask_output=p.multimask_output,
         )
         fit_feature_sizes(self.generator.predictor)
         self.labels = load_vocabulary(p.vocabularies)
