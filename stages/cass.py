@@ -200,7 +200,8 @@ def segment(
     crop = window_side(clip)
     size = working_size(image.width, image.height, short_side, crop)
     resized = image.resize(size, Image.BICUBIC)
-    presence = torch.from_numpy(clip.encode_images([image])[0]).to(texts.device) @ texts.T
+    texts = texts.to(clip.device)
+    presence = torch.from_numpy(clip.encode_images([image])[0]).to(clip.device) @ texts.T
     total = torch.zeros((len(texts), size[1], size[0]))
     count = torch.zeros((1, size[1], size[0]))
     for y in window_starts(size[1], crop, crop // 2):

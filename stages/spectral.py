@@ -73,8 +73,7 @@ def energy_rank(singular_values: torch.Tensor, threshold: float = 0.95) -> int:
     if total <= 0:
         return 1
     cumulative = torch.cumsum(singular_values, 0) / total
-    return min(int(torch.searchsorted(cumulative, torch.tensor(threshold, dtype=cumulative.dtype))) + 1,
-               len(singular_values))  # fmt: skip
+    return min(int((cumulative < threshold).sum()) + 1, len(singular_values))
 
 
 def eigenscale(singular_values: torch.Tensor) -> torch.Tensor:

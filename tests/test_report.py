@@ -76,7 +76,9 @@ def test_report_shows_stuff_and_coverage(run_dir: Path):
     assert images and all("stuff" in r and "coverage" in r for r in images)
     for r in images:
         assert f"{len(r['stuff'])} stuff, coverage {r['coverage']:.0%}" in page
-    coverages = [c for c in read_index(run_dir, ["coverage"]).column("coverage").to_pylist() if c is not None]
+    rows = {r["key"]: r["coverage"] for r in read_index(run_dir, ["key", "coverage"]).to_pylist()}
+    assert all(rows[r["key"]] == r["coverage"] for r in images)  # the index row holds the record's coverage
+    coverages = [c for c in rows.values() if c is not None]
     assert f"mean coverage {np.mean(coverages):.1%}" in page
     assert any(o["segmentation_source"] == "SAM2-auto" for r in images for o in r["floating_objects"])
 
