@@ -196,7 +196,8 @@ def segment(
 ) -> tuple[np.ndarray, np.ndarray]:
     """(label map, probability of that label) at the image's size: CASS on square sliding windows of
     CLIP's input size (stride half a window) over the image at its `working_size`, averaged where
-    windows overlap. Labels index `texts` (C, D, L2-normalised)."""
+    windows overlap. Labels index `texts` (C, D, L2-normalised). The presence prior is CLIP's
+    embedding of the whole image through its own preprocessing (CASS: of the whole image too)."""
     crop = window_side(clip)
     size = working_size(image.width, image.height, short_side, crop)
     resized = image.resize(size, Image.BICUBIC)

@@ -76,10 +76,13 @@ class CassStuff(Stage):
         thing_vocabularies: list[str] = field(default_factory=lambda: ["coco"])  # scored, never written
         prompts: list[str] = field(default_factory=lambda: ["a photo of a {}.", "a photo of the {}."])
         short_side: int = 336  # the image's short side, in pixels, while it is segmented (CASS: 336)
-        min_score: float = 0.2  # pixels less probable than this stay unlabelled
+        # Pixels less probable than this (softmax over every class, scale 40) stay unlabelled; CASS
+        # itself thresholds nothing on COCO-Stuff. Not tuned on real weights here.
+        min_score: float = 0.1
         min_area_frac: float = 0.01  # smaller regions are dropped
-        presence_weight: float = 0.3  # CASS's gamma
-        text_shift: float = 0.05  # CASS's object-guided text adjustment
+        # CASS's object-presence settings (gamma, text shift, Ward cut) of its ADE20K-847 config
+        presence_weight: float = 0.3
+        text_shift: float = 0.05
         cluster_threshold: float = 0.06
         k_eigen: int = 20
         scale_factor: float = 10.0
