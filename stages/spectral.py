@@ -7,7 +7,9 @@ written anew here:
 - an attention graph per head is the key-key affinity `K K^T * d^-1/2` over the patch tokens;
 - each graph's signature is its top eigenvalues (L2- then L1-normalised); CLIP and DINO heads are
   compared by the 1-D Wasserstein distance of these spectra and matched by the Hungarian algorithm
-  to be *complementary* (the assignment maximises the distance);
+  to be *complementary* (the assignment maximises the distance; the official code builds its cost
+  matrix DINO-by-CLIP but blends with the indices swapped, this follows the paper: each CLIP head
+  gets the DINO head it was matched to);
 - the matched DINO graph is reduced to a low rank chosen by singular-value energy (0.95), its
   singular values stretched from [min, max] to [0.5 min, 1.5 max] ("dynamic eigenscaling"), its
   diagonal zeroed, rescaled to the CLIP graph's range, and blended in with weight `w * lambda`
