@@ -13,8 +13,9 @@ from typing import Any
 
 import numpy as np
 from PIL import Image
+from pycocotools import mask as mask_utils
 
-from groundmill.schema import FrameRecord, Object, decode_mask, encode_mask
+from groundmill.schema import RLE, FrameRecord, Object, decode_mask
 from groundmill.stages.base import ModelSpec, Sample, Stage, views_of
 from groundmill.stages.masks import tight_box
 from groundmill.stages.stuff import next_free_id
@@ -23,19 +24,29 @@ from groundmill.stages.tagging import load_vocabulary
 SOURCE = "SAM2-auto"
 
 
-def mask_iou(a: np.ndarray, b: np.ndarray) -> float:
-    union = np.logical_or(a, b).sum()
-    return float(np.logical_and(a, b).sum() / union) if union else 0.0
+def rle_ious(masks: list[RLE], known: list[RLE]) -> np.ndarray:
+    """(len(masks), len(known)) mask IoUs, computed on the RLEs (pycocotools; nothing decoded)."""
+    if not masks or not known:
+        return np.zeros((len(masks), len(known)))
+    coco = [
+        [{"size": list(r["size"]), "counts": r["counts"].encode("ascii")} for r in rles]
+        for rles in (masks, known)
+    ]
+    return np.asarray(mask_utils.iou(coco[0], coco[1], [0] * len(known))).reshape(len(masks), len(known))
 
 
-def uncovered(masks: list[np.ndarray], known: list[np.ndarray], max_iou: float) -> list[int]:
-    """Indices of `masks` whose best IoU with any `known` mask is below `max_iou`."""
-    return [i for i, m in enumerate(masks) if all(mask_iou(m, k) < max_iou for k in known)]
+def uncovered(ious: np.ndarray, max_iou: float) -> list[int]:
+    """Rows (new masks) of an IoU matrix whose best IoU with any known mask is below `max_iou`."""
+    return [i for i, row in enumerate(ious) if not (row >= max_iou).any()]
 
 
-def known_masks(frame: FrameRecord) -> list[np.ndarray]:
-    return [decode_mask(o["segmentation"]) for g in ("objects", "floating_objects") for o in frame.get(g, [])
-            if "segmentation" in o]  # fmt: skip
+def known_masks(frame: FrameRecord) -> list[RLE]:
+    return [
+        o["segmentation"]
+        for g in ("objects", "floating_objects")
+        for o in frame.get(g, [])
+        if "segmentation" in o
+    ]
 
 
 def masked_crop(image: Image.Image, mask: np.ndarray) -> Image.Image:
@@ -57,7 +68,7 @@ def auto_object(
         attributes=[],
         score=round(label_score, 4),
         detectors=[SOURCE],
-        segmentation=encode_mask(mask),
+        segmentation=RLE(size=list(found["segmentation"]["size"]), counts=found["segmentation"]["counts"]),
         segmentation_source=SOURCE,
         predicted_iou=round(float(found["predicted_iou"]), 4),
     )
@@ -99,6 +110,7 @@ class Sam2AutoMasks(Stage):
             stability_score_thresh=p.stability_score_thresh,
             box_nms_thresh=p.box_nms_thresh,
             multimask_output=p.multimask_output,
+            output_mode="coco_rle",  # full-size masks are compared and stored as RLE, never all decoded
         )
         fit_feature_sizes(self.generator.predictor)
         self.labels = load_vocabulary(p.vocabularies)
@@ -115,9 +127,9 @@ class Sam2AutoMasks(Stage):
             found = self.generator.generate(np.asarray(image.convert("RGB")))
         min_area = self.params.min_area_frac * image.width * image.height
         found = sorted((f for f in found if f["area"] >= max(1, min_area)), key=lambda f: -f["area"])
-        masks = [f["segmentation"].astype(bool) for f in found]
-        keep = uncovered(masks, known_masks(frame), self.params.max_iou)
-        return [(masks[i], found[i]) for i in keep[: self.params.max_new]]
+        ious = rle_ious([f["segmentation"] for f in found], known_masks(frame))
+        keep = uncovered(ious, self.params.max_iou)[: self.params.max_new]
+        return [(decode_mask(found[i]["segmentation"]), found[i]) for i in keep]
 
     def process(self, samples: list[Sample]) -> None:
         from groundmill.stages.clip import zero_shot_probs

@@ -8,7 +8,7 @@ import torch
 
 from groundmill.schema import annotate_coverage, check_record, decode_mask, encode_mask, frame_coverage
 from groundmill.stages import spectral
-from groundmill.stages.auto_masks import SOURCE, uncovered
+from groundmill.stages.auto_masks import SOURCE, rle_ious, uncovered
 from groundmill.stages.cass import last_key_projection, tiny_dino, working_size
 from groundmill.stages.stuff import competing_labels, next_free_id, stuff_regions
 from groundmill.tests.media_factory import awkward_images
@@ -133,7 +133,10 @@ def test_uncovered_masks_and_coverage():
     a[:2] = True
     b = np.zeros((4, 4), bool)
     b[:, :1] = True
-    assert uncovered([a, b], [a], max_iou=0.5) == [1]
+    ious = rle_ious([encode_mask(a), encode_mask(b)], [encode_mask(a)])
+    assert np.allclose(ious, [[1.0], [2 / 10]])  # b shares 2 of the 10 pixels a and b cover
+    assert uncovered(ious, max_iou=0.5) == [1]
+    assert uncovered(rle_ious([encode_mask(a)], []), max_iou=0.5) == [0]  # nothing known: all new
     frame = {
         "objects": [{"id": 0, "segmentation": encode_mask(a)}],
         "stuff": [{"id": 1, "segmentation": encode_mask(b)}],
