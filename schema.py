@@ -105,6 +105,17 @@ class X2SamMask(TypedDict):
     score: float  # mean mask probability inside the mask
 
 
+class StuffRegion(TypedDict):
+    """An amorphous region (sky, grass, wall) of one stuff class (stages.stuff, CASS); its id
+    continues after the frame's objects so relations and GCG groundings can name it."""
+
+    id: int
+    label: str
+    segmentation: RLE
+    score: float  # mean class probability over the region
+    area: int  # pixels
+
+
 class Detection(TypedDict):
     """One raw box of a detector, before voting."""
 
@@ -232,6 +243,16 @@ class SceneName(TypedDict):
     fine: str
 
 
+class SceneStuff(TypedDict):
+    """A stuff region as scene-graph context: objects relate to it (`on`, `in front of`, `under`)."""
+
+    id: int
+    label: str
+    attributes: list[str]  # empty: lets verification ground phrases to stuff like to objects
+    bbox: list[float]
+    area_frac: float  # share of the image
+
+
 class SceneGraph(TypedDict):
     scene: SceneName | None
     captions: list[str]
@@ -240,6 +261,8 @@ class SceneGraph(TypedDict):
     groups: list[list[int]]
     relations: list[Relation]
     dropped_objects: int
+    stuff: NotRequired[list[SceneStuff]]  # background context, when the stuff stage ran
+    background: NotRequired[list[Relation]]  # object -> on / in front of / under -> stuff region id
 
 
 class ReferringExpression(TypedDict):
@@ -291,6 +314,8 @@ class FrameRecord(TypedDict, total=False):
     objects: list[Object]
     floating_objects: list[Object]
     floating_attributes: list[FloatingAttribute]
+    stuff: list[StuffRegion]  # stages.stuff
+    coverage: float  # share of pixels under objects, floating objects or stuff (set when written)
     captions: list[Caption]
     relationships: Relationships
     scene_graph: SceneGraph
@@ -431,6 +456,32 @@ def frame_records(record: Record) -> list[FrameRecord]:
     if record["media"]["type"] == "video":
         return record.setdefault("keyframes", [])
     return [record]
+
+
+def frame_coverage(frame: FrameRecord, height: int, width: int) -> float:
+    """Share of a frame's pixels inside the union of its objects', floating objects' and stuff
+    regions' masks (RLE union, no decoding)."""
+    rles = [
+        {"size": list(r["segmentation"]["size"]), "counts": r["segmentation"]["counts"].encode("ascii")}
+        for g in ("objects", "floating_objects", "stuff")
+        for r in frame.get(g, [])
+        if "segmentation" in r and list(r["segmentation"]["size"]) == [height, width]
+    ]
+    if not rles or height * width == 0:
+        return 0.0
+    return round(float(mask_utils.area(mask_utils.merge(rles, intersect=False))) / (height * width), 4)
+
+
+def annotate_coverage(record: Record) -> float:
+    """Write each frame's `coverage` (and, for a video, the keyframes' mean on the record); returns
+    the record's coverage."""
+    media = record["media"]
+    frames = frame_records(record)
+    for frame in frames:
+        frame["coverage"] = frame_coverage(frame, media["height"], media["width"])
+    if media["type"] == "video":
+        record["coverage"] = round(float(np.mean([f["coverage"] for f in frames])), 4) if frames else 0.0
+    return record.get("coverage", 0.0)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -597,7 +648,7 @@ def _check_frame(f: int, frame: FrameRecord, media: Media) -> list[str]:
     """Mask sizes, exact phrase spans, floating attribute boxes inside the image and naming an attribute."""
     problems: list[str] = []
     size = [media["height"], media["width"]]
-    for group in ("objects", "floating_objects"):
+    for group in ("objects", "floating_objects", "stuff"):
         for obj in frame.get(group, []):
             seg = obj.get("segmentation")
             if seg is not None and list(seg["size"]) != size:
@@ -733,6 +784,7 @@ INDEX_SCHEMA = pa.schema(
         ("error_code", pa.string()),  # a machine code for the failure
         ("duplicate_of", pa.string()),  # uri of the input whose sample this one shares
         ("num_objects", pa.int32()),
+        ("coverage", pa.float64()),  # share of pixels under objects or stuff (schema.annotate_coverage)
         # Lists of structs, not MAP columns, which Hugging Face `datasets` has no dtype for.
         ("timings", pa.list_(TIMING)),  # seconds per stage for this sample
         ("stats", pa.list_(STAT)),  # per-sample quality figures (verification, ...)

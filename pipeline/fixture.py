@@ -4,7 +4,8 @@ resolves, each holding a tiny random-weight model of the class the real checkpoi
 Each repo gets the real repo's file names and layout (`DIR/models--ORG--NAME/snapshots/<commit>/`
 with `refs/main`): `config.json`, the processor and tokenizer files, and `model.safetensors` for
 transformers models; `open_clip_config.json` + `open_clip_model.safetensors` for open_clip;
-`sam2.1_hiera_large.pt` plus the repo's hydra config for SAM 2. The stages then load them by their
+`sam2.1_hiera_large.pt` plus the repo's hydra config for SAM 2; `config.json` + `model.safetensors`
+of a patch-8 `ViTModel` for DINO (the stuff stage). The stages then load them by their
 hub ids with `HF_HUB_OFFLINE=1 HF_HUB_CACHE=DIR`, through the same code a real run uses. Every
 snapshot carries `stages.hub.FIXTURE_MARKER`, so the run record and each record's provenance say
 `random_weights: true` for it. The one exception is all-MiniLM-L6-v2: its real weights are installed
@@ -40,6 +41,8 @@ _KINDS = {
     "landmark": "open_clip",
     "attributes": "open_clip",
     "masks": "sam2",
+    "auto_masks": "sam2",
+    "stuff": "open_clip",
     "tracking": "sam2",
     "depth": "depth",
     "grounding": "sentence_embedder",
@@ -67,6 +70,10 @@ def manifest_models(cfg: Config) -> dict[str, str]:
             models.append((stage_cfg.model.id, "causal_lm"))
         if kind_name == "verification":
             models.append((params.embedder, "sentence_embedder"))
+        if kind_name == "stuff":
+            models.append((params.dino, "dino"))
+        if kind_name == "auto_masks":
+            models.append((params.clip, "open_clip"))
         for model_id, kind in models:
             if (repo := repo_id(model_id)) is not None:
                 found[repo] = kind
@@ -132,6 +139,18 @@ def write_depth(repo: str, folder: Path) -> None:
     from groundmill.stages.depth import _tiny_depth_anything
 
     _save(_tiny_depth_anything(0), folder)
+
+
+def write_dino(repo: str, folder: Path) -> None:
+    """A DINO ViT (`ViTModel`, patch 8, 2 layers) and the ViT image processor the real repos carry."""
+    from transformers import ViTImageProcessor
+
+    from groundmill.stages.cass import IMAGENET_MEAN, IMAGENET_STD, tiny_dino
+
+    _save(
+        (tiny_dino(0), ViTImageProcessor(image_mean=list(IMAGENET_MEAN), image_std=list(IMAGENET_STD))),
+        folder,
+    )
 
 
 def _chat_tokenizer() -> Any:
@@ -204,6 +223,7 @@ WRITERS: dict[str, Writer] = {
     "mask2former": write_detector("mask2former"),
     "sam2": write_sam2,
     "depth": write_depth,
+    "dino": write_dino,
     "image_to_text": write_image_to_text,
     "causal_lm": write_causal_lm,
     "sentence_embedder": write_sentence_embedder,

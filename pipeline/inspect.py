@@ -77,6 +77,10 @@ def _count_frame(c: Counter[str], frame: dict[str, Any], hallucination: list[flo
         c[group] += len(frame.get(group, []))
         c["masks"] += sum(1 for o in frame.get(group, []) if "segmentation" in o)
     c["floating_attributes"] += len(frame.get("floating_attributes", []))
+    c["stuff_regions"] += len(frame.get("stuff", []))
+    c["sam2_auto_objects"] += sum(
+        o.get("segmentation_source") == "SAM2-auto" for o in frame.get("floating_objects", [])
+    )
     c["referring_expressions"] += len(frame.get("referring_expressions", []))
     verification = frame.get("dense_caption", {}).get("verification")
     if verification:
@@ -113,7 +117,8 @@ def record_contents(out: Path, index: list[dict[str, Any]]) -> dict[str, Any]:
     return {
         **{k: c[k] for k in ("objects", "floating_objects", "masks", "floating_attributes", "gcg_records",
                              "gcg_phrases", "referring_expressions", "tracks", "sampled_frames", "masklet_frames",
-                             "video_expressions", "captions_verified", "captions_accepted")},
+                             "video_expressions", "captions_verified", "captions_accepted", "stuff_regions",
+                             "sam2_auto_objects")},
         "objects_without_unique_expression": int(ambiguous),
         "hallucination_rate": round(sum(hallucination) / len(hallucination), 4) if hallucination else None,
         "llm_drops": dict(drops.most_common()),
@@ -125,7 +130,8 @@ def _format_contents(r: dict[str, Any]) -> list[str]:
     drops = ", ".join(f"{stage} {n}" for stage, n in r["llm_drops"].items()) or "none"
     return [
         f"  records: objects {r['objects']}  floating objects {r['floating_objects']}  masks {r['masks']}  "
-        f"floating attributes {r['floating_attributes']}",
+        f"floating attributes {r['floating_attributes']}  stuff regions {r['stuff_regions']}  "
+        f"SAM2-auto objects {r['sam2_auto_objects']}",
         f"    GCG {r['gcg_records']} images, {r['gcg_phrases']} phrases  referring expressions "
         f"{r['referring_expressions']} unique ({r['objects_without_unique_expression']} objects had none)",
         f"    tracks {r['tracks']}, masks on {r['masklet_frames']} of their frames ({r['sampled_frames']} "

@@ -1,7 +1,8 @@
 """`groundmill report OUT_DIR`: one self-contained HTML page about a run.
 
 The page holds per-stage throughput and error counts (from the index and run.json) and a gallery
-of samples read back from the shards: masks drawn over each image, the grounded caption with every
+of samples read back from the shards: stuff regions (sky, grass...) tinted and named under the
+object masks drawn over each image, each image's coverage (objects and stuff), the grounded caption with every
 phrase in its mask's colour, the referring expressions, and each video's masklets drawn over the
 frames they cover as an animated strip (an inline GIF) with the tracks' object-, scene- and
 video-level expressions. What the records hold overall (objects, masks, GCG phrases, tracks,
@@ -27,6 +28,7 @@ from groundmill.pipeline.export.common import ExportSample, iter_samples
 from groundmill.pipeline.inspect import summarize
 from groundmill.pipeline.run import RUN_RECORD
 from groundmill.schema import Record, decode_mask, frame_records, masklet_by_frame
+from groundmill.shards import read_index
 
 # Distinct, readable colours; object id i gets PALETTE[i % len].
 PALETTE = [
@@ -36,6 +38,7 @@ PALETTE = [
 THUMB_SIDE = 360  # longest side of gallery images, pixels
 MAX_STRIP_FRAMES = 12  # frames per video masklet animation
 MASK_ALPHA = 0.5
+STUFF_ALPHA = 0.35  # stuff regions are tinted more lightly than objects, and only outside them
 
 
 def colour(object_id: int) -> tuple[int, int, int]:
@@ -61,6 +64,47 @@ def overlay(image: Image.Image, objects: list[dict[str, Any]], masks: dict[int, 
         if label:
             draw.text((x0 + 3, y0 + 2), label, fill=colour(obj["id"]))
     return out
+
+
+def stuff_overlay(
+    image: Image.Image, regions: list[dict[str, Any]], objects: list[dict[str, Any]]
+) -> Image.Image:
+    """The image with each stuff region tinted in its colour where no object mask lies, and named
+    at the centre of its box."""
+    if not regions:
+        return image
+    canvas = np.asarray(image.convert("RGB"), dtype=np.float32).copy()
+    free = np.ones(canvas.shape[:2], bool)
+    for mask in _masks(objects).values():
+        if mask.shape == free.shape:
+            free &= ~mask
+    named = []
+    for region in regions:
+        mask = decode_mask(region["segmentation"])
+        if mask.shape != free.shape or not mask.any():
+            continue
+        paint = mask & free
+        canvas[paint] = (1 - STUFF_ALPHA) * canvas[paint] + STUFF_ALPHA * np.array(colour(region["id"]))
+        ys, xs = np.nonzero(mask)
+        named.append(((int(xs.min() + xs.max()) // 2, int(ys.min() + ys.max()) // 2), region))
+    out = Image.fromarray(canvas.astype(np.uint8))
+    draw = ImageDraw.Draw(out)
+    for (x, y), region in named:
+        draw.text(
+            (x, y), region["label"], fill=(255, 255, 255), stroke_width=1, stroke_fill=colour(region["id"])
+        )
+    return out
+
+
+def coverage_text(record: Record) -> str:
+    coverage = record.get("coverage")
+    return f", coverage {coverage:.0%}" if coverage is not None else ""
+
+
+def mean_coverage(out: Path) -> float | None:
+    """The mean of the index's per-input coverage (None when no row has one: older outputs)."""
+    values = [v for v in read_index(out, ["coverage"]).column("coverage").to_pylist() if v is not None]
+    return float(np.mean(values)) if values else None
 
 
 def _thumb(image: Image.Image) -> Image.Image:
@@ -213,12 +257,14 @@ def sample_card(sample: ExportSample) -> str:
         body = captions + expressions_html(record)
         kind = f"video {media['width']}x{media['height']}, {len(record.get('tracks', []))} tracks"
     else:
-        objects = _objects(record)
-        uri = data_uri(_thumb(overlay(decode_rgb(data), objects, _masks(objects))))
+        objects, stuff = _objects(record), record.get("stuff", [])
+        picture = stuff_overlay(decode_rgb(data), stuff, objects)
+        uri = data_uri(_thumb(overlay(picture, objects, _masks(objects))))
         body = frame_caption_html(record) + referring_html(record)
         kind = (
             f"image {media['width']}x{media['height']}, {len(record.get('objects', []))} objects, "
-            f"{len(record.get('floating_objects', []))} floating"
+            f"{len(record.get('floating_objects', []))} floating, {len(stuff)} stuff"
+            f"{coverage_text(record)}"
         )
     img = f'<img src="{uri}" alt="{key}">' if uri else '<div class="noimg">no frames</div>'
     return (
@@ -270,6 +316,10 @@ def build_report(out_dir: str | Path, max_samples: int = 24) -> str:
         else ""
     )
     throughput = f"{summary['inputs'] / wall:.2f} inputs/s over {wall:.1f} s" if wall else "n/a"
+    coverage = mean_coverage(out)
+    coverage_note = (
+        f"; mean coverage {coverage:.1%} of pixels (objects and stuff)" if coverage is not None else ""
+    )
     return f"""<!doctype html>
 <html><head><meta charset="utf-8"><title>groundmill run report: {html.escape(out.name)}</title>
 <style>
@@ -286,7 +336,7 @@ td:first-child,th:first-child{{text-align:left}} .bad{{color:#b00;font-weight:bo
 <p>{html.escape(str(out))}: run <b>{html.escape(summary["status"])}</b>; inputs {summary["inputs"]},
 samples {summary["samples"]}, duplicates {summary["duplicates"]}, errors {summary["errors"]},
 objects {summary["objects"]}, shards {summary["shards"]} ({summary["shard_bytes"] / 2**20:.1f} MiB);
-throughput {throughput}.</p>
+throughput {throughput}{coverage_note}.</p>
 {random_note}
 <h2>Stages</h2>
 <table><tr><th>stage</th><th>samples</th><th>busy s</th><th>samples/s per worker</th><th>errors</th></tr>{stage_table}</table>

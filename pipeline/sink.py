@@ -25,6 +25,7 @@ from groundmill.schema import (
     ERROR_CODE_UNCLASSIFIED,
     STATUS_ERROR,
     STATUS_OK,
+    annotate_coverage,
     frame_records,
 )
 from groundmill.shards import (
@@ -69,6 +70,7 @@ def index_row(sample: Sample) -> dict[str, Any]:
         **error_fields(sample),
         "duplicate_of": sample.duplicate_of,
         "num_objects": num_objects if status == STATUS_OK and media else None,
+        "coverage": record.get("coverage") if status == STATUS_OK and media else None,
         "timings": sample.timings,
         "stats": sample.stats,
     }
@@ -105,6 +107,7 @@ class ShardSink(Datasink):
                     if sample.uri in done:
                         continue
                     if sample.status == STATUS_OK:
+                        annotate_coverage(sample.record)  # from the final objects and stuff
                         ext = sample.record["media"]["ext"]
                         kind = f"{sample.media_type}-{ext}"
                         writer = writers[kind] = writers.get(kind) or self._writer(task, kind)

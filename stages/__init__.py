@@ -13,6 +13,8 @@ REGISTRY: dict[str, str | type] = {
     "detection": "detection:OpenVocabDetection",
     "voting": "voting:BoxVoting",
     "masks": "masks:Sam2Masks",
+    "auto_masks": "auto_masks:Sam2AutoMasks",
+    "stuff": "stuff:CassStuff",
     "depth": "depth:Depth",
     "attributes": "attributes:ClipAttributes",
     "captions": "captions:ShortCaptions",

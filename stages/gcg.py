@@ -5,8 +5,9 @@
 
 (schema.GCG: a list, so no key depends on the data; `groundmill export --format grandf` writes
 GranD-f's phrase-keyed dict from it.) Only phrases whose objects all have masks are exported, so every
-phrase maps to masks, and every span indexes the caption exactly (checked here, not assumed). A phrase
-text that occurs twice keeps its first grounding: GranD-f keys groundings by phrase.
+phrase maps to masks (an object's, or a stuff region's: "the sky"), and every span indexes the
+caption exactly (checked here, not assumed). A phrase text that occurs twice keeps its first
+grounding: GranD-f keys groundings by phrase.
 
 With `rewrite: true` the LLM rewrites each GCG caption to be concise (GranD-f's GPT-4 rewrite step)
 from a copy whose grounded phrases are marked `<p>phrase</p>`; the rewrite is kept only if every
@@ -36,9 +37,9 @@ def gcg_record(file_name: str, frame: FrameRecord) -> GCG | None:
     caption = dense["caption"]
     masks = {
         o["id"]: o["segmentation"]
-        for o in frame.get("objects", []) + frame.get("floating_objects", [])
+        for o in frame.get("objects", []) + frame.get("floating_objects", []) + frame.get("stuff", [])
         if "segmentation" in o
-    }
+    }  # stuff region ids follow the objects', so one id space covers both
     groundings: list[GCGGrounding] = []
     for d in dense["details"]:
         start, end = d["tokens_positive"]

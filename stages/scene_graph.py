@@ -3,7 +3,9 @@
 Objects are ranked (those with attributes first, confirmed before floating, then by score and
 size) and capped; placed in depth layers by normalised depth (GranD's cut-offs 0.1 / 0.6 / 0.85);
 grouped by proximity; and related pairwise by boxes and depth: `on`, `inside`, `in front of`,
-`above`, `left of`, `near`. The graph is stored in the record and rendered as the compact text the
+`above`, `left of`, `near`. Stuff regions (the stuff stage's sky, grass, road...) are background
+context: each object is `on` the region under its box's bottom edge, `in front of` the one filling
+its box, and `under` the one above it (`background` relations, object id -> stuff id). The graph is stored in the record and rendered as the compact text the
 dense-caption and extra-context prompts read.
 """
 
@@ -13,7 +15,9 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from groundmill.schema import FrameRecord, Object
+import numpy as np
+
+from groundmill.schema import FrameRecord, Object, Relation, SceneStuff, StuffRegion, decode_mask, mask_bbox
 from groundmill.stages.base import Sample, Stage
 
 Box = list[float]
@@ -132,6 +136,52 @@ def _node(obj: Object, floating: bool, phrases: list[str]) -> dict[str, Any]:
     }
 
 
+def stuff_node(region: StuffRegion, image_area: int) -> SceneStuff:
+    return SceneStuff(
+        id=region["id"],
+        label=region["label"],
+        attributes=[],
+        bbox=[float(v) for v in mask_bbox(region["segmentation"])],
+        area_frac=round(region["area"] / image_area, 4) if image_area else 0.0,
+    )
+
+
+def _share(mask: np.ndarray, rows: slice, cols: slice) -> float:
+    window = mask[rows, cols]
+    return float(window.mean()) if window.size else 0.0
+
+
+def context_shares(box: Box, mask: np.ndarray) -> dict[str, float]:
+    """How much of a stuff mask lies just below a box (a band a tenth of its height, or its own
+    bottom tenth at the image's edge), inside it, and above it (within its columns)."""
+    height = mask.shape[0]
+    x0, y0, x1, y1 = (int(round(v)) for v in box)
+    cols = slice(max(0, x0), max(x0 + 1, x1))
+    band = max(1, round(0.1 * (y1 - y0)))
+    below = slice(y1, y1 + band) if y1 < height else slice(max(0, y1 - band), y1)
+    return {
+        "on": _share(mask, below, cols),
+        "in front of": _share(mask, slice(max(0, y0), y1), cols),
+        "under": _share(mask, slice(0, max(0, y0)), cols),
+    }
+
+
+def background_relations(
+    objects: list[dict[str, Any]], regions: list[StuffRegion], min_share: float = 0.4
+) -> list[Relation]:
+    """Each object's best `on` (else `in front of`) region and best `under` region, when that region covers at
+    least `min_share` of the place tested (context_shares)."""
+    masks = {r["id"]: decode_mask(r["segmentation"]) for r in regions}
+    out = []
+    for obj in objects:
+        shares = {rid: context_shares(obj["bbox"], m) for rid, m in masks.items()}
+        for group in (("on", "in front of"), ("under",)):
+            best = max(((s[p], p, rid) for rid, s in shares.items() for p in group), default=None)
+            if best and best[0] >= min_share:
+                out.append(Relation(subject=obj["id"], predicate=best[1], object=best[2]))
+    return out
+
+
 def build_scene_graph(
     frame: FrameRecord,
     width: int,
@@ -176,7 +226,7 @@ def build_scene_graph(
     for o in kept:
         layers.setdefault(o["layer"], []).append(o["id"])
     landmark = frame.get("landmark")
-    return {
+    graph = {
         "scene": {"category": landmark["category"], "fine": landmark["fine"]} if landmark else None,
         "captions": captions,
         "objects": kept,
@@ -185,6 +235,10 @@ def build_scene_graph(
         "relations": unique,
         "dropped_objects": len(nodes) - len(kept),
     }
+    if "stuff" in frame:
+        graph["stuff"] = [stuff_node(r, width * height) for r in frame["stuff"]]
+        graph["background"] = background_relations(kept, frame["stuff"])
+    return graph
 
 
 def describe_object(node: dict[str, Any]) -> str:
@@ -210,6 +264,13 @@ def render_scene_graph(graph: dict[str, Any], max_captions: int = 2) -> str:
             for r in graph["relations"]
         ]
         lines.append("Relations: " + "; ".join(rels))
+    stuff = {s["id"]: s["label"] for s in graph.get("stuff", [])}
+    if stuff:
+        lines.append("Background: " + "; ".join(stuff.values()))
+    context = [f"{by_id[r['subject']]['label']} {r['predicate']} the {stuff[r['object']]}"
+               for r in graph.get("background", [])]  # fmt: skip
+    if context:
+        lines.append("Context: " + "; ".join(context))
     return "\n".join(lines)
 
 
@@ -217,6 +278,7 @@ class SceneGraph(Stage):
     name = "scene_graph"
     provides = ("scene_graph",)
     requires = ("objects",)
+    uses = ("stuff",)
     uses_model = False
     uses_pixels = False
 

@@ -191,7 +191,9 @@ class Verification(LLMStage):
         return phrases, grounded
 
     def verify(self, frame: FrameRecord) -> dict[str, Any]:
-        dense, nodes = frame["dense_caption"], frame["scene_graph"]["objects"]
+        # Stuff regions ground phrases too ("the grass"), so GCG can export their masks.
+        dense = frame["dense_caption"]
+        nodes = frame["scene_graph"]["objects"] + frame["scene_graph"].get("stuff", [])
         phrases, grounded = self.ground([dense["caption"]], nodes)
         stats = hallucination_stats(phrases, grounded)
         stats["accepted"] = stats["hallucination_rate"] <= self.params.max_hallucination_rate

@@ -94,6 +94,11 @@ stages:
     params: {detector: grounding_dino, score_threshold: 0.05, nms_iou: 0.9, max_boxes: 4, classes: [person]}
   masks: {group: vision, model: {id: tiny}}
   voting: {group: vision, params: {min_iou: 0.0, min_dice: 0.0}}
+  auto_masks:
+    group: vision
+    model: {id: tiny}
+    params: {points_per_side: 4, pred_iou_thresh: 0.0, stability_score_thresh: 0.0, max_new: 4}
+  stuff: {group: vision, model: {id: tiny}, params: {short_side: 64, min_score: 0.0}}
   attributes: {group: vision, model: {id: tiny}, params: {min_attribute_prob: 0.1}}
   captions: {group: vision, model: {id: tiny}, params: {num_captions: 2, generation: {max_new_tokens: 8}}}
   grounding:

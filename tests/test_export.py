@@ -232,6 +232,7 @@ def test_hf_export_opens_with_load_dataset(out, tmp_path):
     row = images[0]
     assert row["image"].size == (row["width"], row["height"])
     assert json.loads(row["record"])["key"] == row["key"]
+    assert all(0 < r["coverage"] <= 1 and isinstance(r["stuff"], list) for r in images)
     with_gcg = [r["gcg"] for r in images if r["gcg"]]
     assert with_gcg and all(isinstance(g["groundings"], list) for g in with_gcg)
     videos = datasets.load_dataset(str(dest), "videos", split="train", cache_dir=str(tmp_path / "cache"))

@@ -41,6 +41,11 @@ OVERRIDES = [
       for k in ("score_threshold=0.0", "max_boxes=3")),
     "stages.voting.params.min_iou=0.0",
     "stages.voting.params.min_dice=0.0",
+    "stages.auto_masks.params.points_per_side=4",  # CPU-sized point grid, open quality filters
+    "stages.auto_masks.params.pred_iou_thresh=0.0",
+    "stages.auto_masks.params.stability_score_thresh=0.0",
+    "stages.stuff.params.short_side=64",  # one window per side of the tiny CLIP
+    "stages.stuff.params.min_score=0.0",
     "stages.captions.params.num_captions=2",
     "stages.captions.params.generation.max_new_tokens=8",
     *(f"stages.{s}.params.{k}" for s in ("dense_caption", "extra_context", "video_expressions")
@@ -52,6 +57,8 @@ FIXTURE_REPOS = {
     "IDEA-Research/grounding-dino-base": "grounding_dino",
     "facebook/mask2former-swin-large-coco-panoptic": "mask2former",
     "facebook/sam2.1-hiera-large": "sam2",
+    "timm/vit_base_patch16_clip_224.openai": "open_clip",
+    "facebook/dino-vitb8": "dino",
     "depth-anything/Depth-Anything-V2-Large-hf": "depth",
     "Salesforce/blip2-opt-2.7b": "image_to_text",
     "sentence-transformers/all-MiniLM-L6-v2": "sentence_embedder",
@@ -177,7 +184,7 @@ def test_run_record_says_which_models_were_random(grand_run):
     real = {"grounding", "verification"}
     with_models = {n for n, s in run["stages"].items() if "random_weights" in s}
     assert set(run["random_weight_models"]) == with_models - real
-    assert len(with_models) == 15
+    assert len(with_models) == 17
     for record in records:
         for name in with_models:
             assert record["provenance"][name]["random_weights"] is (name not in real)

@@ -20,10 +20,13 @@ from groundmill.pipeline.inspect import error_reason, summarize
 from groundmill.pipeline.report import (
     MAX_STRIP_FRAMES,
     build_report,
+    colour,
     grounded_caption_html,
     hex_colour,
     overlay,
+    stuff_overlay,
 )
+from groundmill.schema import encode_mask
 from groundmill.shards import read_index
 
 
@@ -53,6 +56,31 @@ def test_overlay_tints_only_the_mask():
     mask[2:5, 2:5] = True
     out = np.asarray(overlay(image, [], {0: mask}))
     assert out[3, 3].tolist() != [0, 0, 0] and out[8, 15].tolist() == [0, 0, 0]
+
+
+def test_stuff_is_tinted_outside_the_objects_only():
+    image = Image.new("RGB", (20, 10), (0, 0, 0))
+    sky, person = np.zeros((10, 20), bool), np.zeros((10, 20), bool)
+    sky[:5] = True
+    person[2:4, 2:4] = True
+    regions = [{"id": 3, "label": "", "segmentation": encode_mask(sky)}]
+    out = np.asarray(stuff_overlay(image, regions, [{"id": 0, "segmentation": encode_mask(person)}]))
+    assert out[0, 19].tolist() == [int(0.35 * c) for c in colour(3)]  # the sky's tint (truncated to uint8)
+    assert out[3, 3].tolist() == [0, 0, 0]  # the person's pixels are left for its own tint
+    assert out[8, 15].tolist() == [0, 0, 0]
+
+
+def test_report_shows_stuff_and_coverage(run_dir: Path):
+    page = build_report(run_dir)
+    images = [r for r in _records(run_dir) if r["media"]["type"] == "image"]
+    assert images and all("stuff" in r and "coverage" in r for r in images)
+    for r in images:
+        assert f"{len(r['stuff'])} stuff, coverage {r['coverage']:.0%}" in page
+    rows = {r["key"]: r["coverage"] for r in read_index(run_dir, ["key", "coverage"]).to_pylist()}
+    assert all(rows[r["key"]] == r["coverage"] for r in images)  # the index row holds the record's coverage
+    coverages = [c for c in rows.values() if c is not None]
+    assert f"mean coverage {np.mean(coverages):.1%}" in page
+    assert any(o["segmentation_source"] == "SAM2-auto" for r in images for o in r["floating_objects"])
 
 
 def test_report_is_one_file_with_masks_phrases_and_animated_strips(run_dir: Path):

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import numpy as np
+
 from groundmill.stages.scene_graph import (
     RelationParams,
     build_scene_graph,
+    context_shares,
     depth_layer,
     pair_relations,
     proximity_groups,
@@ -95,3 +98,12 @@ def test_build_and_render_from_a_record():
                                      "Foreground: table (wooden); cup (white, a cup)"]  # fmt: skip
     assert "cup on table" in text
     assert build_scene_graph(frame, 640, 640, max_objects=1)["dropped_objects"] == 2
+
+
+def test_stuff_context_shares_below_inside_and_above_a_box():
+    mask = np.zeros((20, 10), bool)
+    mask[15:] = True  # the bottom quarter
+    assert context_shares([2, 5, 8, 15], mask) == {"on": 1.0, "in front of": 0.0, "under": 0.0}
+    # a box flush with the image's bottom edge tests its own bottom tenth
+    assert context_shares([0, 10, 10, 20], mask)["on"] == 1.0
+    assert context_shares([0, 16, 10, 18], ~mask)["under"] == 15 / 16

@@ -10,7 +10,7 @@ from groundmill.stages.base import Sample
 from groundmill.stages.gcg import GCGExport, mark_phrases, parse_marked
 from groundmill.stages.llm import FINISH_LENGTH, FINISH_STOP, Generation
 from groundmill.stages.refexp import ExpressionSpec, ReferringExpressions, keeps_meaning, unique_expression
-from groundmill.stages.scene_graph import build_scene_graph
+from groundmill.stages.scene_graph import build_scene_graph, render_scene_graph
 from groundmill.stages.verification import Verification
 from groundmill.tests.llm_doubles import ScriptedBackend
 
@@ -250,3 +250,35 @@ def test_gcg_rewrite_keeps_spans_exact_or_keeps_the_original():
     kept = bad.record["gcg"]
     assert kept["caption"] == bad.record["dense_caption"]["caption"]
     assert "lost grounded phrase" in bad.record["llm_drops"][0]["reason"]
+
+
+def stuff_region(i, label, rows):
+    m = np.zeros((H, W), bool)
+    m[rows] = True
+    return {"id": i, "label": label, "segmentation": encode_mask(m), "score": 0.8, "area": int(m.sum())}
+
+
+def test_stuff_is_background_context_and_grounds_gcg_phrases(verifier):
+    """Grass below the dog and sky above it: the scene graph says `dog on the grass` / `dog under the
+    sky`, verification grounds "the grass" to its region, and GCG exports the region's mask."""
+    s = image_sample([obj(1, "dog", [20, 20, 40, 40], ["brown"])])
+    s.record["stuff"] = [stuff_region(5, "grass", slice(40, H)), stuff_region(6, "sky", slice(0, 15))]
+    graph = s.record["scene_graph"] = build_scene_graph(s.record, W, H)
+    assert [(n["id"], n["label"]) for n in graph["stuff"]] == [(5, "grass"), (6, "sky")]
+    assert graph["background"] == [
+        {"subject": 1, "predicate": "on", "object": 5},
+        {"subject": 1, "predicate": "under", "object": 6},
+    ]
+    assert graph["relations"] == []  # object-object relations only
+    text = render_scene_graph(graph)
+    assert "Background: grass; sky" in text and "Context: dog on the grass; dog under the sky" in text
+    s.record["dense_caption"] = {"caption": "A brown dog stands on the grass.", "details": []}
+    verifier.process([s])
+    assert [(d["phrase"], d["ids"]) for d in s.record["dense_caption"]["details"]] == [
+        ("A brown dog", [1]),
+        ("the grass", [5]),
+    ]
+    GCGExport().process([s])
+    grass = next(g for g in s.record["gcg"]["groundings"] if g["object_ids"] == [5])
+    assert decode_mask(grass["rle_masks"][0])[40:].all() and not decode_mask(grass["rle_masks"][0])[:40].any()
+    assert check_record(s.record) == []

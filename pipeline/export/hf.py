@@ -46,6 +46,9 @@ IMAGE_FEATURES = Features(
                 "groundings": List({"phrase": Value("string"), "tokens_positive": List(Value("int32")),
                                     "object_ids": List(Value("int32")), "rle_masks": List(RLE_FEATURE)})},
         "landmark": Value("string"),
+        "stuff": List({"id": Value("int32"), "label": Value("string"), "score": Value("float32"),
+                       "area": Value("int64"), "segmentation": RLE_FEATURE}),
+        "coverage": Value("float32"),
         "record": Value("string"),
     }
 )  # fmt: skip
@@ -96,6 +99,7 @@ def image_row(s: ExportSample) -> dict[str, Any]:
         "dense_caption": r.get("dense_caption", {}).get("caption"),
         "gcg": {"caption": r["gcg"]["caption"], "groundings": r["gcg"]["groundings"]} if "gcg" in r else None,
         "landmark": (landmark.get("fine") or landmark.get("category")) if landmark else None,
+        "stuff": r.get("stuff", []), "coverage": r.get("coverage"),
         "record": json.dumps(r, ensure_ascii=False),
     }  # fmt: skip
 
