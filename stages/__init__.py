@@ -13,6 +13,8 @@ REGISTRY: dict[str, str | type] = {
     "detection": "detection:OpenVocabDetection",
     "voting": "voting:BoxVoting",
     "masks": "masks:Sam2Masks",
+    "mask_verification": "mask_verification:MaskVerificationStage",
+    "exhaustivity": "exhaustivity:Exhaustivity",
     "depth": "depth:Depth",
     "attributes": "attributes:ClipAttributes",
     "captions": "captions:ShortCaptions",
