@@ -121,6 +121,11 @@ class Object(TypedDict):
     depth_layer: NotRequired[str]
 
 
+def is_verified(obj: Object) -> bool:
+    """Whether an object may be used: the mask verifier accepted it, or no verifier ran."""
+    return obj.get("verification", {}).get("accepted", True)
+
+
 class Detection(TypedDict):
     """One raw box of a detector, before voting."""
 

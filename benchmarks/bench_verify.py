@@ -11,7 +11,7 @@ No real detector or SAM2 weights exist offline, so two stand-ins read the image 
   colour distance of the palette's red, split into connected components; each component's score
   mixes its colour purity and how well its fill of its box fits the shape (circle pi/4, square 1,
   triangle 1/2). The first pass keeps scores >= 0.5; the verifier's concept-restricted second pass
-  keeps >= 0.05. Its recall on the true instances is measured and printed (`detector_recall`).
+  keeps >= 0.05. Queried with the whole vocabulary at 0.3 it is also the stand-in tagger. Its recall on the true instances is measured and printed (`detector_recall`).
 - **stand-in SAM2** ("colour-affinity box segmenter"): given a box, mask logits from the distance to
   the box centre's median colour, blurred, zero outside the box; its "predicted IoU" is the share of
   confident pixels (|logit| > 1) in the box, a weak proxy for SAM2's learned estimate.
@@ -46,11 +46,18 @@ from scipy import ndimage
 from groundmill.model.synthetic import COLOURS, Shape, draw_mask, pick_kinds, place
 from groundmill.schema import Object, decode_mask, encode_mask
 from groundmill.stages.exhaustivity import Exhaustivity, best_phrase_hits, concept_report, confirm
-from groundmill.stages.mask_verification import MaskVerificationStage, decide, edge_map, mask_features, stability_score
+from groundmill.stages.mask_verification import (
+    MaskVerificationStage,
+    decide,
+    edge_map,
+    mask_features,
+    stability_score,
+)
 
 SCALE = 4  # the trainer's 64-pixel scenes drawn at 256 pixels
 SIZE = 64 * SCALE
 FILL = {"circle": np.pi / 4, "square": 1.0, "triangle": 0.5}
+PHRASES = [f"{c} {s}" for c in COLOURS for s in FILL]  # the closed world's vocabulary
 CORRUPTIONS = ("eroded", "dilated", "shifted", "wrong_object", "swapped_label")
 BAD_IOU = 0.7  # scoring only: a mask this far from its truth should be rejected
 COVER_IOU = 0.5  # scoring only: an instance is masked by an object of its label at this IoU
@@ -143,10 +150,15 @@ def corrupt_logits(logits: np.ndarray, kind: str, radius: float, rng: random.Ran
 # ----- annotate, corrupt, verify
 
 
+def tags(image: np.ndarray) -> list[str]:
+    """The stand-in tagger: every colour-shape phrase the stand-in detector finds at 0.3."""
+    return sorted({d["label"] for d in detect(image, PHRASES, 0.3)})
+
+
 def annotate(scene: Scene, rng: random.Random, corrupt: float, missing: float) -> tuple[list[Object], dict]:
-    """The stand-in engine's objects (first-pass detections + masks), then the injected corruptions."""
-    phrases = sorted({s.name for s in scene.shapes})
-    dets = detect(scene.image, phrases, 0.5)
+    """The stand-in engine's objects (first-pass detections of the tags + masks), then the injected
+    corruptions."""
+    dets = detect(scene.image, tags(scene.image), 0.5)
     logits = [segment(scene.image, d["bbox"]) for d in dets]
     objects, kinds = [], {}
     for i, (d, (lg, piou)) in enumerate(zip(dets, logits, strict=True)):
@@ -181,20 +193,24 @@ def annotate(scene: Scene, rng: random.Random, corrupt: float, missing: float) -
 def verify(scene: Scene, objects: list[Object]) -> list[dict]:
     """The verifiers, as the stages run them, on the image and record only."""
     mv, ex = MaskVerificationStage.Params(), Exhaustivity.Params()
-    minimums = {k: getattr(mv, f"min_{k}") for k in ("predicted_iou", "stability", "box_agreement", "boundary_alignment")}
+    minimums = {
+        k: getattr(mv, f"min_{k}")
+        for k in ("predicted_iou", "stability", "box_agreement", "boundary_alignment")
+    }
     edges = edge_map(scene.image)
     for obj in objects:
         features = mask_features(obj, decode_mask(obj["segmentation"]), edges, mv.edge_ratio)
         obj["verification"] = decide(features, minimums, mv.min_score)
-    phrases = sorted({o["labels"][0] for o in objects})
+    present = sorted({o["labels"][0] for o in objects})
+    candidates = [t for t in tags(scene.image) if t not in present]
     found: dict[str, list] = {}
-    for h in detect(scene.image, phrases, ex.score_threshold):
+    for h in detect(scene.image, present + candidates, ex.score_threshold):
         found.setdefault(h["label"], []).append(h)
     hits = best_phrase_hits(found, ex.min_iou)
     for obj in objects:
         confirm(obj, [h["bbox"] for h in hits.get(obj["labels"][0], [])], ex.min_iou)
     frame = {"objects": objects, "floating_objects": []}
-    return concept_report(frame, hits, phrases, [], ex.min_iou, verified_only=False)
+    return concept_report(frame, hits, present, candidates, ex.min_iou, verified_only=False)
 
 
 # ----- scoring (reads the truth)
@@ -233,7 +249,9 @@ def run(images: int, seed: int, corrupt: float, missing: float) -> dict[str, Any
     by_kind: dict[str, list[int]] = {}
     for _ in range(images):
         scene = make_scene(rng)
-        dets = detect(scene.image, sorted({s.name for s in scene.shapes}), Exhaustivity.Params().score_threshold)
+        dets = detect(
+            scene.image, sorted({s.name for s in scene.shapes}), Exhaustivity.Params().score_threshold
+        )
         for s, m in zip(scene.shapes, scene.masks, strict=True):
             instances += 1
             recall_hits += any(d["label"] == s.name and iou(m, box_mask(d["bbox"])) >= 0.5 for d in dets)
