@@ -89,7 +89,11 @@ def best_phrase_hits(hits: dict[str, list[Detection]], min_iou: float) -> dict[s
     ious = box_iou(np.array([d["bbox"] for _, d in flat]), np.array([d["bbox"] for _, d in flat]))
     out: dict[str, list[Detection]] = {}
     for i, (phrase, d) in enumerate(flat):
-        rivals = [j for j, (q, e) in enumerate(flat) if q != phrase and ious[i, j] >= min_iou and e["score"] > d["score"]]
+        rivals = [
+            j
+            for j, (q, e) in enumerate(flat)
+            if q != phrase and ious[i, j] >= min_iou and e["score"] > d["score"]
+        ]
         if not rivals:
             out.setdefault(phrase, []).append(d)
     return out

@@ -21,8 +21,8 @@ from groundmill.stages.exhaustivity import (
 from groundmill.stages.gcg import drop_rejected_details, gcg_record
 from groundmill.stages.llm import Generation
 from groundmill.stages.mask_verification import (
-    box_agreement,
     boundary_alignment,
+    box_agreement,
     decide,
     edge_map,
     parse_verdict,
