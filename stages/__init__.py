@@ -15,6 +15,7 @@ REGISTRY: dict[str, str | type] = {
     "masks": "masks:Sam2Masks",
     "mask_verification": "mask_verification:MaskVerificationStage",
     "exhaustivity": "exhaustivity:Exhaustivity",
+    "near_duplicates": "near_duplicates:NearDuplicates",
     "depth": "depth:Depth",
     "attributes": "attributes:ClipAttributes",
     "captions": "captions:ShortCaptions",

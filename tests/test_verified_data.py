@@ -218,3 +218,50 @@ def test_bench_verify_meets_its_targets_on_a_small_closed_world():
     assert result["accepted_mean_iou"] >= result["all_mean_iou"] + 0.1
     assert set(result["rejection_rate_by_corruption"]) >= {"clean", "eroded", "dilated", "shifted"}
     assert result["real_weight_features"]["clip_agreement"] is None
+
+
+def test_ring_index_finds_the_nearest_kept_vector_and_forgets_the_oldest_part():
+    from groundmill.stages.near_duplicates import RingIndex
+
+    index = RingIndex(dim=3, capacity=4, parts=2)
+    assert index.search(np.array([1.0, 0, 0])) == (-1.0, None)
+    for i, v in enumerate(np.eye(3)):
+        index.add(v, f"k{i}")
+    assert index.search(np.array([0.0, 0.9, 0.1])) == (pytest.approx(0.9), "k1")
+    index.add(np.array([0.0, 0.0, 1.0]), "k3")
+    index.add(np.array([0.6, 0.8, 0.0]), "k4")  # a third part: the first (k0, k1) is dropped
+    assert len(index) == 3
+    assert index.search(np.array([1.0, 0, 0]))[1] == "k4"
+
+
+def test_the_verifier_stages_annotate_real_tiny_model_outputs():
+    """Tiny random-weight OWLv2, SAM2 and CLIP, the real MiniLM: every masked object gets a verification,
+    every image concepts and negatives, and the record stays valid; an identical picture is a near-duplicate."""
+    from groundmill.tests.stage_samples import build, image_sample
+
+    samples = [image_sample(0), image_sample(0), image_sample(1)]
+    samples[1].key = samples[1].record["key"] = "1" * 16
+    stages = [
+        build(
+            "detection",
+            {"detector": "owlv2", "score_threshold": 0.0, "max_boxes": 4, "classes": ["cat"]},
+            "tiny",
+        ),
+        build("masks", {}, "tiny"),
+        build("voting", {"min_iou": 0.0, "min_dice": 0.0}, "tiny"),
+        build("mask_verification", {"clip_model": "tiny"}, "tiny"),
+        build("exhaustivity", {"score_threshold": 0.0}, "tiny"),
+        build("near_duplicates", {"threshold": 0.9999}, "tiny"),
+    ]
+    for stage in stages:
+        stage.setup()
+        stage.process(samples)
+    for s in samples:
+        masked = [o for g in ("objects", "floating_objects") for o in s.record[g] if "segmentation" in o]
+        assert masked and all(set(o["verification"]) >= {"score", "accepted", "reasons"} for o in masked)
+        assert all(0.0 <= o["stability_score"] <= 1.0 for o in masked)
+        assert all("clip_agreement" in o["verification"]["features"] for o in masked)
+        assert isinstance(s.record["negatives"], list) and s.record["concepts"]
+        assert check_record(s.record) == []
+    assert samples[1].record["near_duplicate_of"] == samples[0].key
+    assert "near_duplicate_of" not in samples[0].record
