@@ -25,6 +25,7 @@ from groundmill.media import decode_rgb
 from groundmill.media import video_frames as upright_frames
 from groundmill.pipeline.export.common import ExportSample, iter_samples
 from groundmill.pipeline.inspect import summarize
+from groundmill.pipeline.report_verification import verification_html
 from groundmill.pipeline.run import RUN_RECORD
 from groundmill.schema import Record, decode_mask, frame_records, masklet_by_frame
 
@@ -270,6 +271,7 @@ def build_report(out_dir: str | Path, max_samples: int = 24) -> str:
         else ""
     )
     throughput = f"{summary['inputs'] / wall:.2f} inputs/s over {wall:.1f} s" if wall else "n/a"
+    verification = verification_html(out)
     return f"""<!doctype html>
 <html><head><meta charset="utf-8"><title>groundmill run report: {html.escape(out.name)}</title>
 <style>
@@ -296,6 +298,7 @@ throughput {throughput}.</p>
 <table><tr><th>reason</th><th>inputs</th></tr>{error_table or '<tr><td colspan="2">none</td></tr>'}</table>
 <h2>Samples ({len(cards)} shown)</h2>
 <div class="gallery">{"".join(cards)}</div>
+{verification}
 </body></html>
 """
 
