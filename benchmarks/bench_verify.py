@@ -26,7 +26,9 @@ Scoring (the only code that reads the truth): an object is bad when its mask's I
 true instance of its label is below 0.7; `mask_rejection_f1` is the F1 of rejected vs bad.
 A (image, phrase) is not exhaustive when a true instance of the phrase has no object of that label at
 mask IoU >= 0.5; `exhaustivity_recall` is the share of those flagged. `accepted_mean_iou` and
-`all_mean_iou`: mean IoU with the truth of the accepted and of all masks. CLIP agreement and the VLM
+`all_mean_iou`: mean IoU with the truth of the accepted and of all masks;
+`mask_checks_only_rejection_f1` is the F1 of the model-free mask checks alone (without the concept
+pass's label check, which is what catches swapped labels). CLIP agreement and the VLM
 judge need real weights: they are reported as not measured, and the targets are met without them.
 
 Run: ``python -m groundmill.benchmarks.bench_verify --images 60 --seed 0``; the last stdout line is JSON.
@@ -190,8 +192,9 @@ def annotate(scene: Scene, rng: random.Random, corrupt: float, missing: float) -
     return objects, kinds
 
 
-def verify(scene: Scene, objects: list[Object]) -> list[dict]:
-    """The verifiers, as the stages run them, on the image and record only."""
+def verify(scene: Scene, objects: list[Object]) -> tuple[list[dict], set[int]]:
+    """The verifiers, as the stages run them, on the image and record only: the concepts, and the ids
+    the model-free mask checks alone reject (before the concept pass's label check)."""
     mv, ex = MaskVerificationStage.Params(), Exhaustivity.Params()
     minimums = {
         k: getattr(mv, f"min_{k}")
@@ -201,6 +204,7 @@ def verify(scene: Scene, objects: list[Object]) -> list[dict]:
     for obj in objects:
         features = mask_features(obj, decode_mask(obj["segmentation"]), edges, mv.edge_ratio)
         obj["verification"] = decide(features, minimums, mv.min_score)
+    mask_only = {o["id"] for o in objects if not o["verification"]["accepted"]}
     present = sorted({o["labels"][0] for o in objects})
     candidates = [t for t in tags(scene.image) if t not in present]
     found: dict[str, list] = {}
@@ -210,7 +214,7 @@ def verify(scene: Scene, objects: list[Object]) -> list[dict]:
     for obj in objects:
         confirm(obj, [h["bbox"] for h in hits.get(obj["labels"][0], [])], ex.min_iou)
     frame = {"objects": objects, "floating_objects": []}
-    return concept_report(frame, hits, present, candidates, ex.min_iou, verified_only=False)
+    return concept_report(frame, hits, present, candidates, ex.min_iou, verified_only=False), mask_only
 
 
 # ----- scoring (reads the truth)
@@ -244,6 +248,7 @@ def f1(tp: int, fp: int, fn: int) -> float:
 def run(images: int, seed: int, corrupt: float, missing: float) -> dict[str, Any]:
     rng = random.Random(seed)
     tp = fp = fn = 0
+    mask_only_counts = [0, 0, 0]  # tp, fp, fn of the mask checks alone
     flagged = truth_missing = caught = false_alarm = concepts_total = 0
     all_ious, accepted_ious, recall_hits, instances = [], [], 0, 0
     by_kind: dict[str, list[int]] = {}
@@ -256,11 +261,15 @@ def run(images: int, seed: int, corrupt: float, missing: float) -> dict[str, Any
             instances += 1
             recall_hits += any(d["label"] == s.name and iou(m, box_mask(d["bbox"])) >= 0.5 for d in dets)
         objects, kinds = annotate(scene, rng, corrupt, missing)
-        concepts = verify(scene, objects)
+        concepts, mask_only = verify(scene, objects)
         for obj in objects:
             t = truth_iou(obj, scene)
             bad, rejected = t < BAD_IOU, not obj["verification"]["accepted"]
             tp, fp, fn = tp + (bad and rejected), fp + (rejected and not bad), fn + (bad and not rejected)
+            alone = obj["id"] in mask_only
+            mask_only_counts[0] += bad and alone
+            mask_only_counts[1] += alone and not bad
+            mask_only_counts[2] += bad and not alone
             all_ious.append(t)
             if not rejected:
                 accepted_ious.append(t)
@@ -280,6 +289,7 @@ def run(images: int, seed: int, corrupt: float, missing: float) -> dict[str, Any
                       "detector_recall": round(recall_hits / max(instances, 1), 4)},
         "rejection_rate_by_corruption": {k: round(float(np.mean(v)), 4) for k, v in sorted(by_kind.items())},
         "objects": len(all_ious), "accepted": len(accepted_ious),
+        "mask_checks_only_rejection_f1": round(f1(*mask_only_counts), 4),
         "exhaustivity_precision": round(caught / flagged, 4) if flagged else 0.0,
         "not_exhaustive_pairs": truth_missing, "pairs": concepts_total, "false_alarms": false_alarm,
         "real_weight_features": {"clip_agreement": None, "vlm_judge": None,

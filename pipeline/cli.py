@@ -23,6 +23,10 @@ DELEGATED = {
     "eval": ("groundmill.model.eval:main", "evaluate a checkpoint"),
     "bench-train": ("groundmill.model.bench:main", "train the tiny config on synthetic data and evaluate"),
     "plan": ("groundmill.pipeline.plan:main", "GPU-hours, wall-clock and dollars of a manifest on a corpus"),
+    "review": (
+        "groundmill.pipeline.review:main",
+        "uncertain objects to Label Studio tasks, and decisions back",
+    ),
 }
 
 
