@@ -56,7 +56,8 @@ def rejected_card(sample: ExportSample, obj: dict) -> str:
     from groundmill.pipeline.report import _thumb, data_uri, overlay
 
     image = decode_rgb(sample.media)
-    uri = data_uri(_thumb(overlay(image, [obj], {obj["id"]: decode_mask(obj["segmentation"])})))
+    # PNG: the gallery above holds one JPEG per sample
+    uri = data_uri(_thumb(overlay(image, [obj], {obj["id"]: decode_mask(obj["segmentation"])})), "PNG")
     label = obj["labels"][0] if obj["labels"] else "object"
     v = obj["verification"]
     return (

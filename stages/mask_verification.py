@@ -134,6 +134,12 @@ def draw_mask(image: Image.Image, mask: np.ndarray, box: list[float]) -> Image.I
     return out
 
 
+def crop_box(box: list[float]) -> tuple[int, int, int, int]:
+    """A box rounded outwards to whole pixels, at least one pixel wide and high."""
+    x0, y0 = int(np.floor(box[0])), int(np.floor(box[1]))
+    return x0, y0, max(x0 + 1, int(np.ceil(box[2]))), max(y0 + 1, int(np.ceil(box[3])))
+
+
 def masked_objects(frame: FrameRecord) -> list[Object]:
     return [o for g in ("objects", "floating_objects") for o in frame.get(g, []) if "segmentation" in o]
 
@@ -186,7 +192,7 @@ class MaskVerificationStage(LLMStage):
         labels = sorted({o["labels"][0] for o in objects if o["labels"]})
         if len(labels) < 2:
             return [1.0] * len(objects)
-        crops = [image.crop(tuple(int(round(v)) for v in o["bbox"])) for o in objects]
+        crops = [image.crop(crop_box(o["bbox"])) for o in objects]
         text = self.clip.encode_texts([f"a photo of a {lab}" for lab in labels])
         probs = zero_shot_probs(self.clip.encode_images(crops), text, self.clip.logit_scale)
         own = [labels.index(o["labels"][0]) if o["labels"] else 0 for o in objects]

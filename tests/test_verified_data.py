@@ -265,3 +265,46 @@ def test_the_verifier_stages_annotate_real_tiny_model_outputs():
         assert check_record(s.record) == []
     assert samples[1].record["near_duplicate_of"] == samples[0].key
     assert "near_duplicate_of" not in samples[0].record
+
+
+class ReplayBackend:
+    """Test double: answers each generate() call with the next list of texts, logging the prompts."""
+
+    def __init__(self, rounds: list[list[str]]):
+        self.rounds, self.prompts = list(rounds), []
+
+    def generate(self, prompts, params):
+        self.prompts.append(prompts)
+        return [Generation(text, "stop") for text in self.rounds.pop(0)]
+
+
+def test_the_vlm_judge_sees_the_drawn_mask_and_its_answer_is_retried_until_it_parses():
+    from groundmill.pipeline.config import stage_params
+    from groundmill.stages.mask_verification import MaskVerificationStage
+    from groundmill.tests.stage_samples import image_sample
+
+    sample = image_sample(0)  # 96x72 noise with a red block at x 20..60, y 10..50
+    mask = np.zeros((72, 96), bool)
+    mask[10:50, 20:60] = True
+    block, elsewhere = obj(0, "red block", [20, 10, 60, 50]), obj(1, "cat", [50, 10, 90, 50])
+    block["segmentation"], elsewhere["segmentation"] = (
+        encode_mask(mask),
+        encode_mask(np.roll(mask, 30, axis=1)),
+    )
+    sample.record["objects"], sample.record["floating_objects"] = [block, elsewhere], []
+    params = stage_params(
+        MaskVerificationStage, {"judge": True, "llm": {"backend": "http"}}, "mask_verification"
+    )
+    stage = MaskVerificationStage(params)
+    stage.clip, stage.backend = None, ReplayBackend([["Accept.", "hmm"], ["reject"]])
+    stage.process([sample])
+    first, other = sample.record["objects"]
+    assert first["verification"]["judge"] == "accept" and first["verification"]["accepted"]
+    assert other["verification"]["judge"] == "reject" and "judge: reject" in other["verification"]["reasons"]
+    assert not other["verification"]["accepted"]
+    sent = stage.backend.prompts[0][0][-1]["content"]
+    assert sent[0]["type"] == "image_url" and sent[0]["image_url"]["url"].startswith(
+        "data:image/jpeg;base64,"
+    )
+    assert "Label: red block." in sent[1]["text"]
+    assert len(stage.backend.prompts[1]) == 1  # only the unparsed answer was asked again
