@@ -308,3 +308,50 @@ def test_the_vlm_judge_sees_the_drawn_mask_and_its_answer_is_retried_until_it_pa
     )
     assert "Label: red block." in sent[1]["text"]
     assert len(stage.backend.prompts[1]) == 1  # only the unparsed answer was asked again
+
+
+def test_the_trainer_trains_on_hard_negatives_from_engine_shards(tmp_path):
+    """Engine shards whose records carry `negatives`: the referring batches hold "there is none" rows
+    with empty targets, one [SEG] and one mask each, and training steps run on them."""
+    import io
+
+    import torch
+    from PIL import Image
+
+    from groundmill.model.bench import TINY
+    from groundmill.model.config import load_config
+    from groundmill.model.data import TaskBatches
+    from groundmill.model.tokenizer import trainer_processor
+    from groundmill.model.train import train
+    from groundmill.schema import content_key, new_record
+    from groundmill.shards import ShardWriter
+    from groundmill.tests.model_fixtures import FAST
+
+    writer = ShardWriter(tmp_path / "engine", name="engine-00000")
+    for seed in range(2):
+        img = np.random.default_rng(seed).integers(0, 255, (64, 64, 3), dtype=np.uint8)
+        buf = io.BytesIO()
+        Image.fromarray(img).save(buf, format="JPEG")
+        key = content_key(buf.getvalue())
+        rec = new_record(key, {"uri": f"{seed}.jpg", "sha256": key, "bytes": 1, "format": "jpeg"},
+                         {"type": "image", "ext": "jpg", "width": 64, "height": 64}, [])  # fmt: skip
+        rec["objects"] = [obj(0, "dog", [8, 8, 40, 40])]
+        rec["referring_expressions"] = [{"object_id": 0, "expression": "the dog", "source": "template"}]
+        rec["negatives"] = ["cat", "wolf"]
+        writer.add_sample(
+            key, buf.getvalue(), "jpg", rec, {"uri": f"{seed}.jpg", "status": "ok", "media_type": "image"}
+        )
+    writer.commit()
+    others = [f"data.tasks.{t}=0" for t in ("gcg", "interactive", "vgd", "video_referring", "video_object")]
+    cfg = load_config(TINY, [f"out_dir={tmp_path / 'run'}", f"data.train=[{{path: {tmp_path / 'engine'}}}]",
+                             *FAST, *others, "data.batch_size=2", "optim.max_steps=2"])  # fmt: skip
+    processor = trainer_processor(cfg)
+    batch = next(iter(TaskBatches(cfg, processor)))
+    seg = processor.tokenizer.convert_tokens_to_ids("[SEG]")
+    assert batch["masks"].shape[0] == (batch["input_ids"] == seg).sum()
+    texts = processor.tokenizer.batch_decode(batch["input_ids"])
+    none_rows = [i for i, t in enumerate(texts) if "there is none" in t]
+    assert none_rows and all(not torch.any(batch["masks"][i]) for i in none_rows)
+    assert any(torch.any(batch["masks"][i]) for i in range(len(texts)) if i not in none_rows)
+    train(cfg)
+    assert (tmp_path / "run" / "checkpoints" / "step-0000002" / "model.safetensors").exists()
