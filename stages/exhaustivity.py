@@ -240,8 +240,12 @@ class Exhaustivity(Stage):
             )
 
     def provenance(self) -> dict[str, Any]:
+        from groundmill.stages.hub import random_weights
+
         p = self.params
-        return super().provenance() | {
+        info = super().provenance()
+        info["random_weights"] = info["random_weights"] or random_weights(ModelSpec(id=p.embedder))
+        return info | {
             "detector": p.detector, "score_threshold": p.score_threshold, "min_iou": p.min_iou,
             "embedder": p.embedder, "vocabularies": list(p.vocabularies),
         }  # fmt: skip

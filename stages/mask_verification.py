@@ -174,7 +174,12 @@ class MaskVerificationStage(LLMStage):
         p = self.params
         info = super().provenance() | {"min_score": p.min_score, "minimums": self.minimums()}
         if p.clip_model:
-            info |= {"clip_model": p.clip_model, "clip_random_weights": p.clip_model == "tiny"}
+            from groundmill.stages.hub import random_weights
+
+            info |= {
+                "clip_model": p.clip_model,
+                "clip_random_weights": random_weights(ModelSpec(id=p.clip_model)),
+            }
         return info
 
     def setup(self) -> None:
