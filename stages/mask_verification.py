@@ -176,10 +176,9 @@ class MaskVerificationStage(LLMStage):
         if p.clip_model:
             from groundmill.stages.hub import random_weights
 
-            info |= {
-                "clip_model": p.clip_model,
-                "clip_random_weights": random_weights(ModelSpec(id=p.clip_model)),
-            }
+            clip_random = random_weights(ModelSpec(id=p.clip_model))
+            info |= {"clip_model": p.clip_model, "clip_random_weights": clip_random}
+            info["random_weights"] = info.get("random_weights", False) or clip_random
         return info
 
     def setup(self) -> None:
