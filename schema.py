@@ -72,6 +72,38 @@ def mask_area(rle: RLE) -> int:
 # The record.
 
 
+class MaskFeatures(TypedDict, total=False):
+    """The mask verifier's evidence for one object (stages.mask_verification), each in [0, 1]."""
+
+    predicted_iou: float
+    stability: float
+    box_agreement: float
+    boundary_alignment: float
+    clip_agreement: float
+    concept_confirmed: float  # 1.0 when the concept-restricted detector pass found this object (exhaustivity)
+
+
+class MaskVerification(TypedDict):
+    """Whether an object's mask and label are trusted: a score, the decision and why not."""
+
+    score: float
+    accepted: bool
+    reasons: list[str]  # the checks it failed ("boundary_alignment < 0.35", "judge: reject", ...)
+    features: NotRequired[MaskFeatures]
+    judge: NotRequired[str]  # the VLM judge's answer: accept | reject | error
+    reviewed: NotRequired[bool]  # True when a person decided (groundmill review import)
+
+
+class Concept(TypedDict):
+    """Per (image, phrase): is the phrase present, and is every instance of it masked? (stages.exhaustivity)"""
+
+    phrase: str
+    present: bool
+    exhaustive: bool
+    object_ids: list[int]
+    unmatched: NotRequired[int]  # detector or automatic-mask hits of the phrase matched to no object
+
+
 class Object(TypedDict):
     id: int
     bbox: list[float]  # xyxy, pixels of the stored (normalised) image
@@ -83,6 +115,8 @@ class Object(TypedDict):
     segmentation_source: NotRequired[str]  # "SAM2", a detector's mask, ...
     predicted_iou: NotRequired[float]
     mask_in_box: NotRequired[bool]  # False flags a mask whose box disagrees with its prompt box
+    stability_score: NotRequired[float]  # IoU of the mask at logit thresholds -delta and +delta (SAM)
+    verification: NotRequired[MaskVerification]  # stages.mask_verification
     depth: NotRequired[float | None]  # median normalised depth inside the mask (0 near .. 1 far)
     depth_layer: NotRequired[str]
     replaced: NotRequired[ReplacedMask]  # the mask this one replaced (stages/prefer_masks.py)
@@ -116,6 +150,11 @@ class StuffRegion(TypedDict):
     area: int  # pixels
 
 
+def is_verified(obj: Object) -> bool:
+    """Whether an object may be used: the mask verifier accepted it, or no verifier ran."""
+    return obj.get("verification", {}).get("accepted", True)
+
+
 class Detection(TypedDict):
     """One raw box of a detector, before voting."""
 
@@ -128,9 +167,16 @@ class Detection(TypedDict):
     segmentation_source: NotRequired[str]
     predicted_iou: NotRequired[float]
     mask_in_box: NotRequired[bool]
+    stability_score: NotRequired[float]
 
 
-DETECTION_MASK_FIELDS = ("mask_in_box", "segmentation", "segmentation_source", "predicted_iou")
+DETECTION_MASK_FIELDS = (
+    "mask_in_box",
+    "segmentation",
+    "segmentation_source",
+    "predicted_iou",
+    "stability_score",
+)
 
 
 class Tag(TypedDict):
@@ -325,6 +371,8 @@ class FrameRecord(TypedDict, total=False):
     generations: dict[str, Generation]  # LLM stage name (from the manifest) -> its provenance
     llm_drops: list[LLMDrop]
     x2sam: list[X2SamMask]
+    concepts: list[Concept]  # stages.exhaustivity
+    negatives: list[str]  # phrases verified absent: hard negatives (stages.exhaustivity)
 
 
 class FrameSamplingInfo(TypedDict):
@@ -437,6 +485,9 @@ class Record(FrameRecord, total=False):
     expressions: list[VideoExpression]  # video only
     video_captions: list[Caption]  # video only: the template caption, then an LLM one if it kept every label
     gcg: GCG  # image only
+    near_duplicate_of: (
+        str  # key of an earlier sample whose CLIP embedding is this close (stages.near_duplicates)
+    )
     provenance: dict[str, dict[str, Any]]  # stage name (from the manifest) -> model, version, prompt hash...
 
 

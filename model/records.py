@@ -137,6 +137,7 @@ def record_texts(record: dict) -> list[str]:
     texts = [r["expression"] for r in record.get("referring_expressions", [])]
     texts += [o["labels"][0] for o in record.get("objects", []) if o.get("labels")]  # generic categories
     texts += [record[k]["caption"] for k in ("gcg", "dense_caption") if k in record]
+    texts += list(record.get("negatives", []))  # hard negatives are asked about too
     for e in record.get("expressions", []):
         texts += [v for k, v in e.items() if k != "track_id" and isinstance(v, str)]
     return texts

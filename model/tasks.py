@@ -3,6 +3,7 @@
 A sample: question, answer, frames (T,S,S,3), masks (Q,T,S,S) in [SEG] order, optional region (map,
 type, frame). Tasks, chosen per record with the configured weights among those its annotations support:
   referring        referring_expressions[i]            "please segment {expr} ." -> "it is [SEG] ."
+                   negatives[i] (verified absent)        "please segment {phrase} ." -> "there is none , [SEG] ." (empty mask)
   gcg              gcg / dense_caption spans            "... grounded caption ." -> "<p> a red circle </p> [SEG] ..."
   interactive      a visual prompt drawn from a mask    "please segment <region> ." -> "it is [SEG] ."
   vgd              same, target: all same-label objects
@@ -34,6 +35,9 @@ QUESTIONS = {
     "video_object": "please track {} in the video .",
 }
 ANSWER = f"it is {SEG} ."
+# A hard negative (a phrase verified absent, the record's `negatives`): the target is an empty mask and
+# the answer says there is none (SAM 3's negatives; GRES's no-target expressions).
+NO_TARGET_ANSWER = f"there is none , {SEG} ."
 
 
 # Visual prompts drawn from masks (X2SAM's VGD recipe, scaled to the image size).
@@ -74,16 +78,23 @@ def referring_targets(record: dict, size: int) -> list[tuple[str, np.ndarray]]:
 
 
 def referring_samples(record: dict, rng: random.Random, size: int, k: int) -> list[dict]:
-    """Up to k referring rows of one image, distinct targets."""
+    """Up to k referring rows of one image, distinct targets; a third of them at most (one at least,
+    when the record has any) ask for a hard negative, whose target is empty."""
     targets = referring_targets(record, size)
+    negatives = list(record.get("negatives", []))
+    n_neg = min(len(negatives), max(1, k // 3), k)
+    picked = rng.sample(targets, min(k - n_neg, len(targets)))
+    empty = np.zeros((size, size), bool)
+    rows = [(expr, mask, ANSWER) for expr, mask in picked]
+    rows += [(phrase, empty, NO_TARGET_ANSWER) for phrase in rng.sample(negatives, n_neg)]
     return [
         {
             "task": "referring",
             "question": QUESTIONS["referring"].format(expr),
-            "answer": ANSWER,
+            "answer": answer,
             "masks": [[mask]],
         }
-        for expr, mask in rng.sample(targets, min(k, len(targets)))
+        for expr, mask, answer in rows
     ]
 
 

@@ -12,7 +12,7 @@ from transformers import PreTrainedTokenizerFast, ProcessorMixin
 from groundmill.model.config import TrainConfig
 from groundmill.model.mllm import IMAGE_TOKEN, SPECIAL_TOKENS, make_processor
 from groundmill.model.records import record_texts, shard_urls
-from groundmill.model.tasks import ANSWER, QUESTIONS
+from groundmill.model.tasks import ANSWER, NO_TARGET_ANSWER, QUESTIONS
 from groundmill.shards import iter_shard
 
 
@@ -21,7 +21,7 @@ def build_word_tokenizer(texts: list[str]) -> PreTrainedTokenizerFast:
     base = ["[PAD]", "[UNK]", "[EOS]", *SPECIAL_TOKENS, IMAGE_TOKEN]
     pre = pre_tokenizers.Whitespace()
     words: set[str] = set()
-    for text in [*texts, *QUESTIONS.values(), ANSWER]:
+    for text in [*texts, *QUESTIONS.values(), ANSWER, NO_TARGET_ANSWER]:
         words.update(w for w, _ in pre.pre_tokenize_str(text.lower()) if w not in base)
     vocab = {w: i for i, w in enumerate(base + sorted(words))}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))

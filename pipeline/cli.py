@@ -23,6 +23,10 @@ DELEGATED = {
     "eval": ("groundmill.model.eval:main", "evaluate a checkpoint"),
     "bench-train": ("groundmill.model.bench:main", "train the tiny config on synthetic data and evaluate"),
     "plan": ("groundmill.pipeline.plan:main", "GPU-hours, wall-clock and dollars of a manifest on a corpus"),
+    "review": (
+        "groundmill.pipeline.review:main",
+        "uncertain objects to Label Studio tasks, and decisions back",
+    ),
 }
 
 
@@ -74,6 +78,10 @@ def _parser() -> argparse.ArgumentParser:
     export.add_argument("--stride", type=int, default=4, help="refsav: annotate every n-th frame (Sa2VA: 4)")
     export.add_argument("--split", default="train", help="coco: the split written into refs.json")
     export.add_argument("--no-progress", action="store_true", help="no progress bar")
+    export.add_argument("--negatives", action="store_true", help="coco, grandf: add the hard negatives")
+    export.add_argument(
+        "--verified-only", action="store_true", help="coco: leave out objects the mask verifier rejected"
+    )
 
     sample = sub.add_parser("sample", help="write the bundled demo inputs (real photos + a generated video)")
     sample.add_argument("dest")
@@ -147,7 +155,11 @@ def main(argv: list[str] | None = None) -> int:
 def _export(args: argparse.Namespace) -> int:
     from groundmill.pipeline.export import export
 
-    options = {"refsav": {"stride": args.stride}, "coco": {"split": args.split}}.get(args.export_format, {})
+    options = {
+        "refsav": {"stride": args.stride},
+        "coco": {"split": args.split, "negatives": args.negatives, "verified_only": args.verified_only},
+        "grandf": {"negatives": args.negatives},
+    }.get(args.export_format, {})
     counts = export(args.out_dir, args.export_format, args.output, progress=not args.no_progress, **options)
     print(f"{args.output}: " + ", ".join(f"{n} {what}" for what, n in counts.items()))
     return 0

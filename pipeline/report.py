@@ -26,6 +26,7 @@ from groundmill.media import decode_rgb
 from groundmill.media import video_frames as upright_frames
 from groundmill.pipeline.export.common import ExportSample, iter_samples
 from groundmill.pipeline.inspect import summarize
+from groundmill.pipeline.report_verification import verification_html
 from groundmill.pipeline.run import RUN_RECORD
 from groundmill.schema import Record, decode_mask, frame_records, masklet_by_frame
 from groundmill.shards import read_index
@@ -320,6 +321,7 @@ def build_report(out_dir: str | Path, max_samples: int = 24) -> str:
     coverage_note = (
         f"; mean coverage {coverage:.1%} of pixels (objects and stuff)" if coverage is not None else ""
     )
+    verification = verification_html(out)
     return f"""<!doctype html>
 <html><head><meta charset="utf-8"><title>groundmill run report: {html.escape(out.name)}</title>
 <style>
@@ -346,6 +348,7 @@ throughput {throughput}{coverage_note}.</p>
 <table><tr><th>reason</th><th>inputs</th></tr>{error_table or '<tr><td colspan="2">none</td></tr>'}</table>
 <h2>Samples ({len(cards)} shown)</h2>
 <div class="gallery">{"".join(cards)}</div>
+{verification}
 </body></html>
 """
 

@@ -6,8 +6,9 @@
 (schema.GCG: a list, so no key depends on the data; `groundmill export --format grandf` writes
 GranD-f's phrase-keyed dict from it.) Only phrases whose objects all have masks are exported, so every
 phrase maps to masks (an object's, or a stuff region's: "the sky"), and every span indexes the
-caption exactly (checked here, not assumed). A phrase text that occurs twice keeps its first
-grounding: GranD-f keys groundings by phrase.
+caption exactly (checked here, not assumed). With `verified_only` (the default) a phrase grounded
+to an object the mask verifier rejected is dropped from the dense caption's details and from GCG.
+A phrase text that occurs twice keeps its first grounding: GranD-f keys groundings by phrase.
 
 With `rewrite: true` the LLM rewrites each GCG caption to be concise (GranD-f's GPT-4 rewrite step)
 from a copy whose grounded phrases are marked `<p>phrase</p>`; the rewrite is kept only if every
@@ -20,7 +21,7 @@ import re
 from dataclasses import dataclass
 from functools import partial
 
-from groundmill.schema import GCG, FrameRecord, GCGGrounding
+from groundmill.schema import GCG, FrameRecord, GCGGrounding, is_verified
 from groundmill.stages.base import Sample
 from groundmill.stages.llm import Generation, require_stop
 from groundmill.stages.llm.parsing import clean_text
@@ -29,8 +30,22 @@ from groundmill.stages.llm.stage import LLMStage
 _MARK = re.compile(r"<p>(.*?)</p>")
 
 
-def gcg_record(file_name: str, frame: FrameRecord) -> GCG | None:
-    """The GCG sample of an image record, or None without an accepted, grounded dense caption."""
+def drop_rejected_details(frame: FrameRecord) -> int:
+    """Remove the dense caption's phrases grounded to an object the mask verifier rejected; how many."""
+    dense = frame.get("dense_caption")
+    if not dense:
+        return 0
+    rejected = {
+        o["id"] for o in frame.get("objects", []) + frame.get("floating_objects", []) if not is_verified(o)
+    }
+    kept = [d for d in dense["details"] if not rejected.intersection(d["ids"])]
+    dropped, dense["details"] = len(dense["details"]) - len(kept), kept
+    return dropped
+
+
+def gcg_record(file_name: str, frame: FrameRecord, verified_only: bool = True) -> GCG | None:
+    """The GCG sample of an image record, or None without an accepted, grounded dense caption.
+    `verified_only`: only objects the mask verifier accepted (or that no verifier saw) ground phrases."""
     dense = frame.get("dense_caption")
     if not dense or not dense.get("verification", {}).get("accepted"):
         return None
@@ -38,8 +53,8 @@ def gcg_record(file_name: str, frame: FrameRecord) -> GCG | None:
     masks = {
         o["id"]: o["segmentation"]
         for o in frame.get("objects", []) + frame.get("floating_objects", []) + frame.get("stuff", [])
-        if "segmentation" in o
-    }  # stuff region ids follow the objects', so one id space covers both
+        if "segmentation" in o and (is_verified(o) or not verified_only)
+    }  # stuff region ids follow the objects', so one id space covers both; stuff has no verifier
     groundings: list[GCGGrounding] = []
     for d in dense["details"]:
         start, end = d["tokens_positive"]
@@ -113,6 +128,7 @@ class GCGExport(LLMStage):
     name = "gcg"
     provides = ("gcg",)
     requires = ("dense_caption",)
+    uses = ("objects.verification",)
     prompt_name = "gcg_rewrite"
 
     @dataclass
@@ -120,6 +136,7 @@ class GCGExport(LLMStage):
         rewrite: bool = False  # the optional LLM rewrite (needs the stage's model)
         max_new_tokens: int = 128
         on_failure: str = "drop"  # a failed rewrite keeps the exported record as it was
+        verified_only: bool = True  # phrases of objects the mask verifier rejected leave details and GCG
 
     def uses_llm(self) -> bool:
         return self.params.rewrite
@@ -130,7 +147,9 @@ class GCGExport(LLMStage):
             record = sample.record
             if record["media"]["type"] != "image":  # GranD-f's GCG form is per image
                 continue
-            gcg = gcg_record(f"{sample.key}.{record['media']['ext']}", record)
+            if self.params.verified_only:
+                sample.stats["gcg.rejected_phrases"] = float(drop_rejected_details(record))
+            gcg = gcg_record(f"{sample.key}.{record['media']['ext']}", record, self.params.verified_only)
             if gcg is not None:
                 record["gcg"] = gcg
                 sample.stats["gcg.phrases"] = float(len(gcg["groundings"]))

@@ -13,6 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from groundmill.schema import FrameRecord, is_verified
 from groundmill.stages.base import Sample
 from groundmill.stages.llm import generate_checked
 from groundmill.stages.llm.parsing import parse_phrase
@@ -108,10 +109,18 @@ def keeps_meaning(paraphrase: str, spec: ExpressionSpec) -> bool:
     return all(w.lower() in words for w in spec.required_words())
 
 
+def rejected_ids(frame: FrameRecord) -> set[int]:
+    """Ids of the objects the mask verifier rejected (they stay distractors, never targets)."""
+    return {
+        o["id"] for o in frame.get("objects", []) + frame.get("floating_objects", []) if not is_verified(o)
+    }
+
+
 class ReferringExpressions(LLMStage):
     name = "refexp"
     provides = ("referring_expressions",)
     requires = ("scene_graph",)
+    uses = ("objects.verification",)
     prompt_name = "referring_expression"
 
     @dataclass
@@ -121,6 +130,7 @@ class ReferringExpressions(LLMStage):
         )
         max_objects: int = 30  # per image, in scene-graph order
         max_new_tokens: int = 24
+        verified_only: bool = True  # no expression for an object the mask verifier rejected
 
     def uses_llm(self) -> bool:
         return self.params.paraphrase
@@ -135,7 +145,10 @@ class ReferringExpressions(LLMStage):
                     continue
                 nodes, relations = graph["objects"], graph["relations"]
                 entries = view.record["referring_expressions"] = []
+                skip = rejected_ids(view.record) if self.params.verified_only else set()
                 for node in nodes[: self.params.max_objects]:
+                    if node["id"] in skip:
+                        continue
                     spec = unique_expression(node, nodes, relations)
                     if spec is None:
                         ambiguous += 1

@@ -129,15 +129,24 @@ def load_video_predictor(spec: ModelSpec, resources: Resources, seed: int = 0) -
 
 
 @torch.inference_mode()
-def predict_boxes(predictor: Any, image: Any, boxes: list[list[float]]) -> tuple[Any, Any]:
-    """Masks (N, H, W) bool and predicted IoUs (N,) for xyxy `boxes` on one PIL image, one batched call."""
+def predict_box_logits(predictor: Any, image: Any, boxes: list[list[float]]) -> tuple[Any, Any]:
+    """Mask logits (N, H, W) float32 and predicted IoUs (N,) for xyxy `boxes` on one PIL image, one
+    batched call; the mask is `logits > 0` (SAM2's mask threshold)."""
     import numpy as np
 
     predictor.set_image(image)
     if not boxes:
         h, w = image.height, image.width
-        return np.zeros((0, h, w), dtype=bool), np.zeros((0,), dtype=np.float32)
-    masks, ious, _ = predictor.predict(box=np.asarray(boxes, dtype=np.float32), multimask_output=False)
-    if masks.ndim == 3:  # one box: (1, H, W) -> (1, 1, H, W)
-        masks, ious = masks[None], ious[None]
-    return masks[:, 0] > 0, ious[:, 0]
+        return np.zeros((0, h, w), dtype=np.float32), np.zeros((0,), dtype=np.float32)
+    logits, ious, _ = predictor.predict(
+        box=np.asarray(boxes, dtype=np.float32), multimask_output=False, return_logits=True
+    )
+    if logits.ndim == 3:  # one box: (1, H, W) -> (1, 1, H, W)
+        logits, ious = logits[None], ious[None]
+    return logits[:, 0].astype(np.float32), ious[:, 0]
+
+
+def predict_boxes(predictor: Any, image: Any, boxes: list[list[float]]) -> tuple[Any, Any]:
+    """Masks (N, H, W) bool and predicted IoUs (N,) for xyxy `boxes` on one PIL image, one batched call."""
+    logits, ious = predict_box_logits(predictor, image, boxes)
+    return logits > 0, ious

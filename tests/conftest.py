@@ -99,6 +99,8 @@ stages:
     model: {id: tiny}
     params: {points_per_side: 4, pred_iou_thresh: 0.0, stability_score_thresh: 0.0, max_new: 4}
   stuff: {group: vision, model: {id: tiny}, params: {short_side: 64, min_score: 0.0}}
+  mask_verification: {group: vision}
+  exhaustivity: {group: vision, model: {id: tiny}, params: {score_threshold: 0.05}}
   attributes: {group: vision, model: {id: tiny}, params: {min_attribute_prob: 0.1}}
   captions: {group: vision, model: {id: tiny}, params: {num_captions: 2, generation: {max_new_tokens: 8}}}
   grounding:
@@ -111,8 +113,9 @@ stages:
     model: {id: smollm2}
     params: {max_new_tokens: 32, attempts: 1, accept_truncated: true, on_failure: drop, llm: {backend: transformers, batch_size: 8}}
   verification: {group: language, params: {max_hallucination_rate: 1.0}}
-  refexp: {group: language}
-  gcg: {group: language}
+  # Random-weight masks are rejected by the verifier: the language stages use them all here.
+  refexp: {group: language, params: {verified_only: false}}
+  gcg: {group: language, params: {verified_only: false}}
   tracking:
     group: video
     model: {id: tiny}

@@ -184,7 +184,7 @@ def test_run_record_says_which_models_were_random(grand_run):
     real = {"grounding", "verification"}
     with_models = {n for n, s in run["stages"].items() if "random_weights" in s}
     assert set(run["random_weight_models"]) == with_models - real
-    assert len(with_models) == 17
+    assert len(with_models) == 19  # mask_verification (its CLIP) and exhaustivity (its OWLv2) included
     for record in records:
         for name in with_models:
             assert record["provenance"][name]["random_weights"] is (name not in real)

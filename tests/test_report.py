@@ -145,3 +145,25 @@ def test_report_renders_in_headless_chromium(run_dir: Path, tmp_path: Path):
     assert (np.abs(pixels - red).max(axis=2) < 12).sum() > 200
     tint = red * 0.5 + 200 * 0.5
     assert (np.abs(pixels - tint).max(axis=2) < 12).sum() > 0
+
+
+def test_report_shows_acceptance_rates_and_rejected_masks(run_dir: Path):
+    """The verification section counts every verified object of the run and draws rejected masks."""
+    page = build_report(run_dir)
+    objects = [o for r in _records(run_dir) for f in ([r] if r["media"]["type"] == "image" else r["keyframes"])
+               for o in f.get("objects", []) + f.get("floating_objects", [])]  # fmt: skip
+    verified = [o for o in objects if "verification" in o]
+    assert verified and len(verified) == len([o for o in objects if "segmentation" in o])
+    accepted = sum(o["verification"]["accepted"] for o in verified)
+    assert f"<td>masks verified</td><td>{len(verified)}</td>" in page
+    assert f"<td>accepted</td><td>{accepted} (" in page
+    images = [r for r in _records(run_dir) if r["media"]["type"] == "image"]
+    rejected = [
+        o
+        for r in images
+        for o in r["objects"] + r["floating_objects"]
+        if "segmentation" in o and not o["verification"]["accepted"]
+    ]
+    assert page.count('alt="rejected ') == min(6, len(rejected))
+    if rejected:
+        assert html.escape(rejected[0]["verification"]["reasons"][0]) in page

@@ -7,6 +7,11 @@ floating object of an image with a non-empty mask is one annotation; the box is 
 ``DEST/refs.json``: one ref per referring expression, with RefCOCO's keys (``ref_id, ann_id, image_id,
 category_id, split, sentences[{sent, raw, tokens, sent_id}], sent_ids, file_name``); RefCOCO ships
 refs as a pickle, this is JSON. Pictures go to ``DEST/images/<key>.<ext>``. Videos are not exported.
+
+``negatives=True`` adds LVIS's per-image fields (the LVIS API reads them; COCO tools ignore them):
+``neg_category_ids`` (the record's `negatives`, phrases verified absent) and
+``not_exhaustive_category_ids`` (concepts the exhaustivity verifier found not exhaustive).
+``verified_only=True`` leaves out the objects the mask verifier rejected.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from groundmill.pipeline.export.common import (
     rle_xywh,
     write_file,
 )
+from groundmill.schema import is_verified
 
 
 def tokens(sentence: str) -> list[str]:
@@ -43,13 +49,15 @@ class _Ids:
         return self.categories.setdefault(name, len(self.categories) + 1)
 
 
-def _annotations(s: ExportSample, image_id: int, ids: _Ids) -> dict[int, dict[str, Any]]:
+def _annotations(
+    s: ExportSample, image_id: int, ids: _Ids, verified_only: bool = False
+) -> dict[int, dict[str, Any]]:
     """object id -> its COCO annotation, for the objects and floating objects with a non-empty mask."""
     out = {}
     for floating, group in ((False, "objects"), (True, "floating_objects")):
         for obj in s.record.get(group, []):
             seg = obj.get("segmentation")
-            if seg is None or rle_area(seg) == 0:
+            if seg is None or rle_area(seg) == 0 or (verified_only and not is_verified(obj)):
                 continue
             ids.annotation += 1
             out[obj["id"]] = {
@@ -94,7 +102,20 @@ def _assemble(path: Path, images: Path, annotations: Path, categories: dict[str,
     annotations.unlink()
 
 
-def write(out_dir: Path, dest: Path, progress: bool = True, split: str = "train") -> dict[str, int]:
+def lvis_fields(record: dict[str, Any], ids: _Ids) -> dict[str, list[int]]:
+    """LVIS's image-level labels: categories verified absent, and those not exhaustively annotated."""
+    return {
+        "neg_category_ids": [ids.category(p) for p in record.get("negatives", [])],
+        "not_exhaustive_category_ids": [
+            ids.category(c["phrase"])
+            for c in record.get("concepts", [])
+            if c["present"] and not c["exhaustive"]
+        ],
+    }
+
+
+def write(out_dir: Path, dest: Path, progress: bool = True, split: str = "train", negatives: bool = False,
+          verified_only: bool = False) -> dict[str, int]:  # fmt: skip
     ids = _Ids()
     parts = dest / ".images.json", dest / ".annotations.json"
     with (
@@ -105,9 +126,10 @@ def write(out_dir: Path, dest: Path, progress: bool = True, split: str = "train"
         for image_id, s in enumerate(iter_samples(out_dir, "image", progress), 1):
             write_file(dest / "images" / s.file_name, s.media)
             media = s.record["media"]
-            images.append({"id": image_id, "file_name": s.file_name, "height": media["height"], "width": media["width"],
-                           "groundmill_key": s.key})  # fmt: skip
-            anns = _annotations(s, image_id, ids)
+            image = {"id": image_id, "file_name": s.file_name, "height": media["height"], "width": media["width"],
+                     "groundmill_key": s.key}  # fmt: skip
+            images.append(image | lvis_fields(s.record, ids) if negatives else image)
+            anns = _annotations(s, image_id, ids, verified_only)
             for ann in anns.values():
                 annotations.append(ann)
             for ref in _refs(s, image_id, anns, ids, split):
