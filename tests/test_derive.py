@@ -65,12 +65,21 @@ def test_demo_max_new_tokens_of_extra_context_reruns_it_alone():
 def test_demo_detector_change_reruns_what_reads_its_boxes_and_nothing_else():
     plan = plan_derivation(_record(DEMO), _record(DEMO, ["stages.detect_owlv2.params.max_boxes=5"]))
     # masks rewrites `detections` (so both detectors rerun with it), voting builds `objects` from them,
-    # depth and attributes extend `objects`, and the language stages read the objects.
+    # auto_masks keeps what no object covers, stuff numbers its regions after the objects, the
+    # verifiers judge them, depth and attributes extend `objects`, and the language stages read them.
     assert plan.rerun == [
-        "detect_owlv2", "detect_grounding_dino", "masks", "voting", "depth", "attributes", "grounding",
-        "scene_graph", "dense_caption", "verification", "refexp", "extra_context", "gcg",
+        "detect_owlv2", "detect_grounding_dino", "masks", "voting", "auto_masks", "stuff",
+        "mask_verification", "exhaustivity", "depth", "attributes", "grounding", "scene_graph",
+        "dense_caption", "verification", "refexp", "extra_context", "gcg",
     ]  # fmt: skip
-    assert plan.reused == ["tagging", "landmark", "captions", "tracking", "video_expressions"]
+    assert plan.reused == [
+        "tagging",
+        "landmark",
+        "near_duplicates",
+        "captions",
+        "tracking",
+        "video_expressions",
+    ]
 
 
 def test_a_derived_run_cannot_change_the_stored_media():
