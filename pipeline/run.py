@@ -215,7 +215,7 @@ def annotate(
     measured)."""
     import ray
 
-    from groundmill.pipeline.graph import build_dataset, check_resources
+    from groundmill.pipeline.graph import build_dataset, check_resources, start_pools, stop_pools
     from groundmill.pipeline.load import KeyRegistry
     from groundmill.pipeline.sink import ShardSink
 
@@ -232,11 +232,17 @@ def annotate(
     committed = {k: u for k, u, s in zip(*columns, strict=True) if s}
     registry = KeyRegistry.remote(committed)
     step = cfg.run.inputs_per_dataset
-    for n, i in enumerate(range(0, len(pending), step)):  # bounded driver memory (inputs_per_dataset)
-        # Shard names carry no config value: attempt, Dataset and (in the sink) write task numbers.
-        prefix = f"{attempt_number:03d}-{n:03d}"
-        sink = ShardSink(str(out), cfg.output.shard_max_samples, cfg.output.shard_max_mb * 2**20, prefix)
-        build_dataset(cfg, pending[i : i + step], registry).write_datasink(sink)
+    # Several Datasets share long-lived model actors: each Dataset would otherwise load every model again.
+    pools = start_pools(cfg, cluster) if len(pending) > step else None
+    try:
+        for n, i in enumerate(range(0, len(pending), step)):  # bounded driver memory (inputs_per_dataset)
+            # Shard names carry no config value: attempt, Dataset and (in the sink) write task numbers.
+            prefix = f"{attempt_number:03d}-{n:03d}"
+            sink = ShardSink(str(out), cfg.output.shard_max_samples, cfg.output.shard_max_mb * 2**20, prefix)
+            build_dataset(cfg, pending[i : i + step], registry, pools, prefix).write_datasink(sink)
+    finally:
+        if pools:
+            stop_pools(pools)
     return cluster
 
 
