@@ -27,51 +27,92 @@ PHOTOS = ("astronaut.png", "chelsea.png", "coffee.png", "rocket.jpg", "motorcycl
 INPUT_SIZE = (320, 240)
 
 
-def make_inputs(folder: Path, n: int, seed: int = 0) -> list[Path]:
-    """`n` distinct real photos (random crops of scikit-image's bundled photos), 320x240 JPEG."""
+def photos() -> list[Image.Image]:
     import skimage
 
+    return [Image.open(Path(skimage.__file__).parent / "data" / p).convert("RGB") for p in PHOTOS]
+
+
+def random_crop(photo: Image.Image, rng: np.random.Generator, size: tuple[int, int]) -> Image.Image:
+    """A random 60-100% crop of `photo`, resized to `size` (distinct bytes, real image statistics)."""
+    w, h = photo.size
+    cw, ch = int(w * rng.uniform(0.6, 1.0)), int(h * rng.uniform(0.6, 1.0))
+    x, y = int(rng.integers(0, w - cw + 1)), int(rng.integers(0, h - ch + 1))
+    return photo.crop((x, y, x + cw, y + ch)).resize(size)
+
+
+def make_inputs(folder: Path, n: int, seed: int = 0, size: tuple[int, int] = INPUT_SIZE) -> list[Path]:
+    """`n` distinct real photos (random crops of scikit-image's bundled photos), JPEG of `size`."""
     folder.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
-    photos = [Image.open(Path(skimage.__file__).parent / "data" / p).convert("RGB") for p in PHOTOS]
+    bundled = photos()
     paths = []
     for i in range(n):
-        photo = photos[i % len(photos)]
-        w, h = photo.size
-        cw, ch = int(w * rng.uniform(0.6, 1.0)), int(h * rng.uniform(0.6, 1.0))
-        x, y = int(rng.integers(0, w - cw + 1)), int(rng.integers(0, h - ch + 1))
         path = folder / f"img{i:05d}.jpg"
-        photo.crop((x, y, x + cw, y + ch)).resize(INPUT_SIZE).save(path, quality=90)
+        random_crop(bundled[i % len(bundled)], rng, size).save(path, quality=90)
         paths.append(path)
     return paths
 
 
+def _pss_bytes(pid: int) -> int:
+    """Proportional set size from /proc/PID/smaps_rollup (cheap: one summary, not every mapping)."""
+    with open(f"/proc/{pid}/smaps_rollup") as f:
+        for line in f:
+            if line.startswith("Pss:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+class IndexProgress:
+    """How many index rows an output directory has committed so far (each part's row count once)."""
+
+    def __init__(self, out: Path | None):
+        self.out, self.rows, self._seen = out, 0, set()
+
+    def __call__(self) -> int:
+        if self.out is None:
+            return 0
+        import pyarrow.parquet as pq
+
+        for part in (self.out / "index").glob("*.parquet"):  # committed parts only (temp files are hidden)
+            if part.name not in self._seen:
+                with contextlib.suppress(OSError, ValueError):
+                    self.rows += pq.read_metadata(part).num_rows
+                    self._seen.add(part.name)
+        return self.rows
+
+
 class TreeRss:
-    """Samples the summed RSS of a process and all its descendants; `peak` is the maximum seen.
+    """Samples a process (the driver) and all its descendants (Ray's processes) over time.
 
     Summed RSS counts shared pages (torch's libraries, Ray's object store) once per process that
-    maps them, so it overstates a many-process pipeline; `peak_pss` (proportional set size, shared
-    pages split among their users) is the tree's physical memory.
+    maps them, so it overstates a many-process pipeline; PSS (proportional set size, shared pages
+    split among their users) is the tree's physical memory. `series` holds (seconds, driver RSS,
+    tree RSS, tree PSS, committed index rows) per sample; `peak` and `peak_pss` the tree's maxima.
     """
 
-    def __init__(self, pid: int, interval_s: float = 0.2):
+    def __init__(self, pid: int, interval_s: float = 0.5, out: Path | None = None):
         self.pid, self.interval_s, self.peak, self.peak_pss = pid, interval_s, 0, 0
+        self.series: list[tuple[float, int, int, int, int]] = []
+        self._progress = IndexProgress(out)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._sample, daemon=True)
 
     def _sample(self) -> None:
+        start = time.perf_counter()
         while not self._stop.is_set():
             try:
                 root = psutil.Process(self.pid)
+                driver = root.memory_info().rss
                 procs = [root, *root.children(recursive=True)]
             except psutil.NoSuchProcess:
                 return
             rss = pss = 0
             for p in procs:
-                with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied):
-                    info = p.memory_full_info()
-                    rss, pss = rss + info.rss, pss + info.pss
+                with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied, OSError):
+                    rss, pss = rss + p.memory_info().rss, pss + _pss_bytes(p.pid)
             self.peak, self.peak_pss = max(self.peak, rss), max(self.peak_pss, pss)
+            self.series.append((time.perf_counter() - start, driver, rss, pss, self._progress()))
             self._stop.wait(self.interval_s)
 
     def __enter__(self) -> TreeRss:
@@ -83,8 +124,11 @@ class TreeRss:
         self._thread.join()
 
 
-def run_child(args: list[str], result: Path) -> dict[str, Any]:
-    """Run `python -m <args>` in a fresh process; its JSON result plus the tree's peak RSS (MiB)."""
+def run_child(
+    args: list[str], result: Path, out: Path | None = None, interval_s: float = 0.5
+) -> dict[str, Any]:
+    """Run `python -m <args>` in a fresh process; its JSON result plus the tree's peak RSS and PSS (MiB)
+    and, with `out` (its output directory), the memory series against committed index rows."""
     env = {**os.environ, "RAY_DATA_DISABLE_PROGRESS_BARS": "1", "TOKENIZERS_PARALLELISM": "false"}
     proc = subprocess.Popen(
         [sys.executable, "-m", *args],
@@ -94,14 +138,17 @@ def run_child(args: list[str], result: Path) -> dict[str, Any]:
         stderr=subprocess.PIPE,
         text=True,
     )
-    with TreeRss(proc.pid) as rss:
+    with TreeRss(proc.pid, interval_s, out) as rss:
         _, stderr = proc.communicate()
     if proc.returncode:
         raise RuntimeError(f"{' '.join(args)} failed ({proc.returncode}):\n{stderr[-3000:]}")
+    extra = {"memory_series": rss.series} if out is not None else {}
     return {
         **json.loads(result.read_text()),
         "peak_rss_mib": rss.peak / 2**20,
         "peak_pss_mib": rss.peak_pss / 2**20,
+        "peak_driver_rss_mib": max((s[1] for s in rss.series), default=0) / 2**20,
+        **extra,
     }
 
 
@@ -121,8 +168,36 @@ def stage_busy(out: Path) -> dict[str, float]:
     return {stage: float(np.mean(v)) for stage, v in totals.items()}
 
 
+def pipeline_threads(out: Path) -> dict[str, float]:
+    """Per graph operator: the intra-op threads its actors ran with (index stats `threads.<operator>`)."""
+    from groundmill.pipeline.plan import timing_pairs
+    from groundmill.shards import read_index
+
+    threads: dict[str, float] = {}
+    for stats in read_index(out, columns=["stats"]).column("stats").to_pylist():
+        for key, value in timing_pairs(stats):
+            if key.startswith("threads."):
+                threads[key.removeprefix("threads.")] = max(
+                    threads.get(key.removeprefix("threads."), 0), value
+                )
+    return threads
+
+
+def commit_throughput(out: Path) -> float:
+    """Steady-state samples/s: rows committed after the first index part, over the time from the first
+    commit to the last (each part's mtime is its commit), so start-up and fill are left out."""
+    import pyarrow.parquet as pq
+
+    parts = sorted(
+        (p.stat().st_mtime, pq.read_metadata(p).num_rows) for p in (out / "index").glob("*.parquet")
+    )
+    if len(parts) < 2 or parts[-1][0] <= parts[0][0]:
+        return float("nan")
+    return sum(rows for _, rows in parts[1:]) / (parts[-1][0] - parts[0][0])
+
+
 def main(argv: list[str] | None = None) -> None:
-    """Child: Ray start-up, then the timed run; writes {seconds, inputs, ok, stage_busy_s}."""
+    """Child: Ray start-up, then the timed run; writes {seconds, inputs, ok, stage_busy_s, ...}."""
     parser = argparse.ArgumentParser()
     parser.add_argument("manifest")
     parser.add_argument("--input", required=True)
@@ -150,15 +225,22 @@ def main(argv: list[str] | None = None) -> None:
         "inputs": len(index),
         "ok": index.count("ok"),
         "stage_busy_s": stage_busy(out),
+        "steady_samples_per_s": commit_throughput(out),
+        "threads": pipeline_threads(out),
     }
     Path(args.json).write_text(json.dumps(result))
 
 
-def run_pipeline_measured(manifest: str, inputs: Path, work: Path, tag: str, overrides: list[str]) -> dict:
+def run_pipeline_measured(
+    manifest: str, inputs: Path, work: Path, tag: str, overrides: list[str], series: bool = False
+) -> dict:
+    """One pipeline run in a fresh process; with `series`, its memory over time (TreeRss.series)."""
     out, result = work / f"out-{tag}", work / f"{tag}.json"
     shutil.rmtree(out, ignore_errors=True)
     args = ["groundmill.benchmarks.measure", manifest, "--input", str(inputs), "--output", str(out)]
-    r = run_child([*args, "--json", str(result), *overrides], result)
+    r = run_child(
+        [*args, "--json", str(result), *overrides], result, out if series else None, 1.0 if series else 0.5
+    )
     r["samples_per_s"] = r["inputs"] / r["seconds"]
     return r
 
