@@ -42,14 +42,14 @@ def run(manifest: str, inputs: Path, out: Path, overrides: list[str]) -> dict[st
 
 def stage_figures(cfg: Any, out: Path, seconds: float) -> dict[str, Any]:
     from groundmill.benchmarks.cluster import gpu_stage_figures
+    from groundmill.benchmarks.measure import stat_pairs
     from groundmill.pipeline.config import segments
-    from groundmill.pipeline.plan import timing_pairs
     from groundmill.shards import read_index
 
     rows = read_index(out, columns=["media_type", "timings", "stats"]).to_pylist()
     peaks: dict[str, float] = defaultdict(float)
     for r in rows:
-        for key, value in timing_pairs(r["stats"]):
+        for key, value in stat_pairs(r["stats"]):
             if key.startswith("gpu_peak_mib."):
                 name = key.removeprefix("gpu_peak_mib.")
                 peaks[name] = max(peaks[name], value)

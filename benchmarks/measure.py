@@ -168,14 +168,18 @@ def stage_busy(out: Path) -> dict[str, float]:
     return {stage: float(np.mean(v)) for stage, v in totals.items()}
 
 
+def stat_pairs(stats: list[dict[str, Any]] | None) -> list[tuple[str, float]]:
+    """An index row's `stats` (schema.STAT entries) as (name, value)."""
+    return [(s["name"], s["value"]) for s in stats or []]
+
+
 def pipeline_threads(out: Path) -> dict[str, float]:
     """Per graph operator: the intra-op threads its actors ran with (index stats `threads.<operator>`)."""
-    from groundmill.pipeline.plan import timing_pairs
     from groundmill.shards import read_index
 
     threads: dict[str, float] = {}
     for stats in read_index(out, columns=["stats"]).column("stats").to_pylist():
-        for key, value in timing_pairs(stats):
+        for key, value in stat_pairs(stats):
             if key.startswith("threads."):
                 threads[key.removeprefix("threads.")] = max(
                     threads.get(key.removeprefix("threads."), 0), value
@@ -184,16 +188,24 @@ def pipeline_threads(out: Path) -> dict[str, float]:
 
 
 def commit_throughput(out: Path) -> float:
-    """Steady-state samples/s: rows committed after the first index part, over the time from the first
-    commit to the last (each part's mtime is its commit), so start-up and fill are left out."""
+    """Steady-state samples/s from commit times (each index part's mtime): the least-squares slope of
+    committed rows against time over every commit after the first. The first is left out: it carries
+    the fill; the rows in flight at any moment shift the line, not its slope; the drain at the end
+    can only lower it."""
     import pyarrow.parquet as pq
 
     parts = sorted(
         (p.stat().st_mtime, pq.read_metadata(p).num_rows) for p in (out / "index").glob("*.parquet")
     )
-    if len(parts) < 2 or parts[-1][0] <= parts[0][0]:
+    points, rows = [], 0
+    for mtime, n in parts:
+        rows += n
+        points.append((mtime, rows))
+    points = points[1:]
+    if len({t for t, _ in points}) < 2:
         return float("nan")
-    return sum(rows for _, rows in parts[1:]) / (parts[-1][0] - parts[0][0])
+    mt, mr = sum(t for t, _ in points) / len(points), sum(r for _, r in points) / len(points)
+    return sum((t - mt) * (r - mr) for t, r in points) / sum((t - mt) ** 2 for t, _ in points)
 
 
 def main(argv: list[str] | None = None) -> None:
