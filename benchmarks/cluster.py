@@ -23,6 +23,8 @@ from typing import Any
 
 import psutil
 
+from groundmill.benchmarks.measure import QUIET_SLOW_START
+
 BIN = Path(sys.executable).parent
 
 
@@ -73,7 +75,7 @@ def loopback_cluster(nodes: int, cpus_per_node: int = 1) -> Iterator[str]:
     """A Ray cluster of `nodes` nodes on this machine; yields the head's address."""
     port = _free_port()
     ray_tmp = tempfile.mkdtemp(prefix="gmbench", dir="/tmp")  # short: Ray's socket paths are limited
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0",
+    env = {**os.environ, **QUIET_SLOW_START, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0",
            "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}  # fmt: skip
     env.pop("RAY_ADDRESS", None)
     procs: list[subprocess.Popen] = []

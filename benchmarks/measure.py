@@ -27,6 +27,12 @@ PHOTOS = ("astronaut.png", "chelsea.png", "coffee.png", "rocket.jpg", "motorcycl
 INPUT_SIZE = (320, 240)
 
 
+# Child processes: no progress bars, and Ray given time to start on a loaded machine (the default
+# 30 s raylet wait fails there).
+QUIET_SLOW_START = {"RAY_DATA_DISABLE_PROGRESS_BARS": "1", "TOKENIZERS_PARALLELISM": "false",
+                    "RAY_raylet_start_wait_time_s": "300", "RAY_worker_register_timeout_seconds": "600"}  # fmt: skip
+
+
 def photos() -> list[Image.Image]:
     import skimage
 
@@ -129,7 +135,7 @@ def run_child(
 ) -> dict[str, Any]:
     """Run `python -m <args>` in a fresh process; its JSON result plus the tree's peak RSS and PSS (MiB)
     and, with `out` (its output directory), the memory series against committed index rows."""
-    env = {**os.environ, "RAY_DATA_DISABLE_PROGRESS_BARS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    env = {**os.environ, **QUIET_SLOW_START}
     proc = subprocess.Popen(
         [sys.executable, "-m", *args],
         cwd=REPO,
