@@ -144,7 +144,9 @@ def measure(cfg: Config, uris: list[str], cores: float, gpus: float, out_dir: Pa
         sink.write([pa.Table.from_pylist(rows, schema=schema)], SimpleNamespace(task_idx=next(tasks)))
 
     _, wall, cpu = _timed(write, rows, cfg.output.shard_max_samples)
-    ops["sink"] = {"wall_s": wall, "cpu_s": cpu, "gpu_s": 0.0, "threads": 1, "setup_s": 0.0, "workers": cores}
+    # Write tasks reserve load.num_cpus (pipeline/run.py), so as many run at once as load tasks.
+    ops["sink"] = {"wall_s": wall, "cpu_s": cpu, "gpu_s": 0.0, "threads": 1, "setup_s": 0.0,
+                   "workers": cores / max(load_cpus, 1e-9)}  # fmt: skip
     return {"operators": ops, "samples": len(uris), "cores": cores, "gpus": gpus} | ideal(ops, cores, gpus)
 
 

@@ -239,7 +239,10 @@ def annotate(
             # Shard names carry no config value: attempt, Dataset and (in the sink) write task numbers.
             prefix = f"{attempt_number:03d}-{n:03d}"
             sink = ShardSink(str(out), cfg.output.shard_max_samples, cfg.output.shard_max_mb * 2**20, prefix)
-            build_dataset(cfg, pending[i : i + step], registry, pools, prefix).write_datasink(sink)
+            # Write tasks reserve what a load task does (light, I/O-bound) instead of Ray's 1 CPU, which
+            # no node with a model actor on its only core could ever give.
+            ds = build_dataset(cfg, pending[i : i + step], registry, pools, prefix)
+            ds.write_datasink(sink, ray_remote_args={"num_cpus": cfg.load.num_cpus})
     finally:
         if pools:
             stop_pools(pools)
