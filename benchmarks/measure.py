@@ -214,6 +214,24 @@ def commit_throughput(out: Path) -> float:
     return sum((t - mt) * (r - mr) for t, r in points) / sum((t - mt) ** 2 for t, _ in points)
 
 
+def start_ray(cfg: Any, attempts: int = 3) -> None:
+    """pipeline.run.init_ray, retried: on a loaded machine Ray's fixed 30 s wait for its raylet can
+    run out before the node registers."""
+    import ray
+
+    from groundmill.pipeline.run import init_ray
+
+    for attempt in range(attempts):
+        try:
+            init_ray(cfg)
+            return
+        except Exception as e:  # Ray raises a bare Exception for this
+            if "timed out during startup" not in str(e) or attempt == attempts - 1:
+                raise
+            ray.shutdown()
+            time.sleep(5)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Child: Ray start-up, then the timed run; writes {seconds, inputs, ok, stage_busy_s, ...}."""
     parser = argparse.ArgumentParser()
@@ -226,12 +244,12 @@ def main(argv: list[str] | None = None) -> None:
     import ray
 
     from groundmill.pipeline.config import load_config
-    from groundmill.pipeline.run import init_ray, run_pipeline
+    from groundmill.pipeline.run import run_pipeline
     from groundmill.shards import read_index
 
     overrides = [f"inputs={json.dumps([args.input])}", f"output.dir={args.output}", *args.overrides]
     cfg = load_config(args.manifest, overrides)
-    init_ray(cfg)  # a cluster is started once, not per dataset: not part of the measured time
+    start_ray(cfg)  # a cluster is started once, not per dataset: not part of the measured time
     start = time.perf_counter()
     run_pipeline(cfg)
     seconds = time.perf_counter() - start

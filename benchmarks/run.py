@@ -189,6 +189,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=3, help="interleaved pipeline/baseline repeats")
     parser.add_argument("--bound-samples", type=int, default=16, help="inputs of the isolated operator runs")
     parser.add_argument("--memory-n", type=int, default=40, help="N of the N vs 10N memory runs")
+    parser.add_argument("--memory-manifest", default="manifests/bench.yaml", help="its level-1 stages run")
     parser.add_argument("--scale-n", type=int, default=32, help="inputs of the 1 vs 2 node runs")
     parser.add_argument("--skip", default="", help="comma-separated sections to leave out: memory,scaling")
     parser.add_argument("--work", default="out/bench")
@@ -203,25 +204,30 @@ def main(argv: list[str] | None = None) -> int:
     skip = set(filter(None, args.skip.split(",")))
     start = time.perf_counter()
     r: dict[str, Any] = {"n": args.n, "repeats": args.repeats, "manifest": args.manifest, "cpus": os.cpu_count(),
-                         "load_avg_start": os.getloadavg()}  # fmt: skip
+                         "memory_manifest": args.memory_manifest, "load_avg_start": os.getloadavg()}  # fmt: skip
     inputs_2n = work / "inputs-2n"
     make_inputs(inputs_2n, 2 * args.n)
     inputs = linked_subset(inputs_2n, work / "inputs", args.n)
     log(f"bound: each operator alone on {args.bound_samples} inputs")
     r["bound"] = bound(args.manifest, inputs, work, args.bound_samples)
+    save = lambda: (work / "results.json").write_text(json.dumps(r, default=float))  # noqa: E731 (after each section)
+    save()
     r |= compare(args.manifest, inputs, inputs_2n, work, args.repeats)
     r["ideal_samples_per_s"] = r["bound"]["ideal_samples_per_s"]
     r["pipeline_vs_ideal"] = r["pipeline_steady_samples_per_s"]["median"] / r["ideal_samples_per_s"]
     r["threads"] = {"pipeline": r["runs"]["pipeline"][0]["threads"],
                     "isolated": {k: v["threads"] for k, v in r["bound"]["operators"].items()}}  # fmt: skip
+    save()
     if "memory" not in skip:
-        r["memory"] = memory(args.manifest, args.memory_n, work)
+        r["memory"] = memory(args.memory_manifest, args.memory_n, work)
         op = max(r["bound"]["operators"].values(), key=lambda o: o["setup_s"])
         r["memory"]["actor_restart_s"] = r["bound"]["import_s"] + op["setup_s"]
+        save()
     log("sink: CPU per sample, writer vs disk")
     r["sink"] = sink_cpu_per_sample(work / "sink")
     r["writer"] = writer_vs_disk(work / "writer")
     r["writer_vs_disk"] = r["writer"]["ratio"]
+    save()
     if "scaling" not in skip:
         r["scaling"] = scaling(
             args.manifest, linked_subset(inputs, work / "scale-inputs", args.scale_n), work, args.scale_n
