@@ -46,7 +46,7 @@ def _node_flags(cpus: int, ray_tmp: str) -> list[str]:
             *(f"--{p}={_free_port()}" for p in ports)]  # fmt: skip
 
 
-def _wait_for_nodes(address: str, env: dict[str, str], n: int, timeout: float = 120) -> None:
+def _wait_for_nodes(address: str, env: dict[str, str], n: int, timeout: float = 300) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         status = subprocess.run([str(BIN / "ray"), "status", f"--address={address}"], env=env,

@@ -128,7 +128,7 @@ def memory_figures(run: dict[str, Any], inputs: int) -> dict[str, Any]:
         "inputs": inputs, "seconds": run["seconds"], "ok": run["ok"],
         "driver_rss_mb_per_1k_inputs": slope_per_1k(series, 1, warm),
         "pss_mb_per_1k_inputs": slope_per_1k(series, 3, warm),
-        "pss_range_after_warm_up_mb": (max(s[3] for s in after) - min(s[3] for s in after)) / 1e6 if after else None,
+        "pss_range_after_warm_up_mb": (max(s[3] for s in after) - min(s[3] for s in after)) / 1e6 if after else math.nan,
         "peak_driver_rss_mb": max(s[1] for s in series) / 1e6, "peak_pss_mb": max(s[3] for s in series) / 1e6,
         "peak_rss_sum_mb": max(s[2] for s in series) / 1e6, "samples": len(series),
     }  # fmt: skip
