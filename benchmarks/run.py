@@ -5,8 +5,9 @@ its scaling on real Ray nodes. Prints a table, then ONE JSON object on the last 
 
 1. Bound (benchmarks/bound.py): every operator alone at its pipeline thread count; ideal = min(workers
    / per-sample time, cores / CPU-seconds per sample [, GPUs / GPU-seconds]). The pipeline's steady
-   state (rows committed after the first index part over the time to the last commit) over it is
-   `pipeline_vs_ideal`; above 1.02 the bound is wrong and the bench fails.
+   state (least-squares slope of committed rows over commit times, after the first commit) over it
+   is `pipeline_vs_ideal`; above 1.02 the bound is wrong and the bench fails. The marginal
+   N / (T(2N) - T(N)) is beside it (`pipeline_vs_ideal_marginal`).
 2. Baselines, interleaved `--repeats` times with the pipeline on the same N inputs, end to end:
    the GranD-faithful one (benchmarks/grand_baseline.py) and the sequential one-process one
    (benchmarks/baseline.py); each ratio's median, min and max over the repeats.
@@ -214,7 +215,10 @@ def main(argv: list[str] | None = None) -> int:
     save()
     r |= compare(args.manifest, inputs, inputs_2n, work, args.repeats)
     r["ideal_samples_per_s"] = r["bound"]["ideal_samples_per_s"]
-    r["pipeline_vs_ideal"] = r["pipeline_steady_samples_per_s"]["median"] / r["ideal_samples_per_s"]
+    # The commit rate is the figure: it needs no second run, and the marginal N / (T(2N) - T(N)) is
+    # noise when N samples' work is shorter than the run-to-run spread of start-up (seconds here).
+    r["pipeline_vs_ideal"] = r["pipeline_commit_rate_samples_per_s"]["median"] / r["ideal_samples_per_s"]
+    r["pipeline_vs_ideal_marginal"] = r["pipeline_steady_samples_per_s"]["median"] / r["ideal_samples_per_s"]
     r["threads"] = {"pipeline": r["runs"]["pipeline"][0]["threads"],
                     "isolated": {k: v["threads"] for k, v in r["bound"]["operators"].items()}}  # fmt: skip
     save()
@@ -260,7 +264,8 @@ def print_table(r: dict[str, Any]) -> None:
          "N / (T(2N) - T(N)), median [min, max]"),
         ("pipeline commit rate", _ratio(r["pipeline_commit_rate_samples_per_s"]).replace("x", " samples/s"),
          "rows after the first commit / time to the last"),
-        ("pipeline / ideal", f"{r['pipeline_vs_ideal']:.2f}x", f"target >= 0.85; fails above {BOUND_TOLERANCE}"),
+        ("pipeline / ideal", f"{r['pipeline_vs_ideal']:.2f}x", f"commit rate; target >= 0.85; fails above {BOUND_TOLERANCE}"),
+        ("pipeline / ideal (marginal)", f"{r['pipeline_vs_ideal_marginal']:.2f}x", "N / (T(2N) - T(N)); noisy for small N"),
         ("pipeline / GranD-faithful baseline", _ratio(r["pipeline_vs_grand_baseline"]), "end to end, same N"),
         ("pipeline / sequential baseline", _ratio(r["pipeline_vs_sequential"]), "end to end, same N"),
     ]  # fmt: skip
