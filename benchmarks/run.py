@@ -112,23 +112,29 @@ def compare(manifest: str, inputs: Path, inputs_2n: Path, work: Path, repeats: i
     }  # fmt: skip
 
 
-def slope_per_1k(series: list[tuple[float, ...]], column: int, warm_rows: int) -> float:
-    """Least-squares slope of a memory column (MB) against committed inputs (per 1k), after warm-up."""
-    points = [(s[4] / 1000, s[column] / 1e6) for s in series if s[4] >= warm_rows]
-    if len({x for x, _ in points}) < 2:
+def during_run(series: list[tuple[float, ...]], warm_rows: int, total: int) -> list[tuple[float, ...]]:
+    """Samples after warm-up (`warm_rows` inputs committed) and before the last commit (Ray's
+    shutdown after it frees every worker, which is no steady-state memory)."""
+    return [s for s in series if warm_rows <= s[4] < total]
+
+
+def slope_per_1k(points: list[tuple[float, ...]], column: int) -> float:
+    """Least-squares slope of a memory column (bytes -> MB) against committed inputs (per 1k)."""
+    xy = [(s[4] / 1000, s[column] / 1e6) for s in points]
+    if len({x for x, _ in xy}) < 2:
         return float("nan")
-    mx, my = statistics.fmean(x for x, _ in points), statistics.fmean(y for _, y in points)
-    return sum((x - mx) * (y - my) for x, y in points) / sum((x - mx) ** 2 for x, _ in points)
+    mx, my = statistics.fmean(x for x, _ in xy), statistics.fmean(y for _, y in xy)
+    return sum((x - mx) * (y - my) for x, y in xy) / sum((x - mx) ** 2 for x, _ in xy)
 
 
 def memory_figures(run: dict[str, Any], inputs: int) -> dict[str, Any]:
-    """Slopes after warm-up (the first 10% of inputs committed) and peaks of one memory run."""
-    series, warm = run.pop("memory_series"), max(1, inputs // 10)
-    after = [s for s in series if s[4] >= warm]
+    """Slopes during the run (after the first 10% of inputs, before the last commit) and peaks."""
+    series = run.pop("memory_series")
+    after = during_run(series, max(1, inputs // 10), inputs)
     return {
         "inputs": inputs, "seconds": run["seconds"], "ok": run["ok"],
-        "driver_rss_mb_per_1k_inputs": slope_per_1k(series, 1, warm),
-        "pss_mb_per_1k_inputs": slope_per_1k(series, 3, warm),
+        "driver_rss_mb_per_1k_inputs": slope_per_1k(after, 1),
+        "pss_mb_per_1k_inputs": slope_per_1k(after, 3),
         "pss_range_after_warm_up_mb": (max(s[3] for s in after) - min(s[3] for s in after)) / 1e6 if after else math.nan,
         "peak_driver_rss_mb": max(s[1] for s in series) / 1e6, "peak_pss_mb": max(s[3] for s in series) / 1e6,
         "peak_rss_sum_mb": max(s[2] for s in series) / 1e6, "samples": len(series),
@@ -150,6 +156,8 @@ def memory(manifest: str, n: int, work: Path) -> dict[str, Any]:
     for tag, inputs, count in (("n", small, n), ("10n", folder, 10 * n)):
         log(f"memory: level-1 stages on {count} inputs of {MEMORY_SIZE[0]}x{MEMORY_SIZE[1]}")
         run = run_pipeline_measured(manifest, inputs, work, f"mem-{tag}", overrides, series=True)
+        # (seconds, driver RSS, tree RSS, tree PSS, committed inputs) per sample, for plots
+        (work / f"memory-{tag}.json").write_text(json.dumps(run["memory_series"]))
         figures[tag] = memory_figures(run, count)
     n_fig, big = figures["n"], figures["10n"]
     return {

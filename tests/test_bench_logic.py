@@ -4,6 +4,7 @@ sizes. Logic tests on synthetic inputs with known answers, and tiny real writes 
 
 from __future__ import annotations
 
+import math
 import os
 
 import pytest
@@ -12,7 +13,7 @@ from groundmill.benchmarks.bound import ideal, threads_for
 from groundmill.benchmarks.cluster import gpu_figures, gpu_stage_figures
 from groundmill.benchmarks.grand_baseline import passes
 from groundmill.benchmarks.measure import commit_throughput
-from groundmill.benchmarks.run import memory_figures, slope_per_1k
+from groundmill.benchmarks.run import during_run, memory_figures, slope_per_1k
 from groundmill.pipeline.config import load_config
 from groundmill.pipeline.graph import pool_sizes
 from groundmill.schema import content_key
@@ -44,16 +45,18 @@ def test_ray_thread_count_of_a_worker():
 
 
 def _series(mb_per_1k: float, inputs: int, base_mb: float = 300) -> list[tuple[float, ...]]:
-    """(t, driver RSS, RSS sum, PSS, rows) samples of a driver growing by `mb_per_1k` per 1k inputs."""
-    return [(t, (base_mb + mb_per_1k * rows / 1000) * 1e6, 5e9, (2000 + (50 if t < 2 else 0)) * 1e6, rows)
-            for t, rows in enumerate(range(0, inputs + 1, 20))]  # fmt: skip
+    """(t, driver RSS, RSS sum, PSS, rows) samples of a driver growing by `mb_per_1k` per 1k inputs,
+    a PSS bump while warming up, and Ray's shutdown after the last commit."""
+    run = [(t, (base_mb + mb_per_1k * rows / 1000) * 1e6, 5e9, (2000 + (50 if t < 2 else 0)) * 1e6, rows)
+           for t, rows in enumerate(range(0, inputs + 1, 20))]  # fmt: skip
+    return [*run, (len(run), base_mb * 1e6, 1e8, 1e8, inputs)]
 
 
-def test_memory_slope_follows_the_driver_and_ignores_warm_up():
-    assert slope_per_1k(_series(25.0, 600), 1, 60) == pytest.approx(25.0)
-    assert slope_per_1k(_series(0.0, 600), 1, 60) == pytest.approx(0.0)
-    assert slope_per_1k(_series(0.0, 600), 3, 60) == pytest.approx(0.0)  # the warm-up bump is left out
-    assert slope_per_1k(_series(0.0, 10), 1, 60) != slope_per_1k(_series(0.0, 10), 1, 60)  # nan: too few
+def test_memory_slope_follows_the_driver_and_leaves_out_warm_up_and_shutdown():
+    assert slope_per_1k(during_run(_series(25.0, 600), 60, 600), 1) == pytest.approx(25.0)
+    assert slope_per_1k(during_run(_series(0.0, 600), 60, 600), 1) == pytest.approx(0.0)
+    assert slope_per_1k(during_run(_series(0.0, 600), 60, 600), 3) == pytest.approx(0.0)  # no bump, no drop
+    assert math.isnan(slope_per_1k(during_run(_series(0.0, 10), 60, 10), 1))  # too few points
     fig = memory_figures({"memory_series": _series(4.0, 600), "seconds": 9.0, "ok": 600}, 600)
     assert fig["driver_rss_mb_per_1k_inputs"] == pytest.approx(4.0)
     assert fig["peak_driver_rss_mb"] == pytest.approx(300 + 4.0 * 0.6)
