@@ -167,14 +167,15 @@ def pool_sizes(cfg: Config, cluster: dict[str, float]) -> dict[str, int]:
 
 def start_pools(cfg: Config, cluster: dict[str, float]) -> Pools:
     """One long-lived StageActor pool per model operator, to outlive the run's Datasets."""
-    pools = {}
+    pools, sizes = {}, pool_sizes(cfg, cluster)
     actor_cls = ray.remote(StageActor)
     for seg in segments(cfg):
         if seg.uses_model:
             r, specs = seg.resources, operator_specs(seg)
             options = {"num_cpus": r.num_cpus, "num_gpus": r.num_gpus, "max_restarts": -1}
-            size = pool_sizes(cfg, cluster)[seg.name]
-            pools[seg.name] = [actor_cls.options(**options).remote(specs, cfg.run.seed) for _ in range(size)]
+            pools[seg.name] = [
+                actor_cls.options(**options).remote(specs, cfg.run.seed) for _ in range(sizes[seg.name])
+            ]
     return pools
 
 
