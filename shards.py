@@ -19,18 +19,16 @@ import contextlib
 import json
 import os
 import tarfile
+import time
 import uuid
 from collections.abc import Iterable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from groundmill.schema import INDEX_SCHEMA, ErrorCode, Record, is_valid_key
-
-if TYPE_CHECKING:
-    import webdataset as wds
 
 SHARDS_DIR = "shards"
 INDEX_DIR = "index"
@@ -83,6 +81,36 @@ def index_table(rows: list[dict[str, Any]]) -> pa.Table:
     return pa.table(columns, schema=INDEX_SCHEMA)
 
 
+class TarAppender:
+    """Tar members appended straight to a file: the bytes webdataset's TarWriter writes (tarfile's
+    stream mode `w|`: PAX headers, mode 0o444, owner `bigdata`, members of a sample in sorted
+    extension order, two zero blocks and padding to a 10 KiB record at the end), without the stream
+    mode's 10 KiB re-buffering, which copies every payload many times (a third of raw disk speed)."""
+
+    def __init__(self, f: Any, mtime: float | None = None):
+        self.f, self.mtime = f, mtime  # mtime: fixed for reproducible tars, else each sample's time
+
+    def add_sample(self, key: str, members: dict[str, bytes]) -> None:
+        mtime = time.time() if self.mtime is None else self.mtime
+        for ext in sorted(members):
+            data = members[ext]
+            info = tarfile.TarInfo(f"{key}.{ext}")
+            info.size, info.mtime, info.mode, info.uname, info.gname = (
+                len(data),
+                mtime,
+                0o444,
+                "bigdata",
+                "bigdata",
+            )
+            self.f.write(info.tobuf(tarfile.PAX_FORMAT, tarfile.ENCODING, "surrogateescape"))
+            self.f.write(data)
+            self.f.write(tarfile.NUL * (-len(data) % tarfile.BLOCKSIZE))
+
+    def close(self) -> None:
+        self.f.write(tarfile.NUL * (2 * tarfile.BLOCKSIZE))
+        self.f.write(tarfile.NUL * (-self.f.tell() % tarfile.RECORDSIZE))
+
+
 class ShardWriter:
     """Streams one shard's samples into a hidden temp file and keeps its index rows; `commit` makes
     both visible atomically.
@@ -95,7 +123,7 @@ class ShardWriter:
         self.out_dir = Path(out_dir)
         self.name = name or uuid.uuid4().hex
         self._file: Any = None  # opened at the first sample: a shard of error rows only has no tar
-        self._writer: wds.TarWriter | None = None
+        self._writer: TarAppender | None = None
         self._rows: list[dict[str, Any]] = []
         self.num_samples = 0
         self.media_ext: str | None = None  # a shard holds one media extension (uniform for its readers)
@@ -120,13 +148,11 @@ class ShardWriter:
         self.media_ext = media_ext
         if self._writer is None:
             self._tar_path.parent.mkdir(parents=True, exist_ok=True)
-            self._file = open(_temp_path(self._tar_path), "wb")  # noqa: SIM115 (closed by commit/discard)
-            # Imported here: webdataset imports torch (seconds, ~500 MB), which readers of shards never need.
-            import webdataset as wds
-
-            self._writer = wds.TarWriter(self._file, encoder=False)
+            # Unbuffered: each sample is on disk once added (no shard-sized buffer in the write task).
+            self._file = open(_temp_path(self._tar_path), "wb", buffering=0)  # noqa: SIM115 (closed by commit/discard)
+            self._writer = TarAppender(self._file)
         body = json.dumps(record, ensure_ascii=False, separators=(",", ":")).encode()
-        self._writer.write({"__key__": key, media_ext: media, "json": body})
+        self._writer.add_sample(key, {media_ext: media, "json": body})
         self._rows.append({**row, "key": key, "shard": self.shard_file})
         self.num_samples += 1
 
@@ -165,8 +191,6 @@ class ShardWriter:
         if self._file is None:
             return
         with contextlib.suppress(OSError, ValueError):  # the disk may be what failed
-            self._writer.close()  # else the tar stream writes its end into a closed file when collected
-        with contextlib.suppress(OSError, ValueError):
             self._file.close()
         Path(self._file.name).unlink(missing_ok=True)
 

@@ -41,28 +41,23 @@ def run(manifest: str, inputs: Path, out: Path, overrides: list[str]) -> dict[st
 
 
 def stage_figures(cfg: Any, out: Path, seconds: float) -> dict[str, Any]:
+    from groundmill.benchmarks.cluster import gpu_stage_figures
+    from groundmill.benchmarks.measure import stat_pairs
     from groundmill.pipeline.config import segments
-    from groundmill.pipeline.plan import timing_pairs
     from groundmill.shards import read_index
 
     rows = read_index(out, columns=["media_type", "timings", "stats"]).to_pylist()
-    busy: dict[str, list[float]] = defaultdict(list)
     peaks: dict[str, float] = defaultdict(float)
     for r in rows:
-        for stage, t in timing_pairs(r["timings"]):
-            busy[stage].append(t)
-        for key, value in timing_pairs(r["stats"]):
+        for key, value in stat_pairs(r["stats"]):
             if key.startswith("gpu_peak_mib."):
-                peaks[key.removeprefix("gpu_peak_mib.")] = max(
-                    peaks[key.removeprefix("gpu_peak_mib.")], value
-                )
-    stages = {}
-    for seg in segments(cfg):
-        for name in seg.stages:
-            r = seg.stage_resources(name)
-            t = float(np.mean(busy[name])) if busy[name] else 0.0
-            stages[name] = {"s_per_image": t, "gpu_s_per_image": t * r.num_gpus, "actors": r.max_actors,
-                            "busy_share": sum(busy[name]) / (seconds * r.max_actors) if seconds else 0.0}  # fmt: skip
+                name = key.removeprefix("gpu_peak_mib.")
+                peaks[name] = max(peaks[name], value)
+    resources = {name: seg.stage_resources(name) for seg in segments(cfg) for name in seg.stages}
+    stages = gpu_stage_figures(rows, {n: r.num_gpus for n, r in resources.items()}, seconds,
+                               {n: r.max_actors for n, r in resources.items()})  # fmt: skip
+    for name, figures in stages.items():
+        figures["actors"] = resources[name].max_actors
     gpu_stages = {n: s for n, s in stages.items() if s["gpu_s_per_image"] > 0}
     bottleneck = max(gpu_stages or stages, key=lambda n: stages[n]["s_per_image"] / stages[n]["actors"])
     return {"stages": stages, "bottleneck": bottleneck, "bottleneck_busy_share": stages[bottleneck]["busy_share"],

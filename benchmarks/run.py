@@ -1,46 +1,59 @@
-"""`make bench`: the engine's speed, scale and memory as ratios measured side by side in one run.
+"""`make bench`: the engine against a true bound and fair baselines, its memory at scale, its sink, and
+its scaling on real Ray nodes. Prints a table, then ONE JSON object on the last line.
 
-    .venv/bin/python -m groundmill.benchmarks.run [--manifest manifests/bench.yaml] [--n 128] [--memory-n 30]
+    .venv/bin/python -m groundmill.benchmarks.run [--n 48] [--repeats 3] [--memory-n 40] [--scale-n 32]
 
-1. pipeline vs the GranD-style sequential baseline (benchmarks/baseline.py) on the same inputs,
-   stages and models: end-to-end throughput ratio and peak memory of each;
-   pipeline vs ideal: steady-state pipeline throughput over the ideal computed from each stage's
-   isolated model time on the same inputs (the baseline's per-stage process time). Steady state is
-   the marginal throughput between runs on N and 2N inputs, N / (T(2N) - T(N)), which cancels
-   Ray and actor start-up and the pipeline's fill and drain. N (128) makes a run one of work rather
-   than of start-up: the pipeline pays ~18 s here for Ray workers importing torch and loading
-   every model, the baseline ~6 s for loading them in its one process;
-2. scaling: throughput with 1 vs 2 workers for the busiest graph operator (a stage, or a group of
-   stages sharing actors; every worker holds its models), and the cluster model of
-   benchmarks/SCALING.md fed with the measured per-stage busy times;
-3. memory: peak RSS (and PSS) of the whole process tree (driver + Ray) for N and 10N inputs;
-4. writer: ShardWriter MB/s vs raw sequential write + fsync on the same disk;
-5. GPU busy share when a CUDA device is present (skipped otherwise).
+1. Bound (benchmarks/bound.py): every operator alone at its pipeline thread count; ideal = min(workers
+   / per-sample time, cores / CPU-seconds per sample [, GPUs / GPU-seconds]). The pipeline's steady
+   state (least-squares slope of committed rows over commit times, after the first commit) over it
+   is `pipeline_vs_ideal`; above 1.02 the bound is wrong and the bench fails. The marginal
+   N / (T(2N) - T(N)) is beside it (`pipeline_vs_ideal_marginal`).
+2. Baselines, interleaved `--repeats` times with the pipeline on the same N inputs, end to end:
+   the GranD-faithful one (benchmarks/grand_baseline.py) and the sequential one-process one
+   (benchmarks/baseline.py); each ratio's median, min and max over the repeats.
+3. Memory: GranD level-1 image stages on N and 10N 640x480 photos, the 10N run over 3 Datasets
+   (2 boundaries, model actors kept alive across them); driver RSS and the tree's PSS sampled
+   against committed inputs: the driver's slope in MB per 1k inputs, the PSS slope after warm-up,
+   the peaks; and what an actor restart costs (set-up of a fresh actor, from the bound).
+4. Sink (benchmarks/writer.py): CPU ms per sample on records with 20-50 masks; writer vs raw disk.
+5. Scaling: the same run on a 1- and a 2-node loopback Ray cluster, one CPU per node, steady state;
+   beside pipeline/plan.py's prediction.
+6. GPU: per-stage GPU-seconds per image and busy share when a GPU is visible, else "no GPU".
 
-Every run happens in a fresh subprocess whose process tree is sampled for RSS. Prints a table,
-then ONE JSON object on the last line.
+Every run happens in a fresh subprocess whose process tree is sampled for memory. Absolute times
+depend on other load on the machine: the load average is recorded at the start and the end.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import shutil
+import statistics
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
-from groundmill.benchmarks.cluster import (
-    busiest_segments,
-    gpu_busy_share,
-    model_stages,
-    predict_throughput,
-    segment_overrides,
+from groundmill.benchmarks.cluster import gpu_figures, loopback_cluster, planner_two_vs_one, segment_overrides
+from groundmill.benchmarks.measure import make_inputs, run_baseline_measured, run_child, run_pipeline_measured
+from groundmill.benchmarks.writer import sink_cpu_per_sample, writer_vs_disk
+
+BOUND_TOLERANCE = 1.02  # pipeline_vs_ideal above this: the "ideal" is no bound, and the bench fails
+# GranD's level-1 image stages in manifests/bench.yaml (level 2: captions, grounding; 3: scene graph).
+LEVEL_1 = (
+    "tagging",
+    "landmark",
+    "detect_owlv2",
+    "detect_grounding_dino",
+    "masks",
+    "voting",
+    "depth",
+    "attributes",
 )
-from groundmill.benchmarks.measure import make_inputs, run_baseline_measured, run_pipeline_measured
-from groundmill.benchmarks.writer import writer_vs_disk
+MEMORY_SIZE = (640, 480)
 
 
 def log(msg: str) -> None:
@@ -55,68 +68,125 @@ def linked_subset(source: Path, folder: Path, n: int) -> Path:
     return folder
 
 
-def throughput(manifest: str, n: int, scale_stages: int, work: Path) -> dict[str, Any]:
-    """1. pipeline vs the sequential baseline, steady state vs ideal; 2. 1 vs 2 workers."""
-    inputs_2n = work / "inputs-2n"
-    make_inputs(inputs_2n, 2 * n)
-    inputs = linked_subset(inputs_2n, work / "inputs", n)
-    log(f"sequential baseline on {n} inputs")
-    baseline = run_baseline_measured(manifest, inputs, work)
-    log("pipeline, as configured")
-    one = run_pipeline_measured(manifest, inputs, work, "w1", [])
-    log(f"pipeline on {2 * n} inputs")
-    one_2n = run_pipeline_measured(manifest, inputs_2n, work, "w1-2n", [])
-    steady = n / max(one_2n["seconds"] - one["seconds"], 1e-9)
-    # Each worker is a process holding its models: scaling only the busiest operators keeps the runs
-    # within this machine's memory.
-    busiest = busiest_segments(manifest, one["stage_busy_s"], scale_stages)
-    scaling = {}
-    for workers in (1, 2):
-        log(f"pipeline, {workers} worker(s) for {', '.join(busiest)}")
-        overrides = segment_overrides(manifest, set(busiest), min_actors=workers, max_actors=workers)
-        scaling[workers] = run_pipeline_measured(manifest, inputs, work, f"w{workers}", overrides)
-        scaling[workers]["scaled"] = busiest
+def spread(values: list[float]) -> dict[str, float]:
+    return {"median": statistics.median(values), "min": min(values), "max": max(values)}
 
-    ideal = baseline["inputs"] / sum(v["process_s"] for s, v in baseline["stages"].items() if s != "load")
-    # Both without start-up: the pipeline's steady state vs the baseline's time less model loading.
-    baseline_work_s = baseline["seconds"] - sum(v["setup_s"] for v in baseline["stages"].values())
+
+def bound(manifest: str, inputs: Path, work: Path, samples: int) -> dict[str, Any]:
+    """1. The isolated operators and the ideal they allow."""
+    result = work / "bound.json"
+    args = ["groundmill.benchmarks.bound", manifest, "--input", str(inputs), "--json", str(result),
+            "--output", str(work / "out-bound"), "--samples", str(samples)]  # fmt: skip
+    return run_child(args, result)
+
+
+def compare(manifest: str, inputs: Path, inputs_2n: Path, work: Path, repeats: int) -> dict[str, Any]:
+    """2. Pipeline, GranD-faithful and sequential baselines, interleaved; per-repeat ratios. 1. The
+    pipeline's steady state: the marginal throughput N / (T(2N) - T(N)), which cancels Ray and actor
+    start-up and the pipeline's fill and drain, once per repeat's T(N)."""
+    n = len(list(inputs.iterdir()))
+    from groundmill.benchmarks.grand_baseline import run_grand
+
+    runs: dict[str, list[dict[str, Any]]] = {"pipeline": [], "grand": [], "sequential": []}
+    for rep in range(repeats):
+        log(f"repeat {rep + 1}/{repeats}: pipeline")
+        runs["pipeline"].append(run_pipeline_measured(manifest, inputs, work, f"p{rep}", []))
+        log(f"repeat {rep + 1}/{repeats}: GranD-faithful baseline")
+        shutil.rmtree(work / "grand", ignore_errors=True)
+        grand = run_grand(manifest, inputs, work / "grand")
+        runs["grand"].append(grand | {"samples_per_s": grand["inputs"] / grand["seconds"]})
+        log(f"repeat {rep + 1}/{repeats}: sequential baseline")
+        runs["sequential"].append(run_baseline_measured(manifest, inputs, work))
+    log(f"pipeline on {2 * n} inputs (steady state: N / (T(2N) - T(N)))")
+    twice = run_pipeline_measured(manifest, inputs_2n, work, "p-2n", [])
+    per_repeat = list(zip(runs["pipeline"], runs["grand"], runs["sequential"], strict=True))
     return {
-        "baseline": baseline,
-        "pipeline": one,
-        "pipeline_1_worker": scaling[1],
-        "pipeline_2_workers": scaling[2],
-        "ideal_samples_per_s": ideal,
-        "pipeline_vs_sequential": one["samples_per_s"] / baseline["samples_per_s"],
-        "pipeline_2n": one_2n,
-        "pipeline_steady_samples_per_s": steady,
-        "pipeline_vs_ideal": steady / ideal,
-        "pipeline_e2e_vs_ideal": one["samples_per_s"] / ideal,
-        "pipeline_vs_sequential_steady": steady / (baseline["inputs"] / baseline_work_s),
-        "memory_pipeline_vs_sequential": one["peak_rss_mib"] / baseline["peak_rss_mib"],
-        "pss_pipeline_vs_sequential": one["peak_pss_mib"] / baseline["peak_pss_mib"],
-        "two_vs_one_worker": scaling[2]["samples_per_s"] / scaling[1]["samples_per_s"],
-    }
+        "runs": runs, "pipeline_2n": twice,
+        "pipeline_steady_samples_per_s": spread([n / (twice["seconds"] - p["seconds"]) for p in runs["pipeline"]]),
+        "pipeline_commit_rate_samples_per_s": spread([p["steady_samples_per_s"] for p in runs["pipeline"]]),
+        "pipeline_vs_grand_baseline": spread(
+            [p["samples_per_s"] / g["samples_per_s"] for p, g, _ in per_repeat]
+        ),
+        "pipeline_vs_sequential": spread([p["samples_per_s"] / s["samples_per_s"] for p, _, s in per_repeat]),
+        "pipeline_samples_per_s": spread([p["samples_per_s"] for p in runs["pipeline"]]),
+    }  # fmt: skip
 
 
-def memory(manifest: str, n: int, stages: str, work: Path) -> dict[str, Any]:
-    """3. peak memory of the named stages on N and 10N inputs."""
+def during_run(series: list[tuple[float, ...]], warm_rows: int, total: int) -> list[tuple[float, ...]]:
+    """Samples after warm-up (`warm_rows` inputs committed) and before the last commit (Ray's
+    shutdown after it frees every worker, which is no steady-state memory)."""
+    return [s for s in series if warm_rows <= s[4] < total]
+
+
+def slope_per_1k(points: list[tuple[float, ...]], column: int) -> float:
+    """Least-squares slope of a memory column (bytes -> MB) against committed inputs (per 1k)."""
+    xy = [(s[4] / 1000, s[column] / 1e6) for s in points]
+    if len({x for x, _ in xy}) < 2:
+        return float("nan")
+    mx, my = statistics.fmean(x for x, _ in xy), statistics.fmean(y for _, y in xy)
+    return sum((x - mx) * (y - my) for x, y in xy) / sum((x - mx) ** 2 for x, _ in xy)
+
+
+def memory_figures(run: dict[str, Any], inputs: int) -> dict[str, Any]:
+    """Slopes during the run (after the first 10% of inputs, before the last commit) and peaks."""
+    series = run.pop("memory_series")
+    after = during_run(series, max(1, inputs // 10), inputs)
+    return {
+        "inputs": inputs, "seconds": run["seconds"], "ok": run["ok"],
+        "driver_rss_mb_per_1k_inputs": slope_per_1k(after, 1),
+        "pss_mb_per_1k_inputs": slope_per_1k(after, 3),
+        "pss_range_after_warm_up_mb": (max(s[3] for s in after) - min(s[3] for s in after)) / 1e6 if after else math.nan,
+        "peak_driver_rss_mb": max(s[1] for s in series) / 1e6, "peak_pss_mb": max(s[3] for s in series) / 1e6,
+        "peak_rss_sum_mb": max(s[2] for s in series) / 1e6, "samples": len(series),
+    }  # fmt: skip
+
+
+def memory(manifest: str, n: int, work: Path) -> dict[str, Any]:
+    """3. Level-1 image stages on N and 10N realistic photos, the 10N run over 3 Datasets."""
     from groundmill.pipeline.config import load_config
 
-    memory_in = work / "memory-inputs"
-    make_inputs(memory_in, 10 * n, seed=1)
-    small = linked_subset(memory_in, work / "memory-small", n)
-    keep = set(stages.split(","))
-    disable = [
-        f"stages.{s}.enabled=false" for s in load_config(manifest, ["inputs=[.]"]).stages if s not in keep
-    ]
-    log(f"memory: {n} inputs ({stages})")
-    mem_n = run_pipeline_measured(manifest, small, work, "mem-n", disable)
-    log(f"memory: {10 * n} inputs")
-    mem_10n = run_pipeline_measured(manifest, memory_in, work, "mem-10n", disable)
+    folder = work / "memory-inputs"
+    make_inputs(folder, 10 * n, seed=1, size=MEMORY_SIZE)
+    small = linked_subset(folder, work / "memory-small", n)
+    per_dataset = math.ceil(10 * n / 3)
+    stages = load_config(manifest, ["inputs=[.]"]).stages
+    overrides = [f"stages.{s}.enabled=false" for s in stages if s not in LEVEL_1]
+    overrides.append(f"run.inputs_per_dataset={per_dataset}")
+    figures = {}
+    for tag, inputs, count in (("n", small, n), ("10n", folder, 10 * n)):
+        log(f"memory: level-1 stages on {count} inputs of {MEMORY_SIZE[0]}x{MEMORY_SIZE[1]}")
+        run = run_pipeline_measured(manifest, inputs, work, f"mem-{tag}", overrides, series=True)
+        # (seconds, driver RSS, tree RSS, tree PSS, committed inputs) per sample, for plots
+        (work / f"memory-{tag}.json").write_text(json.dumps(run["memory_series"]))
+        figures[tag] = memory_figures(run, count)
+    n_fig, big = figures["n"], figures["10n"]
     return {
-        "memory": {"n": mem_n, "10n": mem_10n},
-        "rss_10n_over_n": mem_10n["peak_rss_mib"] / mem_n["peak_rss_mib"],
-    }
+        "stages": [s for s in stages if s in LEVEL_1], "inputs_per_dataset": per_dataset,
+        "datasets_10n": math.ceil(10 * n / per_dataset), **figures,
+        "driver_rss_mb_per_1k_inputs": big["driver_rss_mb_per_1k_inputs"],
+        "driver_peak_mb_per_1k_inputs_n_to_10n": (big["peak_driver_rss_mb"] - n_fig["peak_driver_rss_mb"]) / (9 * n / 1000),
+        "peak_pss_10n_over_n": big["peak_pss_mb"] / n_fig["peak_pss_mb"],
+    }  # fmt: skip
+
+
+def scaling(manifest: str, inputs: Path, work: Path, n: int) -> dict[str, Any]:
+    """5. The pipeline on 1 and on 2 loopback Ray nodes of one CPU each: one model actor per node."""
+    runs = {}
+    for nodes in (1, 2):
+        # 0.6 CPU per actor: one per node, beside its loading (0.2) and writing.
+        overrides = [*segment_overrides(manifest, None, num_cpus=0.6, min_actors=nodes, max_actors=nodes),
+                     "load.num_cpus=0.2"]  # fmt: skip
+        log(f"scaling: {n} inputs on {nodes} loopback node(s) of 1 CPU")
+        with loopback_cluster(nodes) as address:
+            runs[nodes] = run_pipeline_measured(
+                manifest, inputs, work, f"nodes{nodes}", [*overrides, f"ray.address={address}"]
+            )
+    planned = planner_two_vs_one(manifest, overrides, work / "out-nodes1", n)
+    return {
+        "runs": runs, "planner_two_vs_one": planned,
+        "two_nodes_vs_one": runs[2]["steady_samples_per_s"] / runs[1]["steady_samples_per_s"],
+        "two_nodes_vs_one_end_to_end": runs[2]["samples_per_s"] / runs[1]["samples_per_s"],
+    }  # fmt: skip
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -124,12 +194,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--manifest", default="manifests/bench.yaml", help="the stages to benchmark")
-    parser.add_argument("--n", type=int, default=128, help="inputs for the pipeline/baseline/scaling runs")
-    parser.add_argument("--memory-n", type=int, default=30, help="N of the N vs 10N memory runs")
-    parser.add_argument("--memory-stages", default="tagging", help="stages kept for the memory runs")
-    parser.add_argument(
-        "--scale-stages", type=int, default=1, help="busiest operators run with 1 and 2 workers"
-    )
+    parser.add_argument("--n", type=int, default=48, help="inputs of the pipeline/baseline runs")
+    parser.add_argument("--repeats", type=int, default=3, help="interleaved pipeline/baseline repeats")
+    parser.add_argument("--bound-samples", type=int, default=16, help="inputs of the isolated operator runs")
+    parser.add_argument("--memory-n", type=int, default=40, help="N of the N vs 10N memory runs")
+    parser.add_argument("--memory-manifest", default="manifests/bench.yaml", help="its level-1 stages run")
+    parser.add_argument("--scale-n", type=int, default=32, help="inputs of the 1 vs 2 node runs")
+    parser.add_argument("--skip", default="", help="comma-separated sections to leave out: memory,scaling")
     parser.add_argument("--work", default="out/bench")
     return parser.parse_args(sys.argv[1:] if argv is None else argv)
 
@@ -139,59 +210,99 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(args.work).resolve()
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
-    # Other work on the machine skews every timing (multi-threaded torch most): recorded for the reader.
-    results: dict[str, Any] = {
-        "n": args.n, "manifest": args.manifest, "cpus": os.cpu_count(), "load_avg_start": os.getloadavg()[0]
-    }  # fmt: skip
-    results |= throughput(args.manifest, args.n, args.scale_stages, work)
-    results |= memory(args.manifest, args.memory_n, args.memory_stages, work)
-    log("writer vs disk")
-    results["writer"] = writer_vs_disk(work / "writer")
-    results["writer_vs_disk"] = results["writer"]["ratio"]
-    results["gpu"] = gpu_busy_share(args.manifest, work / "inputs", work)
-    efficiency = min(1.0, results["pipeline_vs_ideal"])
-    gpu_stages = model_stages(args.manifest)
-    busy = results["pipeline"]["stage_busy_s"]
-    results["cluster_model"] = {
-        f"{g}_gpus_{8 * g}_cpus": predict_throughput(busy, gpu_stages, g, 8 * g, efficiency)
-        for g in (1, 8, 64)
-    }
-    results["load_avg_end"] = os.getloadavg()[0]
-    print_table(results)
-    print(json.dumps(results, default=float))
+    skip = set(filter(None, args.skip.split(",")))
+    start = time.perf_counter()
+    r: dict[str, Any] = {"n": args.n, "repeats": args.repeats, "manifest": args.manifest, "cpus": os.cpu_count(),
+                         "memory_manifest": args.memory_manifest, "load_avg_start": os.getloadavg()}  # fmt: skip
+    inputs_2n = work / "inputs-2n"
+    make_inputs(inputs_2n, 2 * args.n)
+    inputs = linked_subset(inputs_2n, work / "inputs", args.n)
+    log(f"bound: each operator alone on {args.bound_samples} inputs")
+    r["bound"] = bound(args.manifest, inputs, work, args.bound_samples)
+    save = lambda: (work / "results.json").write_text(json.dumps(r, default=float))  # noqa: E731 (after each section)
+    save()
+    r |= compare(args.manifest, inputs, inputs_2n, work, args.repeats)
+    r["ideal_samples_per_s"] = r["bound"]["ideal_samples_per_s"]
+    # The commit rate is the figure: it needs no second run, and the marginal N / (T(2N) - T(N)) is
+    # noise when N samples' work is shorter than the run-to-run spread of start-up (seconds here).
+    r["pipeline_vs_ideal"] = r["pipeline_commit_rate_samples_per_s"]["median"] / r["ideal_samples_per_s"]
+    r["pipeline_vs_ideal_marginal"] = r["pipeline_steady_samples_per_s"]["median"] / r["ideal_samples_per_s"]
+    r["threads"] = {"pipeline": r["runs"]["pipeline"][0]["threads"],
+                    "isolated": {k: v["threads"] for k, v in r["bound"]["operators"].items()}}  # fmt: skip
+    save()
+    if "memory" not in skip:
+        r["memory"] = memory(args.memory_manifest, args.memory_n, work)
+        op = max(r["bound"]["operators"].values(), key=lambda o: o["setup_s"])
+        r["memory"]["actor_restart_s"] = r["bound"]["import_s"] + op["setup_s"]
+        save()
+    log("sink: CPU per sample, writer vs disk")
+    r["sink"] = sink_cpu_per_sample(work / "sink")
+    r["writer"] = writer_vs_disk(work / "writer")
+    r["writer_vs_disk"] = r["writer"]["ratio"]
+    save()
+    if "scaling" not in skip:
+        r["scaling"] = scaling(
+            args.manifest, linked_subset(inputs, work / "scale-inputs", args.scale_n), work, args.scale_n
+        )
+    r["gpu"] = gpu_figures(args.manifest, inputs, work, r["bound"]["gpus"])
+    r["load_avg_end"], r["bench_seconds"] = os.getloadavg(), time.perf_counter() - start
+    print_table(r)
+    print(json.dumps(r, default=float))
+    if r["pipeline_vs_ideal"] > BOUND_TOLERANCE:
+        print(f"bench: FAILED: pipeline_vs_ideal {r['pipeline_vs_ideal']:.3f} > {BOUND_TOLERANCE}: the ideal is "
+              "not an upper bound", file=sys.stderr)  # fmt: skip
+        return 1
     return 0
 
 
+def _ratio(s: dict[str, float]) -> str:
+    return f"{s['median']:.2f}x [{s['min']:.2f}, {s['max']:.2f}]"
+
+
 def print_table(r: dict[str, Any]) -> None:
-    b, p, p1, p2 = r["baseline"], r["pipeline"], r["pipeline_1_worker"], r["pipeline_2_workers"]
-    m = r["memory"]
+    b = r["bound"]
     rows = [
-        ("sequential baseline", f"{b['samples_per_s']:.3f} samples/s", f"peak RSS {b['peak_rss_mib']:.0f} MiB, PSS {b['peak_pss_mib']:.0f}"),
-        ("pipeline (as configured)", f"{p['samples_per_s']:.3f} samples/s", f"peak RSS {p['peak_rss_mib']:.0f} MiB, PSS {p['peak_pss_mib']:.0f}"),
-        ("pipeline steady state", f"{r['pipeline_steady_samples_per_s']:.3f} samples/s", "N / (T(2N) - T(N))"),
-        ("ideal (isolated model time)", f"{r['ideal_samples_per_s']:.3f} samples/s", ""),
-        (f"pipeline (1 worker: {', '.join(p1['scaled'])})", f"{p1['samples_per_s']:.3f} samples/s",
-         f"peak RSS {p1['peak_rss_mib']:.0f} MiB, PSS {p1['peak_pss_mib']:.0f}"),
-        (f"pipeline (2 workers: {', '.join(p2['scaled'])})", f"{p2['samples_per_s']:.3f} samples/s",
-         f"peak RSS {p2['peak_rss_mib']:.0f} MiB, PSS {p2['peak_pss_mib']:.0f}"),
-        ("pipeline / sequential", f"{r['pipeline_vs_sequential']:.2f}x", "end to end, target >= 1.0"),
-        ("pipeline / sequential, no start-up", f"{r['pipeline_vs_sequential_steady']:.2f}x", "steady vs baseline less model loading"),
-        ("pipeline steady / ideal", f"{r['pipeline_vs_ideal']:.2f}x", "target >= 0.85"),
-        ("pipeline e2e / ideal", f"{r['pipeline_e2e_vs_ideal']:.2f}x", "includes actor start-up"),
-        ("2 workers / 1 worker", f"{r['two_vs_one_worker']:.2f}x", "end to end"),
-        ("peak RSS pipeline / sequential", f"{r['memory_pipeline_vs_sequential']:.2f}x", "summed over processes"),
-        ("peak PSS pipeline / sequential", f"{r['pss_pipeline_vs_sequential']:.2f}x", "shared pages counted once"),
-        (f"peak RSS {10 * r['memory']['n']['inputs'] // 10} vs {m['10n']['inputs']} inputs",
-         f"{m['n']['peak_rss_mib']:.0f} / {m['10n']['peak_rss_mib']:.0f} MiB", f"{r['rss_10n_over_n']:.2f}x (target <= 1.2)"),
-        ("shard writer / raw disk", f"{r['writer']['writer_mb_per_s']:.0f} / {r['writer']['disk_mb_per_s']:.0f} MB/s",
-         f"{r['writer_vs_disk']:.2f}x"),
-        ("GPU busy share", json.dumps(r["gpu"])[:60], ""),
+        ("load average (1, 5, 15 min) start / end", f"{r['load_avg_start'][0]:.1f} / {r['load_avg_end'][0]:.1f}",
+         f"{r['cpus']} cores; bench {r['bench_seconds'] / 60:.1f} min"),
+        ("ideal (bound)", f"{b['ideal_samples_per_s']:.3f} samples/s", f"bound by {b['bound_by']}"),
+        *((f"  limit: {k}", f"{v:.3f} samples/s", "") for k, v in b["limits"].items()),
+        *((f"  operator {k}", f"{o['wall_s'] * 1e3:.1f} ms/sample", f"CPU {o['cpu_s'] * 1e3:.1f} ms, {o['workers']:g} workers, "
+           f"{o['threads']} thread(s), set-up {o['setup_s']:.1f} s") for k, o in b["operators"].items()),
+        ("pipeline steady state", _ratio(r["pipeline_steady_samples_per_s"]).replace("x", " samples/s"),
+         "N / (T(2N) - T(N)), median [min, max]"),
+        ("pipeline commit rate", _ratio(r["pipeline_commit_rate_samples_per_s"]).replace("x", " samples/s"),
+         "rows after the first commit / time to the last"),
+        ("pipeline / ideal", f"{r['pipeline_vs_ideal']:.2f}x", f"commit rate; target >= 0.85; fails above {BOUND_TOLERANCE}"),
+        ("pipeline / ideal (marginal)", f"{r['pipeline_vs_ideal_marginal']:.2f}x", "N / (T(2N) - T(N)); noisy for small N"),
+        ("pipeline / GranD-faithful baseline", _ratio(r["pipeline_vs_grand_baseline"]), "end to end, same N"),
+        ("pipeline / sequential baseline", _ratio(r["pipeline_vs_sequential"]), "end to end, same N"),
     ]  # fmt: skip
+    if "memory" in r:
+        m = r["memory"]
+        rows += [
+            (f"driver RSS slope ({m['10n']['inputs']} inputs, {m['datasets_10n']} Datasets)",
+             f"{m['driver_rss_mb_per_1k_inputs']:.2f} MB / 1k inputs", "target <= 5"),
+            ("driver peak, N -> 10N", f"{m['driver_peak_mb_per_1k_inputs_n_to_10n']:.2f} MB / 1k inputs",
+             f"{m['n']['peak_driver_rss_mb']:.0f} -> {m['10n']['peak_driver_rss_mb']:.0f} MB"),
+            ("PSS slope after warm-up", f"{m['10n']['pss_mb_per_1k_inputs']:.1f} MB / 1k inputs",
+             f"range {m['10n']['pss_range_after_warm_up_mb']:.0f} MB; peak {m['n']['peak_pss_mb']:.0f} -> {m['10n']['peak_pss_mb']:.0f} MB"),
+            ("actor restart (fresh actor)", f"{m['actor_restart_s']:.1f} s", "paid once per run, not per Dataset"),
+        ]  # fmt: skip
+    s = r["sink"]
     rows += [
-        (f"cluster model: {k}", f"{v:.2f} samples/s", "SCALING.md") for k, v in r["cluster_model"].items()
-    ]
+        ("sink CPU per sample", f"{s['cpu_ms_per_sample']:.2f} ms", f"{s['masks_per_sample']} masks, {s['record_kb']:.0f} KB records"),
+        ("shard writer / raw disk (fsync)", f"{r['writer']['ratio']:.2f}x [{r['writer']['ratio_min']:.2f}, {r['writer']['ratio_max']:.2f}]",
+         f"{r['writer']['writer_mb_per_s']:.0f} / {r['writer']['disk_mb_per_s']:.0f} MB/s; target >= 0.7"),
+    ]  # fmt: skip
+    if "scaling" in r:
+        c = r["scaling"]
+        rows += [
+            ("2 nodes / 1 node (steady)", f"{c['two_nodes_vs_one']:.2f}x", f"planner predicts {c['planner_two_vs_one']:.2f}x; target >= 1.4"),
+            ("2 nodes / 1 node (end to end)", f"{c['two_nodes_vs_one_end_to_end']:.2f}x", ""),
+        ]  # fmt: skip
+    rows.append(("GPU", json.dumps(r["gpu"])[:70], ""))
     width = max(len(a) for a, _, _ in rows)
-    print("\n" + "\n".join(f"{a:<{width}}  {b_:<28} {c}" for a, b_, c in rows) + "\n")
+    print("\n" + "\n".join(f"{a:<{width}}  {v:<32} {c}" for a, v, c in rows) + "\n")
 
 
 if __name__ == "__main__":

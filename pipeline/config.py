@@ -124,8 +124,8 @@ class RunConfig:
     seed: int = 0
     # Pending inputs go through one Ray Dataset per this many: Ray Data keeps per-block stats on the
     # driver until a Dataset ends (ray-project/ray#66016), ~100 KB per load batch measured here, so
-    # one Dataset over millions of inputs grows the driver without bound. Each Dataset restarts the
-    # model actors: keep it large enough that loading the models stays a small share.
+    # one Dataset over millions of inputs grows the driver without bound. The model actors outlive
+    # the Datasets (long-lived pools, pipeline/graph.py:start_pools), so a boundary costs no reload.
     inputs_per_dataset: int = 20_000
 
 

@@ -126,6 +126,7 @@ class StageActor:
         self.stages = [(name, build_stage(name, cfg, seed, cls)) for name, cfg, cls in specs]
         for _, stage in self.stages:
             stage.setup()
+        self.dataset: str | None = None  # the Dataset whose proxy holds this actor (a long-lived pool)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         samples = _samples(batch)
@@ -134,10 +135,75 @@ class StageActor:
             peak = round(cuda.max_memory_allocated() / 2**20, 1)
             for s in samples:
                 s.stats[f"gpu_peak_mib.{'+'.join(n for n, _ in self.stages)}"] = peak
+        if (torch := sys.modules.get("torch")) is not None:  # the benchmark matches this thread count
+            for s in samples:
+                s.stats[f"threads.{'+'.join(n for n, _ in self.stages)}"] = torch.get_num_threads()
         return _table(samples)
+
+    def claim(self, dataset: str) -> bool:
+        """Whether a proxy of `dataset` may take this actor (each actor serves one proxy per Dataset)."""
+        if self.dataset == dataset:
+            return False
+        self.dataset = dataset
+        return True
+
+    def close(self) -> None:
+        teardown(self.stages)
+        self.stages = []
 
     def __del__(self) -> None:  # Ray Data deletes the UDF when the actor shuts down gracefully
         teardown(self.stages)
+
+
+class PooledStage:
+    """Ray Data UDF (a CPU-free actor) that forwards batches to one actor of a long-lived StageActor
+    pool: a run of several Datasets loads its models once instead of once per Dataset."""
+
+    def __init__(self, actors: list[Any], dataset: str):
+        for actor in actors:
+            if ray.get(actor.claim.remote(dataset)):
+                self.actor = actor
+                return
+        raise RuntimeError(f"{dataset}: more proxies than pooled actors ({len(actors)})")
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        return ray.get(self.actor.__call__.remote(batch))
+
+
+Pools = dict[str, list[Any]]  # operator name -> its long-lived StageActor handles
+
+
+def pool_sizes(cfg: Config, cluster: dict[str, float]) -> dict[str, int]:
+    """Actors per model operator of a long-lived pool: every pool at max_actors when the cluster holds
+    them all beside loading, else at min_actors (a fixed pool cannot grow on demand)."""
+    model_segs = [seg for seg in segments(cfg) if seg.uses_model]
+    need = {"CPU": cfg.load.num_cpus, "GPU": 0.0}
+    for seg in model_segs:
+        need["CPU"] += seg.resources.max_actors * seg.resources.num_cpus
+        need["GPU"] += seg.resources.max_actors * seg.resources.num_gpus
+    fits = all(amount <= cluster.get(kind, 0.0) + 1e-9 for kind, amount in need.items())
+    return {seg.name: seg.resources.max_actors if fits else seg.resources.min_actors for seg in model_segs}
+
+
+def start_pools(cfg: Config, cluster: dict[str, float]) -> Pools:
+    """One long-lived StageActor pool per model operator, to outlive the run's Datasets."""
+    pools, sizes = {}, pool_sizes(cfg, cluster)
+    actor_cls = ray.remote(StageActor)
+    for seg in segments(cfg):
+        if seg.uses_model:
+            r, specs = seg.resources, operator_specs(seg)
+            options = {"num_cpus": r.num_cpus, "num_gpus": r.num_gpus, "max_restarts": -1}
+            pools[seg.name] = [
+                actor_cls.options(**options).remote(specs, cfg.run.seed) for _ in range(sizes[seg.name])
+            ]
+    return pools
+
+
+def stop_pools(pools: Pools) -> None:
+    actors = [a for pool in pools.values() for a in pool]
+    ray.get([a.close.remote() for a in actors])
+    for actor in actors:
+        ray.kill(actor)
 
 
 def teardown(stages: list[tuple[str, Stage]]) -> None:
@@ -194,9 +260,11 @@ def operator_specs(seg: Segment) -> StageSpecs:
     ]
 
 
-def build_dataset(cfg: Config, items: list[dict[str, Any]], registry: Any) -> Dataset:
+def build_dataset(
+    cfg: Config, items: list[dict[str, Any]], registry: Any, pools: Pools | None = None, dataset: str = ""
+) -> Dataset:
     """The lazy Ray Data graph for `items` ({uri, failure}: see load_batch); nothing runs until it is
-    written."""
+    written. With `pools` (see start_pools), model operators forward to those long-lived actors."""
     batch_size = cfg.load.batch_size
     ds = ray.data.from_items(items, override_num_blocks=max(1, len(items) // batch_size))
     ds = ds.map_batches(
@@ -211,16 +279,27 @@ def build_dataset(cfg: Config, items: list[dict[str, Any]], registry: Any) -> Da
         },
         num_cpus=cfg.load.num_cpus,
     )
-    return add_stages(ds, cfg)
+    return add_stages(ds, cfg, pools, dataset)
 
 
-def add_stages(ds: Dataset, cfg: Config) -> Dataset:
-    """The enabled stages of `cfg` after `ds` (loaded samples), one operator per segment."""
+def add_stages(ds: Dataset, cfg: Config, pools: Pools | None = None, dataset: str = "") -> Dataset:
+    """The enabled stages of `cfg` after `ds` (loaded samples), one operator per segment; model
+    segments forward to `pools` when given (their actors outlive this Dataset)."""
     for seg in segments(cfg):
         r = seg.resources
         common = {"batch_format": "pyarrow", "batch_size": r.batch_size, "num_cpus": r.num_cpus}
         specs = operator_specs(seg)
-        if seg.uses_model:
+        if seg.uses_model and pools:
+            actors = pools[seg.name]
+            ds = ds.map_batches(
+                PooledStage,
+                fn_constructor_args=(actors, dataset),
+                compute=ActorPoolStrategy(size=len(actors)),
+                batch_format="pyarrow",
+                batch_size=r.batch_size,
+                num_cpus=0,
+            )
+        elif seg.uses_model:
             ds = ds.map_batches(
                 StageActor,
                 fn_constructor_args=(specs, cfg.run.seed),

@@ -225,7 +225,7 @@ def annotate(
     import ray
 
     from groundmill.pipeline.derive import build_derived_dataset
-    from groundmill.pipeline.graph import build_dataset, check_resources
+    from groundmill.pipeline.graph import build_dataset, check_resources, start_pools, stop_pools
     from groundmill.pipeline.load import KeyRegistry
     from groundmill.pipeline.sink import ShardSink
 
@@ -242,17 +242,29 @@ def annotate(
     if derivation is not None:  # the parent's samples are this output's too: no input may repeat one
         committed = _committed_keys(read_index(derivation.old_dir, ["key", "uri", "shard"])) | committed
     registry = KeyRegistry.remote(committed)
-    work = [(pending, lambda items: build_dataset(cfg, items, registry))]
-    if derivation is not None:
-        work.append((derivation.items, lambda items: build_derived_dataset(cfg, items, derivation)))
-    step, n = cfg.run.inputs_per_dataset, 0
-    for items, build in work:
-        for i in range(0, len(items), step):  # bounded driver memory (inputs_per_dataset)
-            # Shard names carry no config value: attempt, Dataset and (in the sink) write task numbers.
-            prefix = f"{attempt_number:03d}-{n:03d}"
-            sink = ShardSink(str(out), cfg.output.shard_max_samples, cfg.output.shard_max_mb * 2**20, prefix)
-            build(items[i : i + step]).write_datasink(sink)
-            n += 1
+    step = cfg.run.inputs_per_dataset
+    # Several Datasets share long-lived model actors: each Dataset would otherwise load every model again.
+    pools = start_pools(cfg, cluster) if len(pending) > step else None
+    work = [(pending, lambda items, prefix: build_dataset(cfg, items, registry, pools, prefix))]
+    if derivation is not None:  # its rerun stages are a config of their own, with actors of their own
+        work.append((derivation.items, lambda items, prefix: build_derived_dataset(cfg, items, derivation)))
+    n = 0
+    try:
+        for items, build in work:
+            for i in range(0, len(items), step):  # bounded driver memory (inputs_per_dataset)
+                # Shard names carry no config value: attempt, Dataset and (in the sink) write task numbers.
+                prefix = f"{attempt_number:03d}-{n:03d}"
+                sink = ShardSink(
+                    str(out), cfg.output.shard_max_samples, cfg.output.shard_max_mb * 2**20, prefix
+                )
+                # Write tasks reserve what a load task does (light, I/O-bound) instead of Ray's 1 CPU,
+                # which no node with a model actor on its only core could ever give.
+                ds = build(items[i : i + step], prefix)
+                ds.write_datasink(sink, ray_remote_args={"num_cpus": cfg.load.num_cpus})
+                n += 1
+    finally:
+        if pools:
+            stop_pools(pools)
     return cluster
 
 

@@ -11,6 +11,7 @@ from groundmill.shards import (
     INDEX_DIR,
     SHARDS_DIR,
     ShardWriter,
+    TarAppender,
     clean_uncommitted,
     iter_shard,
     read_index,
@@ -41,6 +42,28 @@ def test_shard_round_trips_through_webdataset(tmp_path):
     rows = index.to_pylist()
     assert [r["shard"] for r in rows] == ["shards/s0.tar"] * 3 + [None]
     assert rows[-1]["error"] == "load: empty file"
+
+
+@pytest.mark.parametrize("sizes", [(0, 2), (511, 512), (513, 10_000), (300_000, 7)])
+def test_tar_appender_writes_the_bytes_of_webdatasets_tar_writer(sizes):
+    """The shard writer appends tar members itself (no stream-mode re-buffering): byte for byte what
+    webdataset's TarWriter writes, for payloads at and around the 512-byte block size."""
+    members = [{"jpg": b"j" * sizes[0], "json": b"{}"}, {"mp4": b"m" * sizes[1], "json": b'{"a":1}'}]
+    keys = ["ab" * 8, "cd" * 8]
+    expected = io.BytesIO()
+    writer = wds.TarWriter(expected, encoder=False, mtime=1.7e9)
+    for key, files in zip(keys, members, strict=True):
+        writer.write({"__key__": key, **files})
+    writer.close()
+    ours = io.BytesIO()
+    appender = TarAppender(ours, mtime=1.7e9)
+    for key, files in zip(keys, members, strict=True):
+        appender.add_sample(key, files)
+    appender.close()
+    assert ours.getvalue() == expected.getvalue()
+    with tarfile.open(fileobj=io.BytesIO(ours.getvalue())) as tar:
+        assert [m.name for m in tar] == ["abababababababab.jpg", "abababababababab.json",
+                                         "cdcdcdcdcdcdcdcd.json", "cdcdcdcdcdcdcdcd.mp4"]  # fmt: skip
 
 
 def test_keys_with_dots_are_refused(tmp_path):
