@@ -160,10 +160,13 @@ class X2SamModel(nn.Module):
         hidden = self.mllm.config.get_text_config().hidden_size
         self.region = RegionEncoder(dim, hidden)
         self.sparse = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, hidden))
-        self.seg_tokens = d.seg_tokens
+        # [SEG] -> seg_tokens prompt tokens, layer-normed: SAM2's decoder expects prompt tokens at the scale
+        # of its own (unit-variance channels, like its N(0,1) point embeddings); the projection's default
+        # init makes them 4x smaller, and the decoder then ignores the words for hundreds of steps.
         self.seg_proj = nn.Sequential(
-            nn.Linear(hidden, hidden), nn.GELU(), nn.Linear(hidden, dim * d.seg_tokens)
-        )
+            nn.Linear(hidden, hidden), nn.GELU(), nn.Linear(hidden, dim * d.seg_tokens),
+            nn.Unflatten(-1, (d.seg_tokens, dim)), nn.LayerNorm(dim),
+        )  # fmt: skip
         self.seg_dense = SegDensePrompt(dim, d.dense_hidden)
         self.memory = MaskMemory(dim, min(d.heads, dim // 8), d.memory_size)
         self.prompt_encoder, self.mask_decoder = sam_heads(dim, v, d)
@@ -287,7 +290,7 @@ class X2SamModel(nn.Module):
         if not len(owner):  # only generic rows
             out["mask_logits"] = feats.new_zeros(0, feats.shape[1], self.image_size, self.image_size)
             return out
-        seg = self.seg_proj(hidden[seg_pos]).float().unflatten(-1, (self.seg_tokens, -1))
+        seg = self.seg_proj(hidden[seg_pos]).float()
         out["mask_logits"] = self.decode(seg, feats[owner].float(), [m[owner].float() for m in high_res])
         return out
 
