@@ -57,7 +57,7 @@ def _wait_for_nodes(address: str, env: dict[str, str], n: int, timeout: float = 
     raise RuntimeError(f"the loopback cluster did not reach {n} nodes")
 
 
-def _kill_trees(procs: list[subprocess.Popen]) -> None:
+def kill_trees(procs: list[subprocess.Popen]) -> None:
     """SIGKILL exactly the processes started here and their descendants (not other Ray on the machine)."""
     victims = []
     for proc in procs:
@@ -93,7 +93,7 @@ def loopback_cluster(nodes: int, cpus_per_node: int = 1) -> Iterator[str]:
         _wait_for_nodes(address, env, nodes)
         yield address
     finally:
-        _kill_trees(procs)
+        kill_trees(procs)
         shutil.rmtree(ray_tmp, ignore_errors=True)
 
 

@@ -8,11 +8,9 @@ would kill every Ray process on the machine, including this test session's own e
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -20,9 +18,9 @@ import tempfile
 import time
 from pathlib import Path
 
-import psutil
 import pytest
 
+from groundmill.benchmarks.cluster import kill_trees
 from groundmill.pipeline.config import load_config
 from groundmill.pipeline.run import run_pipeline
 from groundmill.shards import read_index
@@ -49,19 +47,6 @@ def _agent_ports() -> list[str]:
         "metrics-export-port",
     )
     return [f"--{flag}={_free_port()}" for flag in flags]
-
-
-def _stop(procs: list[subprocess.Popen]) -> None:
-    """SIGKILL every process this test started, with all their descendants (found by pid)."""
-    victims = []
-    for proc in procs:
-        with contextlib.suppress(psutil.NoSuchProcess):
-            parent = psutil.Process(proc.pid)
-            victims += [parent, *parent.children(recursive=True)]
-    for p in victims:
-        with contextlib.suppress(psutil.NoSuchProcess):
-            p.send_signal(signal.SIGKILL)
-    psutil.wait_procs(victims, timeout=10)
 
 
 def _start(command: list[str], env: dict, log: Path) -> subprocess.Popen:
@@ -140,5 +125,5 @@ def test_job_on_a_two_node_loopback_cluster_writes_the_embedded_runs_keys(tmp_pa
         run_record = json.loads((out / "run.json").read_text())
         assert run_record["status"] == "complete"
     finally:
-        _stop(procs)
+        kill_trees(procs)
         shutil.rmtree(ray_tmp, ignore_errors=True)
