@@ -8,8 +8,10 @@ for tests that run (and kill) the pipeline in a subprocess.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
+import subprocess
 import sys
 import time
 from collections import Counter
@@ -99,6 +101,28 @@ class HandBuiltObjectsDouble(Stage):
                 {"id": 1, "bbox": [50, 10, 90, 60], "labels": ["ball"], "attributes": ["red"], "score": 0.8,
                  "detectors": ["double"]},
             ]  # fmt: skip
+
+
+def kill_mid_run(module: str, args: list[str], out: Path) -> int:
+    """Run `python -m groundmill.tests.<module> ARGS` in a session of its own, SIGKILL its driver as
+    soon as `out` has committed a shard (then its embedded Ray, so nothing outlives the test), and
+    return how many index rows the killed run had committed."""
+    env = {**os.environ, "RAY_DATA_DISABLE_PROGRESS_BARS": "1"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", f"groundmill.tests.{module}", *args], cwd=Path(__file__).resolve().parents[1],
+        env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 300  # generous: Ray start-up on a busy 2-core machine
+        while not list((out / INDEX_DIR).glob("*.parquet")) and proc.poll() is None:
+            assert time.monotonic() < deadline, "no shard committed within 300 s"
+            time.sleep(0.05)
+        os.kill(proc.pid, signal.SIGKILL)  # the driver, mid-run
+        proc.wait()
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+    return len(read_index(out))
 
 
 def assert_exactly_once(out: Path, uris: list[str]) -> list[dict]:

@@ -3,13 +3,7 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -28,12 +22,12 @@ from groundmill.pipeline.graph import failure_code
 from groundmill.pipeline.load import normalise_input
 from groundmill.pipeline.run import new_record, run_pipeline, settings_changes
 from groundmill.schema import content_key
-from groundmill.shards import INDEX_DIR, SHARDS_DIR, ShardWriter, iter_shard, read_index
+from groundmill.shards import SHARDS_DIR, ShardWriter, iter_shard, read_index
 from groundmill.stages.base import SampleError
 from groundmill.stages.llm.base import LLMUnavailable
 from groundmill.stages.llm.stage import llm_failure_code
 from groundmill.tests.derive_doubles import use_derive_doubles
-from groundmill.tests.fault_doubles import assert_exactly_once
+from groundmill.tests.fault_doubles import assert_exactly_once, kill_mid_run
 from groundmill.tests.media_factory import h264, rgb_jpeg
 
 REPO = Path(__file__).resolve().parents[1]
@@ -187,22 +181,8 @@ def test_killed_derived_run_then_rerun_loses_and_duplicates_nothing(tmp_path, ra
     manifest = _manifest(tmp_path / "m.yaml", tmp_path / "in", old, THREE)
     run_pipeline(load_config(manifest))
     slow = ["stages.paint.params.colour=green", "stages.paint.params.seconds=0.3"]
-    env = {**os.environ, "RAY_DATA_DISABLE_PROGRESS_BARS": "1"}
-    command = [sys.executable, "-m", "groundmill.tests.derive_doubles", "run", str(manifest),
-               "--from", str(old), "--output", str(new), *slow]  # fmt: skip
-    proc = subprocess.Popen(command, cwd=REPO, env=env, start_new_session=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
-    try:
-        deadline = time.monotonic() + 300  # generous: Ray start-up on a busy 2-core machine
-        while not list((new / INDEX_DIR).glob("*.parquet")) and proc.poll() is None:
-            assert time.monotonic() < deadline, "no shard committed within 300 s"
-            time.sleep(0.05)
-        os.kill(proc.pid, signal.SIGKILL)  # the driver, mid-run
-        proc.wait()
-    finally:
-        with contextlib.suppress(ProcessLookupError):  # then its embedded Ray
-            os.killpg(proc.pid, signal.SIGKILL)
-    done_before = len(read_index(new))
+    args = ["run", str(manifest), "--from", str(old), "--output", str(new), *slow]
+    done_before = kill_mid_run("derive_doubles", args, new)
     assert 0 < done_before < len(uris), f"the kill was not mid-run ({done_before} of {len(uris)} done)"
 
     record = _derive(manifest, old, new, slow)

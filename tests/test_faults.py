@@ -4,14 +4,10 @@ killed mid-run, a full disk and a read-only output. The stages that fail on purp
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import json
 import os
-import signal
 import subprocess
-import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -22,12 +18,11 @@ from PIL import Image
 from groundmill.pipeline.cli import main
 from groundmill.pipeline.config import load_config
 from groundmill.pipeline.run import run_pipeline
-from groundmill.shards import INDEX_DIR, SHARDS_DIR, ShardWriter, iter_shard, read_index
-from groundmill.tests.fault_doubles import assert_exactly_once, use_doubles
+from groundmill.shards import INDEX_DIR, SHARDS_DIR, ShardWriter, iter_shard
+from groundmill.tests.fault_doubles import assert_exactly_once, kill_mid_run, use_doubles
 from groundmill.tests.media_factory import rgb_jpeg
 
 pytestmark = pytest.mark.slow
-REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture()
@@ -85,22 +80,7 @@ def test_killed_driver_then_rerun_loses_and_duplicates_nothing(tmp_path, ray_loc
     uris = _inputs(tmp_path / "in", 16)
     out = tmp_path / "out"
     manifest = _manifest(tmp_path, tmp_path / "in", out, "slow", "{seconds: 0.3}")
-    env = {**os.environ, "RAY_DATA_DISABLE_PROGRESS_BARS": "1"}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "groundmill.tests.fault_doubles", "run", str(manifest)],
-        cwd=REPO, env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
-    try:
-        deadline = time.monotonic() + 300  # generous: Ray start-up on a busy 2-core machine
-        while not list((out / INDEX_DIR).glob("*.parquet")) and proc.poll() is None:
-            assert time.monotonic() < deadline, "no shard committed within 300 s"
-            time.sleep(0.05)
-        os.kill(proc.pid, signal.SIGKILL)  # the driver, mid-run
-        proc.wait()
-    finally:
-        with contextlib.suppress(ProcessLookupError):  # then its embedded Ray, so nothing outlives the test
-            os.killpg(proc.pid, signal.SIGKILL)
-    done_before = len(read_index(out))
+    done_before = kill_mid_run("fault_doubles", ["run", str(manifest)], out)
     assert 0 < done_before < len(uris), f"the kill was not mid-run ({done_before} of {len(uris)} done)"
 
     run_pipeline(load_config(manifest))
