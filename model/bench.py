@@ -111,7 +111,23 @@ def scores(preds: dict[str, list], items: dict[str, list[dict]]) -> dict[str, fl
     relational = ciou_giou([preds["referring"][i][0] for i in rel], [gts[i] for i in rel])
     ciou, giou, rel_ciou = overall["cIoU"], overall["gIoU"], relational.get("cIoU", float("nan"))
     jf = j_and_f(preds["video_referring"], [it["sample"]["masks"][0] for it in vids])["J&F"]
-    return {"ciou": ciou, "giou": giou, "relational_ciou": rel_ciou, "jf": jf}
+    images = [p[0] for p in preds["referring"]]
+    scene_objects = [it["baselines"]["all_objects"][0] for it in refs]
+    return {"ciou": ciou, "giou": giou, "relational_ciou": rel_ciou, "jf": jf,
+            **selection_figures(images, gts, scene_objects)}  # fmt: skip
+
+
+def selection_figures(preds: list[np.ndarray], gts: list[np.ndarray], objects: list[np.ndarray]) -> dict:
+    """Whether a model selects its target or only finds objects: the share of targets hit (IoU > 0.5),
+    the median predicted / target area, and the share of predicted pixels on any object of the scene."""
+    ious = [(p & g).sum() / max((p | g).sum(), 1) for p, g in zip(preds, gts, strict=True)]
+    areas = [p.sum() / max(g.sum(), 1) for p, g in zip(preds, gts, strict=True)]
+    on = sum(int((p & o).sum()) for p, o in zip(preds, objects, strict=True))
+    return {
+        "hit_rate": float(np.mean(np.array(ious) > 0.5)) if ious else float("nan"),
+        "area_ratio": float(np.median(areas)) if areas else float("nan"),
+        "on_objects": on / max(sum(int(p.sum()) for p in preds), 1),
+    }
 
 
 def model_scores(cfg: TrainConfig, ckpt: Path, items: dict[str, list[dict]]) -> dict[str, float]:
@@ -130,7 +146,7 @@ def summary(
 ) -> dict:
     mean = {k: statistics.mean(r[k] for r in runs) for k in runs[0]}
     sd = {k: statistics.stdev(r[k] for r in runs) if len(runs) > 1 else 0.0 for k in runs[0]}
-    picked = ("ciou", "relational_ciou", "jf")
+    picked = ("ciou", "relational_ciou", "jf", "hit_rate", "area_ratio")
     return {
         "model": model_info, "seeds": seeds, **mean, "ciou_sd": sd["ciou"], "giou_sd": sd["giou"], "jf_sd": sd["jf"],
         "relational_ciou_sd": sd["relational_ciou"], "per_seed": runs,

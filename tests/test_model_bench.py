@@ -36,3 +36,9 @@ def test_held_out_pairs_never_train_and_the_oracle_fails_on_relations(tmp_path):
         assert right or it["relational"]
     assert oracle["relational_ciou"] < 0.75 and oracle["jf"] < 0.8
     assert base["all_objects"]["ciou"] < oracle["ciou"] and base["colour_only"]["ciou"] <= oracle["ciou"]
+    # The selection figures tell "finds every object" (all on objects, too large, never a hit) from
+    # "selects the target" (the oracle hits at least every unique pair).
+    unique = 1 - sum(it["relational"] for it in refs) / len(refs)
+    assert base["all_objects"]["on_objects"] == 1.0 and base["all_objects"]["area_ratio"] > 2
+    assert base["all_objects"]["hit_rate"] < 0.05 <= unique <= oracle["hit_rate"]
+    assert oracle["area_ratio"] == 1.0
