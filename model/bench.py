@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from groundmill.model.config import TrainConfig, load_config
-from groundmill.model.metrics import ciou_giou, j_and_f
+from groundmill.model.metrics import ciou_giou, intersection_union, j_and_f
 from groundmill.model.predict import load_for_eval, predict
 from groundmill.model.records import eval_records, mask_at
 from groundmill.model.synthetic import COLOURS, HELD_OUT, SHAPES, write_split
@@ -120,7 +120,7 @@ def scores(preds: dict[str, list], items: dict[str, list[dict]]) -> dict[str, fl
 def selection_figures(preds: list[np.ndarray], gts: list[np.ndarray], objects: list[np.ndarray]) -> dict:
     """Whether a model selects its target or only finds objects: the share of targets hit (IoU > 0.5),
     the median predicted / target area, and the share of predicted pixels on any object of the scene."""
-    ious = [(p & g).sum() / max((p | g).sum(), 1) for p, g in zip(preds, gts, strict=True)]
+    ious = [i / max(u, 1) for i, u in map(intersection_union, preds, gts)]
     areas = [p.sum() / max(g.sum(), 1) for p, g in zip(preds, gts, strict=True)]
     on = sum(int((p & o).sum()) for p, o in zip(preds, objects, strict=True))
     return {
