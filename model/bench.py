@@ -103,7 +103,8 @@ def held_out_items(cfg: TrainConfig) -> dict[str, list[dict]]:
 
 
 def scores(preds: dict[str, list], items: dict[str, list[dict]]) -> dict[str, float]:
-    """cIoU, gIoU, relational cIoU (images) and J&F (videos) of per-target predictions (T,S,S)."""
+    """cIoU, gIoU, relational cIoU and the selection figures (images), and J&F (videos), of per-target
+    predictions (T,S,S)."""
     refs, vids = items["referring"], items["video_referring"]
     gts = [it["sample"]["masks"][0][0] for it in refs]
     overall = ciou_giou([p[0] for p in preds["referring"]], gts)
@@ -146,7 +147,7 @@ def summary(
 ) -> dict:
     mean = {k: statistics.mean(r[k] for r in runs) for k in runs[0]}
     sd = {k: statistics.stdev(r[k] for r in runs) if len(runs) > 1 else 0.0 for k in runs[0]}
-    picked = ("ciou", "relational_ciou", "jf", "hit_rate", "area_ratio")
+    picked = ("ciou", "relational_ciou", "jf", "hit_rate", "area_ratio", "on_objects")
     return {
         "model": model_info, "seeds": seeds, **mean, "ciou_sd": sd["ciou"], "giou_sd": sd["giou"], "jf_sd": sd["jf"],
         "relational_ciou_sd": sd["relational_ciou"], "per_seed": runs,
