@@ -32,6 +32,10 @@ class MLLMConfig:
     vision_heads: int = 4
     vision_image_size: int = 64
     vision_patch: int = 8
+    # X-SAM's dual projectors: besides its own vision tower, the VLM sees each dense frame's SAM2 embedding
+    # pooled to grid x grid tokens (with SAM2's positional encoding) through the segmentation projector,
+    # so the [SEG] state can point at the features and positions the mask decoder reads; 0 = off.
+    sam2_token_grid: int = 0
     # The tiny language model (random init when `language` is "").
     hidden_size: int = 128
     num_layers: int = 2

@@ -21,17 +21,17 @@ from torch.utils.data import IterableDataset
 from transformers import ProcessorMixin
 
 from groundmill.model.config import TrainConfig
-from groundmill.model.modeling import FRAME, SEG, frame_picks
+from groundmill.model.modeling import FRAME, SAM2, SEG, PromptSlots
 from groundmill.model.records import ShardCache, ShardReader, load, shard_urls
 from groundmill.model.tasks import choose_task, make_samples
 
 MAX_BARREN_RECORDS = 1000
 
 
-def prompt_text(processor: ProcessorMixin, question: str, images: int, sparse: int) -> str:
-    """The question with its image placeholders (through the processor's chat template when it has one)
-    and one `<frame>` slot per sparse video frame."""
-    text = FRAME * sparse + (" " if sparse else "") + question
+def prompt_text(processor: ProcessorMixin, question: str, images: int, sparse: int, sam2: int = 0) -> str:
+    """The question with its image placeholders (through the processor's chat template when it has one),
+    `sam2` `<sam2>` slots and one `<frame>` slot per sparse video frame."""
+    text = SAM2 * sam2 + FRAME * sparse + (" " if sam2 or sparse else "") + question
     if getattr(processor, "chat_template", None):
         content = [{"type": "image"}] * images + [{"type": "text", "text": text}]
         return processor.apply_chat_template(
@@ -40,26 +40,29 @@ def prompt_text(processor: ProcessorMixin, question: str, images: int, sparse: i
     return processor.image_token * images + " " + text
 
 
-def row_texts(
-    s: dict, processor: ProcessorMixin, dense: int, sparse: int
-) -> tuple[str, list[np.ndarray], str]:
+def row_texts(s: dict, processor: ProcessorMixin, slots: PromptSlots) -> tuple[str, list[np.ndarray], str]:
     """A sample's (prompt, the frames the VLM sees in full, answer + eos)."""
     t = len(s["frames"])
-    images = [s["frames"][i] for i in frame_picks(t, dense)]
-    n_sparse = len(frame_picks(t, sparse)) if t > 1 else 0
+    images = [s["frames"][i] for i in slots.dense_picks(t)]
     answer = f" {s['answer']}{processor.tokenizer.eos_token}" if s["answer"] else ""
-    return prompt_text(processor, s["question"], len(images), n_sparse), images, answer
+    prompt = prompt_text(
+        processor, s["question"], len(images), len(slots.sparse_picks(t)), slots.sam2_tokens(t)
+    )
+    return prompt, images, answer
+
+
+IMAGE_SLOTS = PromptSlots()  # one dense frame, no <sam2> tokens
 
 
 def collate(
-    samples: list[dict], processor: ProcessorMixin, dense: int = 1, sparse: int = 16
+    samples: list[dict], processor: ProcessorMixin, slots: PromptSlots = IMAGE_SLOTS
 ) -> dict[str, Tensor]:
     """Samples of one modality -> a padded batch; masks in row-major [SEG] order. The VLM's processor
     makes its inputs (`mllm.*` keys: pixel values and the like). LM labels: the answer tokens only.
     Rows whose "frames" are the same list object share one entry of `frames`; `row_frames` maps each row
     to its entry, so a shared image is encoded once by SAM2."""
     tok = processor.tokenizer
-    prompts, images, answers = zip(*(row_texts(s, processor, dense, sparse) for s in samples), strict=True)
+    prompts, images, answers = zip(*(row_texts(s, processor, slots) for s in samples), strict=True)
     enc = processor(text=[p + a for p, a in zip(prompts, answers, strict=True)], images=list(images),
                     return_tensors="pt", padding=True)  # fmt: skip
     input_ids, attention = enc.pop("input_ids"), enc.pop("attention_mask")
@@ -132,6 +135,7 @@ class TaskBatches(IterableDataset):
                  consumed: int = 0):  # fmt: skip
         super().__init__()
         self.cfg, self.processor = cfg, processor
+        self.slots = PromptSlots.of(cfg)
         self.start, self.consumed = start or {}, consumed
         self.urls = [shard_urls(s.path) for s in cfg.data.train]
         self.shards = ShardCache()
@@ -186,7 +190,7 @@ class TaskBatches(IterableDataset):
                 owners[kind].append([k, j])
                 # A record's rows stay together, so a batch may run over its size by up to k-1 rows.
                 if len(buffers[kind]) >= (d.video_batch_size if kind == "video" else d.batch_size):
-                    batch = collate(buffers[kind], self.processor, d.dense_frames, d.sparse_frames)
+                    batch = collate(buffers[kind], self.processor, self.slots)
                     buffers[kind], owners[kind] = [], []
                     next_pos = [k, j + 1] if j + 1 < n_keys else [k + 1, 0]
                     pending = {kk: [list(p) for p in v] for kk, v in owners.items() if v}

@@ -170,7 +170,7 @@ def evaluate_generic(model: X2SamModel, samples: list[dict], tok: ProcessorMixin
     """The generic head's COCO mask mAP over the samples' categories (teacher-forced category [SEG]s)."""
     preds, gts = [], []
     for s in samples:
-        batch = {k: v.to(device) for k, v in collate([s], tok).items()}
+        batch = {k: v.to(device) for k, v in collate([s], tok, model.slots).items()}
         class_logits, mask_logits = model(batch)["generic"][0]
         preds.append((s["categories"], detections(class_logits, mask_logits, size)))
         gts.append([(s["categories"][c], m) for c, m in s["instances"]])

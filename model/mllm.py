@@ -32,10 +32,11 @@ from transformers import (
 from groundmill.checkpoints import SMOLLM2, dequantised_gguf, smollm2_gguf
 from groundmill.model.config import MLLMConfig
 
-SEG, P_OPEN, P_CLOSE, REGION, FRAME = "[SEG]", "<p>", "</p>", "<region>", "<frame>"
+SEG, P_OPEN, P_CLOSE, REGION, FRAME, SAM2 = "[SEG]", "<p>", "</p>", "<region>", "<frame>", "<sam2>"
 # Added to the MLLM's tokenizer. <region> slots take a visual prompt's pooled SAM2 features, <frame> slots
-# a sparse video frame's (VideoLISA's sparse tokens); both are filled in the input embeddings.
-SPECIAL_TOKENS = [SEG, P_OPEN, P_CLOSE, REGION, FRAME]
+# a sparse video frame's (VideoLISA's sparse tokens), <sam2> slots a dense frame's SAM2 embedding (X-SAM's
+# segmentation projector); all are filled in the input embeddings.
+SPECIAL_TOKENS = [SEG, P_OPEN, P_CLOSE, REGION, FRAME, SAM2]
 IMAGE_TOKEN = "<image>"  # the tiny LLaVA's image placeholder
 
 

@@ -19,6 +19,7 @@ Data flow for a batch of B rows with T frames each (T = 1 for images):
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -32,6 +33,7 @@ from groundmill.model.mllm import (
     P_CLOSE,
     P_OPEN,
     REGION,
+    SAM2,
     SEG,
     SPECIAL_TOKENS,
     build_mllm,
@@ -39,7 +41,8 @@ from groundmill.model.mllm import (
 )
 from groundmill.model.sam2_parts import SamEncoder, sam2_state_dict, sam_heads
 
-__all__ = ["FRAME", "P_CLOSE", "P_OPEN", "REGION", "SEG", "SPECIAL_TOKENS", "X2SamModel", "frame_picks"]
+__all__ = ["FRAME", "P_CLOSE", "P_OPEN", "REGION", "SAM2", "SEG", "SPECIAL_TOKENS", "PromptSlots", "X2SamModel",
+           "frame_picks"]  # fmt: skip
 PROMPT_TYPES = ("point", "scribble", "box", "mask")
 # Top-level module names, the vocabulary of `trainable` in the config.
 PARTS = (
@@ -47,6 +50,7 @@ PARTS = (
     "mllm",
     "region",
     "sparse",
+    "sam2_proj",
     "seg_proj",
     "seg_dense",
     "memory",
@@ -59,6 +63,30 @@ PARTS = (
 def frame_picks(t: int, n: int) -> list[int]:
     """n frame indices spread evenly over a clip of t frames (all of them when t <= n)."""
     return torch.linspace(0, t - 1, min(n, t)).round().long().unique().tolist()
+
+
+@dataclass(frozen=True)
+class PromptSlots:
+    """What a row's prompt carries beside its words, for a clip of t frames: `dense` frames evenly spread
+    that the VLM sees in full, one `<frame>` per sparse frame (videos only), and sam2_grid² `<sam2>` tokens
+    per dense frame. The model fills the slots (`X2SamModel.run_mllm`); the collate writes them."""
+
+    dense: int = 1
+    sparse: int = 16
+    sam2_grid: int = 0
+
+    @classmethod
+    def of(cls, cfg: TrainConfig) -> PromptSlots:
+        return cls(cfg.data.dense_frames, cfg.data.sparse_frames, cfg.mllm.sam2_token_grid)
+
+    def dense_picks(self, t: int) -> list[int]:
+        return frame_picks(t, self.dense)
+
+    def sparse_picks(self, t: int) -> list[int]:
+        return frame_picks(t, self.sparse) if t > 1 else []
+
+    def sam2_tokens(self, t: int) -> int:
+        return len(self.dense_picks(t)) * self.sam2_grid**2
 
 
 def sinusoid(x: Tensor, dim: int) -> Tensor:
@@ -145,14 +173,32 @@ class RegionEncoder(nn.Module):
         return self.mlp(pooled) + self.type_emb(types)
 
 
+class Sam2Projector(nn.Module):
+    """X-SAM's segmentation projector: a frame's SAM2 embedding and SAM2's positional encoding, pooled to
+    grid x grid, -> grid² VLM tokens in row-major order (the `<sam2>` slots)."""
+
+    def __init__(self, dim: int, hidden: int, grid: int):
+        super().__init__()
+        self.grid = grid
+        self.mlp = nn.Sequential(nn.Linear(2 * dim, hidden), nn.GELU(), nn.Linear(hidden, hidden))
+
+    def forward(self, feats: Tensor, pe: Tensor) -> Tensor:
+        """(N,C,h,w) features, (1,C,h,w) encoding -> (N*grid², hidden)."""
+        f = F.adaptive_avg_pool2d(feats, self.grid)
+        p = F.adaptive_avg_pool2d(pe, self.grid).expand(len(f), -1, -1, -1)
+        return self.mlp(torch.cat([f, p], 1).flatten(2).transpose(1, 2)).flatten(0, 1)
+
+
 class X2SamModel(nn.Module):
     def __init__(self, cfg: TrainConfig, processor: ProcessorMixin):
         super().__init__()
         v, d = cfg.vision, cfg.decoder
         tok = processor.tokenizer
         self.image_size = v.image_size
-        self.dense_frames, self.sparse_frames = cfg.data.dense_frames, cfg.data.sparse_frames
-        self.seg_id, self.region_id, self.frame_id = tok.convert_tokens_to_ids([SEG, REGION, FRAME])
+        self.slots = PromptSlots.of(cfg)
+        self.seg_id, self.region_id, self.frame_id, self.sam2_id = tok.convert_tokens_to_ids(
+            [SEG, REGION, FRAME, SAM2]
+        )
 
         self.vision = SamEncoder(v)
         dim = self.vision.dim
@@ -160,6 +206,7 @@ class X2SamModel(nn.Module):
         hidden = self.mllm.config.get_text_config().hidden_size
         self.region = RegionEncoder(dim, hidden)
         self.sparse = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, hidden))
+        self.sam2_proj = Sam2Projector(dim, hidden, self.slots.sam2_grid) if self.slots.sam2_grid else None
         # [SEG] -> seg_tokens prompt tokens, layer-normed: SAM2's decoder expects prompt tokens at the scale
         # of its own (unit-variance channels, like its N(0,1) point embeddings); the projection's default
         # init makes them 4x smaller, and the decoder then ignores the words for hundreds of steps.
@@ -201,7 +248,7 @@ class X2SamModel(nn.Module):
 
     def sparse_tokens(self, feats: Tensor) -> Tensor:
         """(B,T,C,h,w) -> (B*n,hidden): one pooled token per sparse frame, with its frame index."""
-        picks = frame_picks(feats.shape[1], self.sparse_frames)
+        picks = self.slots.sparse_picks(feats.shape[1])
         pooled = self.sparse(feats[:, picks].mean((3, 4)))  # (B,n,H)
         index = sinusoid(torch.tensor(picks, device=feats.device), pooled.shape[-1])
         return (pooled + index).flatten(0, 1)
@@ -216,6 +263,9 @@ class X2SamModel(nn.Module):
             )
         if feats.shape[1] > 1:
             fills[self.frame_id] = self.sparse_tokens(feats)
+        if self.sam2_proj is not None:
+            dense = feats[:, self.slots.dense_picks(feats.shape[1])]
+            fills[self.sam2_id] = self.sam2_proj(dense.flatten(0, 1), self.pe())
         dtype = self.mllm.dtype
         inputs = {
             k[5:]: v.to(dtype) if v.is_floating_point() else v

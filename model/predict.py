@@ -39,7 +39,7 @@ def predict(model: X2SamModel, samples: list[dict], processor: ProcessorMixin, c
         for start in range(0, len(idx), bs):
             chunk = idx[start : start + bs]
             rows = [samples[i] for i in chunk]
-            batch = collate(rows, processor, cfg.data.dense_frames, cfg.data.sparse_frames)
+            batch = collate(rows, processor, model.slots)
             batch = {k: v.to(device) for k, v in batch.items()}
             masks = model(batch)["mask_logits"].float().cpu().numpy()
             counts = (batch["input_ids"] == model.seg_id).sum(1).tolist()
@@ -69,7 +69,7 @@ def parse_gcg(tok: PreTrainedTokenizerBase, ids: list[int]) -> tuple[str, list[s
 def gcg_predict(model: X2SamModel, sample: dict, processor: ProcessorMixin, device: torch.device,
                 max_new_tokens: int) -> tuple[str, list[str], np.ndarray]:  # fmt: skip
     """Greedy caption with its [SEG]s, then the (n, S, S) mask logits of those [SEG]s."""
-    batch = {k: v.to(device) for k, v in collate([{**sample, "answer": ""}], processor).items()}
+    batch = {k: v.to(device) for k, v in collate([{**sample, "answer": ""}], processor, model.slots).items()}
     prompt = batch["input_ids"]  # an empty answer has no eos to drop
     ids = model.generate(batch, max_new_tokens, processor.tokenizer.eos_token_id)
     caption, phrases = parse_gcg(processor.tokenizer, ids[0, prompt.shape[1] :].tolist())

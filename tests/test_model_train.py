@@ -76,6 +76,30 @@ def test_referring_rows_share_one_encoded_image(shards, tmp_path):
     torch.testing.assert_close(alone["mask_logits"][0], shared[r], atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("grid", [0, 4])
+def test_sam2_tokens_carry_the_segmentation_encoder_into_the_vlm(shards, tmp_path, grid):
+    """X-SAM's segmentation projector: with a grid, each image's prompt has grid² <sam2> slots filled from
+    SAM2's embedding, so the [SEG] state sees SAM2's features; without one, only the VLM's own tower."""
+    only_referring = [
+        f"data.tasks.{t}=0" for t in ("gcg", "interactive", "vgd", "video_referring", "video_object")
+    ]
+    cfg = config(shards, tmp_path, f"mllm.sam2_token_grid={grid}", *only_referring)
+    tok = trainer_processor(cfg)
+    batch = next(iter(TaskBatches(cfg, tok)))
+    batch.pop("position")
+    slots = (batch["input_ids"] == tok.tokenizer.convert_tokens_to_ids("<sam2>")).sum(1)
+    assert slots.tolist() == [grid**2] * len(slots)
+    model = build_model(cfg, tok)
+    feats, _ = model.encode_frames(batch)
+    hidden, _ = model.run_mllm(batch, feats)
+    other, _ = model.run_mllm(batch, feats.flip(-1))  # SAM2 sees another image; the VLM's tower does not
+    seg = batch["input_ids"] == model.seg_id
+    assert torch.allclose(hidden[seg], other[seg]) == (grid == 0)
+    if grid:
+        hidden[seg].sum().backward()
+        assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.sam2_proj.parameters())
+
+
 def test_sources_without_usable_annotations_fail_with_the_reason(tmp_path, monkeypatch):
     # Records with no objects, expressions or tracks (random-weight detectors find nothing, say).
     w = ShardWriter(tmp_path / "bare", name="bare-00000")

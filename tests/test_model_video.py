@@ -12,6 +12,7 @@ from groundmill.model.config import load_config
 from groundmill.model.data import collate
 from groundmill.model.eval import evaluate
 from groundmill.model.mllm import FRAME
+from groundmill.model.modeling import PromptSlots
 from groundmill.model.records import Clip, decode_video
 from groundmill.model.tokenizer import trainer_processor
 from groundmill.model.train import build_model, train
@@ -82,7 +83,7 @@ def test_sparse_dense_tokens_and_causal_mask_memory(tmp_path):
     clip = Clip(data, 0, 128, LONG).take(list(range(LONG)))
     row = {"question": "please segment the red square in the video .", "answer": "it is [SEG] .",
            "masks": [[np.zeros((128, 128), bool)] * LONG], "frames": clip}  # fmt: skip
-    batch = collate([row], processor, dense=2, sparse=16)
+    batch = collate([row], processor, PromptSlots(dense=2, sparse=16))
     assert (batch["input_ids"] == processor.tokenizer.convert_tokens_to_ids(FRAME)).sum() == 16
     assert batch["mllm.pixel_values"].shape[0] == 2  # two dense frames through the VLM's vision tower
     assert batch["frames"].shape[:2] == (1, LONG) and batch["masks"].shape == (1, LONG, 128, 128)
