@@ -63,8 +63,10 @@ def collate(
     to its entry, so a shared image is encoded once by SAM2."""
     tok = processor.tokenizer
     prompts, images, answers = zip(*(row_texts(s, processor, slots) for s in samples), strict=True)
+    # Right padding whatever the saved processor says (Qwen2-VL's and batch-generation setups pad left):
+    # the labels below sit at the end of each row's real tokens.
     enc = processor(text=[p + a for p, a in zip(prompts, answers, strict=True)], images=list(images),
-                    return_tensors="pt", padding=True)  # fmt: skip
+                    return_tensors="pt", padding=True, padding_side="right")  # fmt: skip
     input_ids, attention = enc.pop("input_ids"), enc.pop("attention_mask")
     labels = torch.full_like(input_ids, -100)
     for b, answer in enumerate(answers):

@@ -42,7 +42,7 @@ from groundmill.model.mllm import (
 from groundmill.model.sam2_parts import SamEncoder, sam2_state_dict, sam_heads
 
 __all__ = ["FRAME", "P_CLOSE", "P_OPEN", "REGION", "SAM2", "SEG", "SPECIAL_TOKENS", "PromptSlots", "X2SamModel",
-           "frame_picks"]  # fmt: skip
+           "continued", "frame_picks"]  # fmt: skip
 PROMPT_TYPES = ("point", "scribble", "box", "mask")
 # Top-level module names, the vocabulary of `trainable` in the config.
 PARTS = (
@@ -278,7 +278,9 @@ class X2SamModel(nn.Module):
                             output_hidden_states=True, **inputs)  # fmt: skip
         finally:
             self._slot_fill = None
-        return out.hidden_states[-1], out.logits
+        # float32 for the heads outside the VLM, also when it was loaded in bf16 (mllm.dtype) and runs
+        # without autocast.
+        return out.hidden_states[-1].float(), out.logits
 
     def pe(self) -> Tensor:
         return self.prompt_encoder.get_dense_pe()
@@ -333,7 +335,7 @@ class X2SamModel(nn.Module):
             rows = batch["generic_rows"]
             out["generic"] = self.generic(
                 feats[rows, 0].float(), self.pe(), high_res[0][rows, 0].float(),
-                [hidden[r][seg_pos[r]].float() for r in rows.nonzero()[:, 0]],
+                [hidden[r][seg_pos[r]] for r in rows.nonzero()[:, 0]],
             )  # fmt: skip
             seg_pos = seg_pos & ~rows[:, None]
         owner = seg_pos.nonzero()[:, 0]
@@ -350,12 +352,23 @@ class X2SamModel(nn.Module):
         ids = batch["input_ids"]
         feats, _ = self.encode_frames(batch)
         for _ in range(max_new_tokens):
-            step = {**batch, "input_ids": ids, "attention_mask": torch.ones_like(ids)}
-            nxt = self.run_mllm(step, feats)[1][:, -1].argmax(-1, keepdim=True)
+            nxt = self.run_mllm(continued(batch, ids), feats)[1][:, -1].argmax(-1, keepdim=True)
             ids = torch.cat([ids, nxt], 1)
             if nxt.item() == eos_id:
                 break
         return ids
+
+
+def continued(batch: dict[str, Tensor], ids: Tensor) -> dict[str, Tensor]:
+    """The one-row, unpadded batch with its `input_ids` continued to `ids`. The processor's per-token
+    inputs (the prompt's shape: Qwen-VL's mm_token_type_ids, from which its 3D rope positions come) mark the
+    new tokens as text (0), as transformers' generate does."""
+    prompt = batch["input_ids"]
+    out = {**batch, "input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    for k, v in batch.items():
+        if k.startswith("mllm.") and v.shape == prompt.shape:
+            out[k] = torch.cat([v, v.new_zeros(len(v), ids.shape[1] - prompt.shape[1])], 1)
+    return out
 
 
 def configure_trainable(model: X2SamModel, cfg: TrainConfig) -> None:

