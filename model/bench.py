@@ -11,10 +11,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
+import os
 import random
 import shutil
 import statistics
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -155,6 +158,18 @@ def summary(
     }  # fmt: skip
 
 
+def seed_config(a: argparse.Namespace, out: Path, seed: int, threads: int) -> TrainConfig:
+    return load_config(a.config, [f"out_dir={out / f'run-{seed}'}", f"seed={seed}", f"threads={threads}",
+                                  f"data.train=[{{path: {out / 'train'}}}]", f"data.val=[{{path: {out / 'val'}}}]",
+                                  f"optim.max_steps={a.steps}", "optim.max_seconds=0", *a.overrides])  # fmt: skip
+
+
+def timed_train(cfg: TrainConfig) -> tuple[Path, float]:
+    t = time.perf_counter()
+    ckpt = train(cfg)
+    return ckpt, round(time.perf_counter() - t, 1)
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="groundmill bench-train", description=__doc__.splitlines()[0])
     p.add_argument("--out", default="out/bench_train")
@@ -165,6 +180,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--val-videos", type=int, default=60)
     p.add_argument("--steps", type=int, default=1500, help="training steps per seed (a budget in work)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1),
+                   help="seeds trained at once, one CPU thread each (1: one after the other, on every thread)")  # fmt: skip
     p.add_argument("overrides", nargs="*", help="key.sub=value config overrides")
     a = p.parse_intermixed_args(argv)
     out = Path(a.out)
@@ -173,22 +190,21 @@ def main(argv: list[str] | None = None) -> None:
     write_split(out / "train", a.images, a.videos, seed=1)
     write_split(out / "val", a.val_images, a.val_videos, seed=2, held_out=True)
     print(f"synthetic shards written in {time.perf_counter() - t0:.1f}s", flush=True)
-    runs, info = [], {}
-    for seed in a.seeds:
-        cfg = load_config(a.config, [f"out_dir={out / f'run-{seed}'}", f"seed={seed}",
-                                     f"data.train=[{{path: {out / 'train'}}}]", f"data.val=[{{path: {out / 'val'}}}]",
-                                     f"optim.max_steps={a.steps}", "optim.max_seconds=0", *a.overrides])  # fmt: skip
-        if seed == a.seeds[0]:
-            items = held_out_items(cfg)
-            base = {name: scores({t: [it["baselines"][name] for it in g] for t, g in items.items()}, items)
-                    for name in BASELINES}  # fmt: skip
-        t1 = time.perf_counter()
-        ckpt = train(cfg)
-        runs.append({**model_scores(cfg, ckpt, items), "train_seconds": round(time.perf_counter() - t1, 1)})
+    threads = 1 if a.jobs > 1 else os.cpu_count() or 1
+    cfgs = [seed_config(a, out, seed, threads) for seed in a.seeds]
+    items = held_out_items(cfgs[0])
+    base = {name: scores({t: [it["baselines"][name] for it in g] for t, g in items.items()}, items)
+            for name in BASELINES}  # fmt: skip
+    # Seeds are independent: on a CPU machine they train side by side, one thread each (a step budget, so
+    # the figures do not depend on how many run at once; only the wall clock does).
+    with ProcessPoolExecutor(a.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+        trained = list(pool.map(timed_train, cfgs))
+    runs = []
+    for seed, cfg, (ckpt, seconds) in zip(a.seeds, cfgs, trained, strict=True):
+        runs.append({**model_scores(cfg, ckpt, items), "train_seconds": seconds})
         print(f"seed {seed}: {json.dumps(runs[-1])}", flush=True)
-        info = model_info(cfg, ckpt)
-    result = summary(runs, base, info, a.seeds)
-    result.update(steps=a.steps, targets={t: len(g) for t, g in items.items()},
+    result = summary(runs, base, model_info(cfgs[-1], trained[-1][0]), a.seeds)
+    result.update(steps=a.steps, jobs=a.jobs, targets={t: len(g) for t, g in items.items()},
                   total_seconds=round(time.perf_counter() - t0, 1))  # fmt: skip
     print(json.dumps(result))
 

@@ -93,6 +93,11 @@ class DecoderConfig:
     # (model/generic.py); 0 = off (one [SEG] -> one mask only).
     queries: int = 0
     generic_layers: int = 2
+    # What turns a referring / GCG [SEG] into its mask. "sam2": SAM2's mask decoder prompted by the [SEG]
+    # (Sa2VA, VideoLISA), frame by frame with the Mask Memory. "queries": X2SAM's way, the query head above
+    # (needs queries > 0): the [SEG] is the class embedding and the query that scores highest against it
+    # gives the mask; trained with its Hungarian-matched cls + BCE + Dice, per frame.
+    seg_head: str = "sam2"
 
 
 @dataclass
@@ -174,8 +179,12 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
         cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(overrides)))
     if cfg.precision not in ("auto", "bf16", "fp32"):
         raise ValueError(f"precision must be auto, bf16 or fp32, got {cfg.precision!r}")
-    if cfg.data.tasks.get("generic", 0) > 0 and cfg.decoder.queries < 1:
-        raise ValueError("data.tasks.generic needs the query head: set decoder.queries (e.g. 16)")
+    if cfg.decoder.seg_head not in ("sam2", "queries"):
+        raise ValueError(f"decoder.seg_head must be sam2 or queries, got {cfg.decoder.seg_head!r}")
+    for key, wanted in (("data.tasks.generic", cfg.data.tasks.get("generic", 0) > 0),
+                        ("decoder.seg_head=queries", cfg.decoder.seg_head == "queries")):  # fmt: skip
+        if wanted and cfg.decoder.queries < 1:
+            raise ValueError(f"{key} needs the query head: set decoder.queries (e.g. 16)")
     unknown = set(cfg.data.tasks) - set(TASKS)
     if unknown:
         raise ValueError(f"unknown task(s) {sorted(unknown)} in data.tasks; known: {TASKS}")

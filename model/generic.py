@@ -18,7 +18,9 @@ from groundmill.model.metrics import mask_ap
 
 
 class GenericHead(nn.Module):
-    """Queries -> (class logits over the row's categories + no-object, mask logits at stride 4)."""
+    """Queries -> (class logits over the row's categories + no-object, mask logits at stride 4). Over a clip
+    the queries attend to every frame at once, so one query is one object through time, with its motion
+    (Mask2Former-VIS); each frame's mask is that query's embedding against the frame's pixels."""
 
     def __init__(self, dim: int, hidden: int, queries: int, layers: int, heads: int):
         super().__init__()
@@ -34,17 +36,20 @@ class GenericHead(nn.Module):
         self.pixel = nn.Conv2d(dim, dim, 1)
 
     def forward(
-        self, feats: Tensor, pe: Tensor, fine: Tensor, categories: list[Tensor]
+        self, feats: Tensor, pe: Tensor, time: Tensor, fine: Tensor, categories: list[Tensor]
     ) -> list[tuple[Tensor, Tensor]]:
-        """feats (G,C,h,w) SAM2 embedding, pe (1,C,h,w), fine (G,C,H,W) the stride-4 FPN level, one
-        (C_r,hidden) category tensor per row -> per row (N,C_r+1) class logits, (N,H,W) mask logits."""
-        g = feats.shape[0]
-        memory = (feats + pe).flatten(2).transpose(1, 2)
+        """feats (G,T,C,h,w) SAM2 embeddings of G clips, pe (1,C,h,w), time (T,C) the frames' encoding,
+        fine (G,T,C,H,W) the stride-4 FPN level, one (C_r,hidden) category tensor per clip -> per clip
+        (N,C_r+1) class logits and (N,T,H,W) mask logits."""
+        g, t = feats.shape[:2]
+        memory = (feats + pe + time[..., None, None]).permute(0, 1, 3, 4, 2).flatten(1, 3)
         q = self.decoder(self.queries.weight.expand(g, -1, -1), memory)  # (G,N,C)
-        masks = torch.einsum("gnc,gchw->gnhw", self.mask_embed(q), self.pixel(fine))
+        pixels = self.pixel(fine.flatten(0, 1)).unflatten(0, (g, t))
+        masks = torch.einsum("gnc,gtchw->gnthw", self.mask_embed(q), pixels)
+        scored = self.class_embed(q)
         out = []
         for r, cats in enumerate(categories):
-            logits = self.class_embed(q[r]) @ self.category(cats).T / q.shape[-1] ** 0.5  # (N,C_r)
+            logits = scored[r] @ self.category(cats).T / q.shape[-1] ** 0.5  # (N,C_r)
             out.append((torch.cat([logits, self.no_object.expand(len(logits), 1)], 1), masks[r]))
         return out
 

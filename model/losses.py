@@ -36,36 +36,53 @@ def pairwise_costs(mask_logits: Tensor, target: Tensor) -> tuple[Tensor, Tensor]
 
 
 def generic_loss(outputs: list[tuple[Tensor, Tensor]], masks: Tensor, classes: Tensor, rows: Tensor,
-                 w: LossConfig) -> dict[str, Tensor]:  # fmt: skip
+                 w: LossConfig, referring: bool = False) -> dict[str, Tensor]:  # fmt: skip
     """X2SAM's generic head: Hungarian-matched cls + BCE + Dice (Mask2Former's matcher and criterion,
-    ``mask2former/modeling/matcher.py``, ``criterion.py``; scipy's linear_sum_assignment), averaged over rows. masks (K,S,S) instance targets, classes
-    (K,) category index within its row, rows (K,) their row among the generic rows."""
-    cls_l, bce_l, dice_l = [], [], []
+    ``mask2former/modeling/matcher.py``, ``criterion.py``; scipy's linear_sum_assignment), averaged over
+    rows. masks (K,S,S) instance targets, or (K,T,S,S) over a clip; classes (K,) category index within its
+    row; rows (K,) their row among the rows of `outputs`.
+
+    `referring`: each row is one [SEG] with at most one instance. The matching then reads the masks only (a
+    class cost lets one query claim every row before any query has learnt an object, and that query's mask
+    cannot follow the words), and a listwise term ranks the matched query first among all queries: the
+    per-query class loss alone barely tells the target from its look-alikes, which are "no object" at
+    weight `no_object`."""
+    cls_l, bce_l, dice_l, rank_l = [], [], [], []
     for r, (class_logits, mask_logits) in enumerate(outputs):
         mine = rows == r
-        target = F.interpolate(masks[mine][:, None].float(), size=mask_logits.shape[-2:], mode="area")[:, 0]
+        mine_masks = masks[mine].float()  # (K,S,S) or (K,T,S,S): frames are matched together
+        size = mask_logits.shape[-2:]
+        target = F.interpolate(mine_masks.flatten(0, -3)[:, None], size=size, mode="area").reshape(
+            *mine_masks.shape[:-2], *size
+        )
         target_cls = torch.full((len(class_logits),), class_logits.shape[1] - 1, device=class_logits.device)
         weight = torch.ones(class_logits.shape[1], device=class_logits.device)
         weight[-1] = w.no_object
         if len(target):
             bce, dice = pairwise_costs(mask_logits.float(), target)
-            cost = -class_logits.float().softmax(-1)[:, classes[mine]] * w.cls + bce * w.bce + dice * w.dice
+            cost = bce * w.bce + dice * w.dice
+            if not referring:
+                cost = cost - class_logits.float().softmax(-1)[:, classes[mine]] * w.cls
             q, k = (
                 torch.as_tensor(i, device=target.device) for i in linear_sum_assignment(cost.detach().cpu())
             )
             target_cls[q] = classes[mine][k]
             bce_l.append(F.binary_cross_entropy_with_logits(mask_logits[q].float(), target[k]))
             dice_l.append(dice_loss(mask_logits[q].float(), target[k]))
+            if referring:
+                rank_l.append(F.cross_entropy(class_logits[:, 0].float()[None], q))
         cls_l.append(F.cross_entropy(class_logits.float(), target_cls, weight=weight))
     zero = outputs[0][0].sum() * 0
     cls = torch.stack(cls_l).mean()
     bce = torch.stack(bce_l).mean() if bce_l else zero
     dice = torch.stack(dice_l).mean() if dice_l else zero
+    rank = torch.stack(rank_l).mean() if rank_l else zero
     return {
-        "loss": w.cls * cls + w.bce * bce + w.dice * dice,
+        "loss": w.cls * (cls + rank) + w.bce * bce + w.dice * dice,
         "cls": cls,
         "generic_bce": bce,
         "generic_dice": dice,
+        **({"rank": rank} if referring else {}),
     }
 
 
@@ -75,7 +92,14 @@ def total_loss(out: dict[str, Tensor], batch: dict[str, Tensor], w: LossConfig) 
     losses = {"ce": ce}
     total = w.ce * ce
     logits, target = out["mask_logits"].float(), batch["masks"]
-    if len(target):
+    if "seg_queries" in out:  # X2SAM's query head: each [SEG] is its own row's one category
+        rows = target.flatten(1).any(1).nonzero()[:, 0]  # an empty target: every query is no object
+        g = generic_loss(out["seg_queries"], target[rows], torch.zeros_like(rows), rows, w, referring=True)
+        total = total + g.pop("loss")
+        losses.update(
+            {"seg_cls": g["cls"], "seg_rank": g["rank"], "bce": g["generic_bce"], "dice": g["generic_dice"]}
+        )
+    elif len(target):
         losses["bce"] = F.binary_cross_entropy_with_logits(logits, target)
         losses["dice"] = dice_loss(logits, target)
         total = total + w.bce * losses["bce"] + w.dice * losses["dice"]

@@ -217,6 +217,7 @@ class X2SamModel(nn.Module):
         self.seg_dense = SegDensePrompt(dim, d.dense_hidden)
         self.memory = MaskMemory(dim, min(d.heads, dim // 8), d.memory_size)
         self.prompt_encoder, self.mask_decoder = sam_heads(dim, v, d)
+        self.seg_head = d.seg_head
         if d.queries:
             self.generic = GenericHead(dim, hidden, d.queries, d.generic_layers, min(d.heads, dim // 8))
         if v.checkpoint:
@@ -333,26 +334,61 @@ class X2SamModel(nn.Module):
         out = {"logits": logits}
         if "generic_rows" in batch:  # those rows' [SEG]s are class embeddings, not mask prompts
             rows = batch["generic_rows"]
-            out["generic"] = self.generic(
-                feats[rows, 0].float(), self.pe(), high_res[0][rows, 0].float(),
+            scored = self.query_decode(
                 [hidden[r][seg_pos[r]] for r in rows.nonzero()[:, 0]],
-            )  # fmt: skip
+                feats[rows, :1],
+                high_res[0][rows, :1],
+            )
+            out["generic"] = [(c, m[:, 0]) for c, m in scored]
             seg_pos = seg_pos & ~rows[:, None]
         owner = seg_pos.nonzero()[:, 0]
         if not len(owner):  # only generic rows
             out["mask_logits"] = feats.new_zeros(0, feats.shape[1], self.image_size, self.image_size)
             return out
+        if self.seg_head == "queries":
+            out["seg_queries"] = self.query_decode(
+                list(hidden[seg_pos][:, None]), feats[owner], high_res[0][owner]
+            )
+            out["mask_logits"] = self.selected_masks(out["seg_queries"])
+            return out
         seg = self.seg_proj(hidden[seg_pos]).float()
         out["mask_logits"] = self.decode(seg, feats[owner].float(), [m[owner].float() for m in high_res])
         return out
 
+    def query_decode(
+        self, categories: list[Tensor], feats: Tensor, fine: Tensor
+    ) -> list[tuple[Tensor, Tensor]]:
+        """X2SAM's query head over G clips: (G,T,C,h,w) frames, their (G,T,C,H,W) stride-4 maps and one
+        (C_r,hidden) tensor of [SEG] states per clip, its categories -> per clip (N,C_r+1) class logits
+        (the last: no object) and (N,T,H,W) mask logits of the N queries."""
+        time = sinusoid(torch.arange(feats.shape[1], device=feats.device), feats.shape[2])
+        return self.generic(feats.float(), self.pe(), time, fine.float(), categories)
+
+    def selected_masks(self, scored: list[tuple[Tensor, Tensor]]) -> Tensor:
+        """Each [SEG]'s masks through its clip: those of the query most likely to be its object (one query
+        for every frame, so the object keeps its identity), upsampled -> (Q,T,S,S)."""
+        best = torch.stack([m[c.softmax(-1)[:, 0].argmax()] for c, m in scored])
+        masks = F.interpolate(best, size=(self.image_size,) * 2, mode="bilinear", align_corners=False)
+        return masks
+
     @torch.no_grad()
     def generate(self, batch: dict[str, Tensor], max_new_tokens: int, eos_id: int) -> Tensor:
-        """Greedy continuation of `input_ids` (one row, no padding); returns the full id sequence."""
+        """Greedy continuation of `input_ids` (one row, no padding); returns the full id sequence. Slot
+        tokens (image placeholders, `<region>`, `<frame>`, `<sam2>`) are never generated: the VLM would
+        then look for features nobody gave it."""
         ids = batch["input_ids"]
         feats, _ = self.encode_frames(batch)
+        config = self.mllm.config
+        slots = [self.region_id, self.frame_id, self.sam2_id]
+        slots += [
+            getattr(config, k)
+            for k in ("image_token_id", "video_token_id")
+            if getattr(config, k, None) is not None
+        ]
         for _ in range(max_new_tokens):
-            nxt = self.run_mllm(continued(batch, ids), feats)[1][:, -1].argmax(-1, keepdim=True)
+            logits = self.run_mllm(continued(batch, ids), feats)[1][:, -1]
+            logits[:, slots] = float("-inf")
+            nxt = logits.argmax(-1, keepdim=True)
             ids = torch.cat([ids, nxt], 1)
             if nxt.item() == eos_id:
                 break

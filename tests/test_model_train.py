@@ -100,6 +100,28 @@ def test_sam2_tokens_carry_the_segmentation_encoder_into_the_vlm(shards, tmp_pat
         assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.sam2_proj.parameters())
 
 
+def test_generation_never_emits_a_slot_token(shards, tmp_path):
+    """A generated <image>, <sam2>, <frame> or <region> would ask the VLM for features nobody gave it."""
+    cfg = config(shards, tmp_path, "mllm.sam2_token_grid=2")
+    tok = trainer_processor(cfg)
+    model = build_model(cfg, tok).eval()
+    slots = [model.mllm.config.image_token_id, model.sam2_id, model.frame_id, model.region_id]
+    favour = model.mllm.lm_head.register_forward_hook(lambda m, i, out: out.index_add(
+        -1, torch.tensor(slots), torch.full((*out.shape[:-1], len(slots)), 1e4)))  # fmt: skip
+    frame = np.zeros((128, 128, 3), np.uint8)
+    row = {
+        "question": "please give a grounded caption of the image .",
+        "answer": "",
+        "frames": [frame],
+        "masks": [],
+    }
+    batch = data_module.collate([row], tok, model.slots)
+    ids = model.generate(batch, max_new_tokens=4, eos_id=-1)
+    favour.remove()
+    new = ids[0, batch["input_ids"].shape[1] :].tolist()
+    assert len(new) == 4 and not set(new) & set(slots)
+
+
 def test_sources_without_usable_annotations_fail_with_the_reason(tmp_path, monkeypatch):
     # Records with no objects, expressions or tracks (random-weight detectors find nothing, say).
     w = ShardWriter(tmp_path / "bare", name="bare-00000")
