@@ -263,7 +263,8 @@ def test_a_processor_with_a_chat_template_places_the_images_through_it(tmp_path)
     batch = collate([row], processor)
     words = processor.tokenizer.convert_ids_to_tokens(batch["input_ids"][0])
     assert words[:2] == ["user", ":"] and words[-7:] == ["assistant", ":", "it", "is", "[SEG]", ".", "[EOS]"]
-    assert words.count("<image>") == (64 // 8) ** 2  # the processor expanded the template's one placeholder
+    patches = (cfg.mllm.vision_image_size // cfg.mllm.vision_patch) ** 2
+    assert words.count("<image>") == patches  # the processor expanded the template's one placeholder
     with torch.no_grad():
         out = build_model(cfg, processor)(batch)
     assert out["mask_logits"].shape == (1, 1, 128, 128)
