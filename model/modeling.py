@@ -8,12 +8,15 @@ Data flow for a batch of B rows with T frames each (T = 1 for images):
     the VLM (model/mllm.py) sees the dense frames through its own vision tower and processor, the
     question, and filled slots: `<region>` <- RegionEncoder(visual prompt over SAM2 features) and, for
     videos, one `<frame>` per sparse frame <- pooled SAM2 features + a sinusoidal frame index (VideoLISA's
-    sparse-dense sampling, any clip length)
-    VLM hidden state at each `[SEG]` -> seg_proj -> sparse prompt tokens of SAM2's MaskDecoder; the first
+    sparse-dense sampling, any clip length), and with mllm.sam2_token_grid the `<sam2>` slots <- each dense
+    frame's pooled SAM2 embedding (X-SAM's segmentation projector, Sam2Projector)
+    decoder.seg_head=sam2: VLM hidden state at each `[SEG]` -> seg_proj -> sparse prompt tokens of SAM2's MaskDecoder; the first
     of them also makes the dense prompt (a per-pixel MLP over feature and [SEG], SegDensePrompt)
     per frame, in order: MaskMemory attends to a FIFO bank of past frames' mask features, then the
     decoder predicts the mask, its upscaling sharpened by the S/4, S/8 maps (SAM2's high-res path);
     the same [SEG] prompts every frame (One-Token-Seg-All, as in VideoLISA).
+    decoder.seg_head=queries (X2SAM): the query head's N queries attend to the whole clip; each `[SEG]`
+    scores them as a class embedding and the best query's masks are its masks (query_decode).
 """
 
 from __future__ import annotations
