@@ -96,7 +96,8 @@ class DecoderConfig:
     # What turns a referring / GCG [SEG] into its mask. "sam2": SAM2's mask decoder prompted by the [SEG]
     # (Sa2VA, VideoLISA), frame by frame with the Mask Memory. "queries": X2SAM's way, the query head above
     # (needs queries > 0): the [SEG] is the class embedding and the query that scores highest against it
-    # gives the mask; trained with its Hungarian-matched cls + BCE + Dice, per frame.
+    # gives the mask on every frame of the clip; trained by mask-only Hungarian matching with cls + BCE +
+    # Dice and a listwise rank loss over the queries (model/losses.py: generic_loss, referring=True).
     seg_head: str = "sam2"
 
 
