@@ -178,7 +178,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--videos", type=int, default=400)
     p.add_argument("--val-images", type=int, default=200)
     p.add_argument("--val-videos", type=int, default=60)
-    p.add_argument("--steps", type=int, default=2000, help="training steps per seed (a budget in work)")
+    p.add_argument("--steps", type=int, default=3000, help="training steps per seed (a budget in work)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--jobs", type=int, default=0,
                    help="seeds trained at once, sharing the CPU threads (default: every seed at once)")  # fmt: skip

@@ -12,7 +12,7 @@ from omegaconf import OmegaConf
 
 # Every task the data loader can make from a record (see model/tasks.py).
 # "generic" needs the query head (decoder.queries > 0), so it is off unless weighted.
-TASKS = ("referring", "gcg", "interactive", "vgd", "generic", "video_referring", "video_object")
+TASKS = ("referring", "semantic", "gcg", "interactive", "vgd", "generic", "video_referring", "video_object")
 
 
 @dataclass
@@ -89,6 +89,12 @@ class DecoderConfig:
     memory_size: int = 4  # Mask Memory FIFO length (past frames), X2SAM's num_maskmem
     seg_tokens: int = 2  # sparse prompt tokens each [SEG] hidden state is projected to
     dense_hidden: int = 128  # hidden width of the per-pixel [SEG] dense prompt MLP
+    # Self-attention layers among a frame's [SEG]-conditioned pixels, positions in the values, before
+    # SAM2's decoder (PixelRelations: lets a copy compare where it lies with the others); 0 = off.
+    relate_layers: int = 0
+    # Add the [SEG]-pixel dot product to SAM2's mask logits (SegPixelLogits): a direct path from the
+    # words to every pixel; off keeps SAM2's decoder as it is.
+    seg_pixel: bool = False
     # X2SAM's generic / open-vocabulary head: N mask queries classified against the category [SEG]s
     # (model/generic.py); 0 = off (one [SEG] -> one mask only).
     queries: int = 0

@@ -23,10 +23,11 @@ from groundmill.model.modeling import P_CLOSE, P_OPEN, PROMPT_TYPES, REGION, SEG
 from groundmill.model.records import Clip, mask_at
 from groundmill.schema import masklet_by_frame
 
-IMAGE_TASKS = ("referring", "gcg", "interactive", "vgd", "generic")
+IMAGE_TASKS = ("referring", "semantic", "gcg", "interactive", "vgd", "generic")
 VIDEO_TASKS = ("video_referring", "video_object")
 QUESTIONS = {
     "referring": "please segment {} .",
+    "semantic": "please segment {} .",  # LISA asks its semantic-segmentation rows as it asks referring ones
     "gcg": "please give a grounded caption of the image .",
     "interactive": "please segment {} .",
     "vgd": "please segment everything like {} .",
@@ -96,6 +97,20 @@ def referring_samples(record: dict, rng: random.Random, size: int, k: int) -> li
         }
         for expr, mask, answer in rows
     ]
+
+
+def semantic_samples(record: dict, rng: random.Random, size: int, k: int) -> list[dict]:
+    """Up to k rows of one image, each a label of its objects (any of an object's labels) whose target is
+    every object carrying it: LISA's semantic-segmentation data (one class name -> its whole mask) from the
+    engine's own labels. A class word then has to be seen in the pixels, whatever else the objects share."""
+    objects = [o for o in _objects_with_masks(record) if o.get("labels")]
+    labels = sorted({label for o in objects for label in o["labels"]})
+    rows = []
+    for label in rng.sample(labels, min(k, len(labels))):
+        masks = [mask_at(o["segmentation"], size) for o in objects if label in o["labels"]]
+        rows.append({"task": "semantic", "question": QUESTIONS["semantic"].format(label), "answer": ANSWER,
+                     "masks": [[np.logical_or.reduce(masks)]]})  # fmt: skip
+    return rows
 
 
 def gcg_phrases(record: dict, size: int) -> tuple[str, list[tuple[int, int]], list[np.ndarray]] | None:
@@ -234,6 +249,8 @@ def make_samples(record: dict, frames: list[np.ndarray] | Clip, task: str, rng: 
         )
     if task == "referring":
         rows = referring_samples(record, rng, size, cfg.targets_per_record)
+    elif task == "semantic":
+        rows = semantic_samples(record, rng, size, cfg.targets_per_record)
     else:
         make = {"gcg": gcg_sample, "generic": generic_sample}.get(task)
         row = make(record, rng, size) if make else prompt_sample(record, rng, size, task)

@@ -1,19 +1,23 @@
 """The trainer: config validation, loss falls, exact resume, engine-format shards, eval end to end."""
 
 import io
+import random
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
+from safetensors.torch import load_file
 
 from groundmill.model import data as data_module
 from groundmill.model.bench import TINY
-from groundmill.model.config import load_config
+from groundmill.model.config import TASKS, SourceConfig, load_config
 from groundmill.model.data import TaskBatches
 from groundmill.model.eval import evaluate
 from groundmill.model.mllm import make_processor
-from groundmill.model.synthetic import write_split
+from groundmill.model.records import eval_records, mask_at
+from groundmill.model.synthetic import SHAPES, write_split
+from groundmill.model.tasks import ANSWER, semantic_samples
 from groundmill.model.tokenizer import build_word_tokenizer, trainer_processor
 from groundmill.model.train import build_model, train
 from groundmill.model.train import main as train_main
@@ -45,6 +49,36 @@ def config(shards, out, *extra):
     )
 
 
+def test_semantic_rows_ask_for_every_object_carrying_a_label(shards):
+    """LISA's semantic-segmentation rows from engine labels: a shape word's target is every object of that
+    shape, whatever its colour; a full name's, every copy of the pair."""
+    record, frames = next(
+        (r, f) for r, f in eval_records([SourceConfig(path=str(shards / "train"))], 32)
+        if r["media"]["type"] == "image"
+    )  # fmt: skip
+    objects = record["objects"]
+    labels = {label for o in objects for label in o["labels"]}
+    rows = semantic_samples(record, random.Random(0), 32, k=len(labels) + 5)
+    assert len(rows) == len(labels)  # every label once, none invented
+    for row in rows:
+        label = row["question"].removeprefix("please segment ").removesuffix(" .")
+        expected = np.zeros((32, 32), bool)
+        for o in objects:
+            if label in o["labels"]:
+                expected |= mask_at(o["segmentation"], 32)
+        assert row["task"] == "semantic" and row["answer"] == ANSWER
+        np.testing.assert_array_equal(row["masks"][0][0], expected)
+    shapes = [r for r in rows if r["question"].split()[2] in SHAPES]
+    assert shapes and any(
+        len({o["attributes"][0] for o in objects if r["question"].split()[2] in o["labels"]}) > 1
+        for r in shapes
+    )  # a shape word spans colours: colour alone cannot answer it
+    only_semantic = [f"data.tasks.{t}=0" for t in TASKS if t != "semantic"]
+    cfg = load_config(TINY, [f"data.train=[{{path: {shards / 'train'}}}]", *FAST, *only_semantic])
+    batch = next(iter(TaskBatches(cfg, trainer_processor(cfg))))
+    assert batch["masks"].shape[0] == batch["input_ids"].shape[0] >= cfg.data.batch_size
+
+
 def test_non_positive_sizes_are_named():
     with pytest.raises(ValueError, match="data.targets_per_record"):
         load_config(None, ["data.targets_per_record=0"])
@@ -52,7 +86,8 @@ def test_non_positive_sizes_are_named():
 
 def test_referring_rows_share_one_encoded_image(shards, tmp_path):
     only_referring = [
-        f"data.tasks.{t}=0" for t in ("gcg", "interactive", "vgd", "video_referring", "video_object")
+        f"data.tasks.{t}=0"
+        for t in ("semantic", "gcg", "interactive", "vgd", "video_referring", "video_object")
     ]
     cfg = config(shards, tmp_path, "data.targets_per_record=3", *only_referring)
     tok = trainer_processor(cfg)
@@ -81,7 +116,8 @@ def test_sam2_tokens_carry_the_segmentation_encoder_into_the_vlm(shards, tmp_pat
     """X-SAM's segmentation projector: with a grid, each image's prompt has grid² <sam2> slots filled from
     SAM2's embedding, so the [SEG] state sees SAM2's features; without one, only the VLM's own tower."""
     only_referring = [
-        f"data.tasks.{t}=0" for t in ("gcg", "interactive", "vgd", "video_referring", "video_object")
+        f"data.tasks.{t}=0"
+        for t in ("semantic", "gcg", "interactive", "vgd", "video_referring", "video_object")
     ]
     cfg = config(shards, tmp_path, f"mllm.sam2_token_grid={grid}", *only_referring)
     tok = trainer_processor(cfg)
@@ -98,6 +134,34 @@ def test_sam2_tokens_carry_the_segmentation_encoder_into_the_vlm(shards, tmp_pat
     if grid:
         hidden[seg].sum().backward()
         assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.sam2_proj.parameters())
+
+
+def test_pixel_relations_and_seg_pixel_logits_train_on_images_and_videos(shards, tmp_path):
+    """decoder.relate_layers: the conditioned pixels attend to each other, positions in the values (the
+    identity at init, so the decoder starts as SAM2's); decoder.seg_pixel: the [SEG]-pixel dot product
+    joins SAM2's mask logits. Both train, on image rows and on video clips frame by frame."""
+    cfg = config(shards, tmp_path, "decoder.relate_layers=1", "decoder.seg_pixel=true", "optim.max_steps=3",
+                 "data.tasks={semantic: 0, gcg: 0, interactive: 0, vgd: 0, video_object: 0}")  # fmt: skip
+    model = build_model(cfg, trainer_processor(cfg))
+    x = torch.randn(2, model.vision.dim, 8, 8)
+    torch.testing.assert_close(model.relate(x, model.pe()), x)
+    for block in model.relate.layers.layers:  # as after training: a pixel now reads the others
+        torch.nn.init.normal_(block.self_attn.out_proj.weight, std=0.1)
+    far = x.clone()
+    far[:, :, -1, -1] += torch.randn(model.vision.dim)  # not a constant: LayerNorm would remove it
+    assert not torch.allclose(
+        model.relate(x, model.pe())[:, :, 0, 0], model.relate(far, model.pe())[:, :, 0, 0]
+    )
+    seg = torch.randn(2, model.vision.dim)
+    logits = model.seg_pixel(x, seg, (32, 32))
+    assert logits.shape == (2, 1, 32, 32) and not torch.allclose(logits, model.seg_pixel(x, -seg, (32, 32)))
+    ckpt = train(cfg)
+    assert np.isfinite(list(losses(tmp_path).values())).all()
+    trained = load_file(ckpt / "model.safetensors")
+    fresh = build_model(cfg, trainer_processor(cfg)).state_dict()
+    for part in ("relate.", "seg_pixel."):
+        keys = [k for k in trained if k.startswith(part)]
+        assert keys and any(not torch.equal(trained[k], fresh[k]) for k in keys), part
 
 
 def test_generation_never_emits_a_slot_token(shards, tmp_path):

@@ -64,7 +64,7 @@ def test_clip_decodes_only_the_asked_frames_at_training_size(tmp_path):
 
 def test_a_video_longer_than_64_frames_trains_and_evaluates_on_every_frame(tmp_path):
     long_video_output(tmp_path / "long")
-    only_video = [f"data.tasks.{t}=0" for t in ("referring", "gcg", "interactive", "vgd")]
+    only_video = [f"data.tasks.{t}=0" for t in ("referring", "semantic", "gcg", "interactive", "vgd")]
     cfg = load_config(TINY, [f"out_dir={tmp_path / 'run'}", f"data.train=[{{path: {tmp_path / 'long'}}}]",
                              f"data.val=[{{path: {tmp_path / 'long'}}}]", *FAST, *only_video, "data.video_batch_size=1",
                              "optim.max_steps=1"])  # fmt: skip

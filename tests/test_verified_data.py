@@ -342,7 +342,10 @@ def test_the_trainer_trains_on_hard_negatives_from_engine_shards(tmp_path):
             key, buf.getvalue(), "jpg", rec, {"uri": f"{seed}.jpg", "status": "ok", "media_type": "image"}
         )
     writer.commit()
-    others = [f"data.tasks.{t}=0" for t in ("gcg", "interactive", "vgd", "video_referring", "video_object")]
+    others = [
+        f"data.tasks.{t}=0"
+        for t in ("semantic", "gcg", "interactive", "vgd", "video_referring", "video_object")
+    ]
     cfg = load_config(TINY, [f"out_dir={tmp_path / 'run'}", f"data.train=[{{path: {tmp_path / 'engine'}}}]",
                              *FAST, *others, "data.batch_size=2", "optim.max_steps=2"])  # fmt: skip
     processor = trainer_processor(cfg)
