@@ -364,7 +364,7 @@ class X2SamModel(nn.Module):
         out = []
         for i in range(t):
             x = self.memory(feats[:, i], pe, bank, i)
-            x = x + self.seg_dense(x, seg[:, 0])
+            x = x + self.seg_dense(x, seg[:, 0])  # SAM2's decoder would add it as the dense prompt: same sum
             if self.relate is not None:
                 x = self.relate(x, pe)
             logits = dec(
