@@ -1,4 +1,4 @@
-"""Shared by the trainer's tests: quick training overrides, the losses a run logged, and shards written
+"""Shared by the trainer's tests: quick training overrides, task mixes, the losses a run logged, and shards written
 the way the engine writes them."""
 
 import io
@@ -8,6 +8,7 @@ import av
 import numpy as np
 from PIL import Image
 
+from groundmill.model.config import TASKS
 from groundmill.schema import content_key, encode_mask, mask_bbox, new_record
 from groundmill.shards import ShardWriter
 
@@ -19,6 +20,12 @@ FAST = [
     "log_every=1",
     "threads=2",
 ]
+
+
+def only_tasks(*keep: str) -> list[str]:
+    """Overrides that weigh every task but `keep` 0 (those keep their config weights): a task added
+    later stays out of a test that names its mix."""
+    return [f"data.tasks.{t}=0" for t in TASKS if t not in keep]
 
 
 def losses(out):

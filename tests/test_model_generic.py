@@ -51,7 +51,7 @@ def test_category_map_is_per_category_coco_ap():
 def test_generic_head_trains_on_object_labels_and_reports_mask_ap(tmp_path):
     write_split(tmp_path / "train", images=12, videos=2, seed=5)
     write_split(tmp_path / "val", images=3, videos=1, seed=6)
-    tasks = "data.tasks={referring: 1, gcg: 0, interactive: 0, vgd: 0, generic: 2, video_referring: 0, video_object: 0}"
+    tasks = "data.tasks={referring: 1, semantic: 0, gcg: 0, interactive: 0, vgd: 0, generic: 2, video_referring: 0, video_object: 0}"
     cfg = load_config(TINY, [f"out_dir={tmp_path / 'run'}", f"data.train=[{{path: {tmp_path / 'train'}}}]",
                              f"data.val=[{{path: {tmp_path / 'val'}}}]", *FAST, tasks, "decoder.queries=8",
                              "optim.max_steps=3"])  # fmt: skip
@@ -66,7 +66,7 @@ def test_query_seg_head_gives_each_seg_the_query_that_scores_highest_against_it(
     write_split(tmp_path / "val", images=3, videos=1, seed=6)
     with pytest.raises(ValueError, match="decoder.seg_head=queries needs the query head"):
         load_config(TINY, ["decoder.seg_head=queries"])
-    tasks = "data.tasks={referring: 1, gcg: 1, interactive: 1, vgd: 0, video_referring: 1, video_object: 0}"
+    tasks = "data.tasks={referring: 1, semantic: 0, gcg: 1, interactive: 1, vgd: 0, video_referring: 1, video_object: 0}"
     cfg = load_config(TINY, [f"out_dir={tmp_path / 'run'}", f"data.train=[{{path: {tmp_path / 'train'}}}]",
                              f"data.val=[{{path: {tmp_path / 'val'}}}]", *FAST, tasks, "decoder.queries=8",
                              "decoder.seg_head=queries", "optim.max_steps=3"])  # fmt: skip

@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 
 from groundmill.model import data as data_module
 from groundmill.model.bench import TINY
-from groundmill.model.config import TASKS, SourceConfig, load_config
+from groundmill.model.config import SourceConfig, load_config
 from groundmill.model.data import TaskBatches
 from groundmill.model.eval import evaluate
 from groundmill.model.mllm import make_processor
@@ -23,7 +23,7 @@ from groundmill.model.train import build_model, train
 from groundmill.model.train import main as train_main
 from groundmill.schema import content_key, new_record
 from groundmill.shards import ShardWriter
-from groundmill.tests.model_fixtures import FAST, engine_like_output, losses
+from groundmill.tests.model_fixtures import FAST, engine_like_output, losses, only_tasks
 
 # Small and quick: batches of 4 images / 2 videos of 4 frames.
 
@@ -73,8 +73,7 @@ def test_semantic_rows_ask_for_every_object_carrying_a_label(shards):
         len({o["attributes"][0] for o in objects if r["question"].split()[2] in o["labels"]}) > 1
         for r in shapes
     )  # a shape word spans colours: colour alone cannot answer it
-    only_semantic = [f"data.tasks.{t}=0" for t in TASKS if t != "semantic"]
-    cfg = load_config(TINY, [f"data.train=[{{path: {shards / 'train'}}}]", *FAST, *only_semantic])
+    cfg = load_config(TINY, [f"data.train=[{{path: {shards / 'train'}}}]", *FAST, *only_tasks("semantic")])
     batch = next(iter(TaskBatches(cfg, trainer_processor(cfg))))
     assert batch["masks"].shape[0] == batch["input_ids"].shape[0] >= cfg.data.batch_size
 
@@ -85,10 +84,7 @@ def test_non_positive_sizes_are_named():
 
 
 def test_referring_rows_share_one_encoded_image(shards, tmp_path):
-    only_referring = [
-        f"data.tasks.{t}=0"
-        for t in ("semantic", "gcg", "interactive", "vgd", "video_referring", "video_object")
-    ]
+    only_referring = only_tasks("referring")
     cfg = config(shards, tmp_path, "data.targets_per_record=3", *only_referring)
     tok = trainer_processor(cfg)
     batch = next(iter(TaskBatches(cfg, tok)))
@@ -115,10 +111,7 @@ def test_referring_rows_share_one_encoded_image(shards, tmp_path):
 def test_sam2_tokens_carry_the_segmentation_encoder_into_the_vlm(shards, tmp_path, grid):
     """X-SAM's segmentation projector: with a grid, each image's prompt has grid² <sam2> slots filled from
     SAM2's embedding, so the [SEG] state sees SAM2's features; without one, only the VLM's own tower."""
-    only_referring = [
-        f"data.tasks.{t}=0"
-        for t in ("semantic", "gcg", "interactive", "vgd", "video_referring", "video_object")
-    ]
+    only_referring = only_tasks("referring")
     cfg = config(shards, tmp_path, f"mllm.sam2_token_grid={grid}", *only_referring)
     tok = trainer_processor(cfg)
     batch = next(iter(TaskBatches(cfg, tok)))
@@ -141,7 +134,7 @@ def test_pixel_relations_and_seg_pixel_logits_train_on_images_and_videos(shards,
     identity at init, so the decoder starts as SAM2's); decoder.seg_pixel: the [SEG]-pixel dot product
     joins SAM2's mask logits. Both train, on image rows and on video clips frame by frame."""
     cfg = config(shards, tmp_path, "decoder.relate_layers=1", "decoder.seg_pixel=true", "optim.max_steps=3",
-                 "data.tasks={semantic: 0, gcg: 0, interactive: 0, vgd: 0, video_object: 0}")  # fmt: skip
+                 *only_tasks("referring", "video_referring"))  # fmt: skip
     model = build_model(cfg, trainer_processor(cfg))
     x = torch.randn(2, model.vision.dim, 8, 8)
     torch.testing.assert_close(model.relate(x, model.pe()), x)
@@ -222,7 +215,7 @@ def test_loss_falls(shards, tmp_path):
             tmp_path,
             "optim.max_steps=30",
             "optim.lr=2e-3",
-            "data.tasks={gcg: 0, interactive: 0, vgd: 0, video_object: 0}",
+            *only_tasks("referring", "video_referring"),
         )
     )
     log = losses(tmp_path)

@@ -18,7 +18,7 @@ from groundmill.model.tokenizer import trainer_processor
 from groundmill.model.train import build_model, train
 from groundmill.schema import content_key, encode_mask, new_record
 from groundmill.shards import ShardWriter
-from groundmill.tests.model_fixtures import FAST
+from groundmill.tests.model_fixtures import FAST, only_tasks
 
 LONG = 80  # longer than the 64-frame table the trainer used to have
 
@@ -64,7 +64,7 @@ def test_clip_decodes_only_the_asked_frames_at_training_size(tmp_path):
 
 def test_a_video_longer_than_64_frames_trains_and_evaluates_on_every_frame(tmp_path):
     long_video_output(tmp_path / "long")
-    only_video = [f"data.tasks.{t}=0" for t in ("referring", "semantic", "gcg", "interactive", "vgd")]
+    only_video = only_tasks("video_referring", "video_object")
     cfg = load_config(TINY, [f"out_dir={tmp_path / 'run'}", f"data.train=[{{path: {tmp_path / 'long'}}}]",
                              f"data.val=[{{path: {tmp_path / 'long'}}}]", *FAST, *only_video, "data.video_batch_size=1",
                              "optim.max_steps=1"])  # fmt: skip

@@ -325,7 +325,7 @@ def test_the_trainer_trains_on_hard_negatives_from_engine_shards(tmp_path):
     from groundmill.model.train import train
     from groundmill.schema import content_key, new_record
     from groundmill.shards import ShardWriter
-    from groundmill.tests.model_fixtures import FAST
+    from groundmill.tests.model_fixtures import FAST, only_tasks
 
     writer = ShardWriter(tmp_path / "engine", name="engine-00000")
     for seed in range(2):
@@ -342,12 +342,8 @@ def test_the_trainer_trains_on_hard_negatives_from_engine_shards(tmp_path):
             key, buf.getvalue(), "jpg", rec, {"uri": f"{seed}.jpg", "status": "ok", "media_type": "image"}
         )
     writer.commit()
-    others = [
-        f"data.tasks.{t}=0"
-        for t in ("semantic", "gcg", "interactive", "vgd", "video_referring", "video_object")
-    ]
     cfg = load_config(TINY, [f"out_dir={tmp_path / 'run'}", f"data.train=[{{path: {tmp_path / 'engine'}}}]",
-                             *FAST, *others, "data.batch_size=2", "optim.max_steps=2"])  # fmt: skip
+                             *FAST, *only_tasks("referring"), "data.batch_size=2", "optim.max_steps=2"])  # fmt: skip
     processor = trainer_processor(cfg)
     batch = next(iter(TaskBatches(cfg, processor)))
     seg = processor.tokenizer.convert_tokens_to_ids("[SEG]")
