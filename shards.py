@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import tarfile
 import time
 import uuid
@@ -231,6 +232,22 @@ def clean_uncommitted(out_dir: str | os.PathLike) -> list[Path]:
             tar.unlink(missing_ok=True)
             removed.append(tar)
     return removed
+
+
+SCRATCH_MARKER = ".groundmill-scratch"  # written into every folder a bench or the loop owns
+
+
+def fresh_scratch_dir(path: str | os.PathLike) -> Path:
+    """An empty folder for a bench or `make loop` to rebuild from scratch. A folder is cleared only if it
+    is empty or holds the marker a previous call wrote: a mistyped `--out` naming someone's data fails
+    instead of being deleted."""
+    folder = Path(path)
+    if folder.exists() and not (folder / SCRATCH_MARKER).is_file() and any(folder.iterdir()):
+        raise SystemExit(f"{folder}: not empty and not a groundmill scratch folder; name an empty or new one")
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    (folder / SCRATCH_MARKER).write_text("made by groundmill; cleared and rebuilt by the next run here\n")
+    return folder
 
 
 def _tar_holds(tar: Path, members: int) -> bool:

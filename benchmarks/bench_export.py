@@ -17,7 +17,6 @@ import copy
 import io
 import json
 import resource
-import shutil
 import subprocess
 import sys
 import time
@@ -29,7 +28,7 @@ from PIL import Image
 from groundmill.pipeline.export import FORMATS
 from groundmill.pipeline.export.common import iter_samples
 from groundmill.schema import STATUS_OK, content_key
-from groundmill.shards import ShardWriter
+from groundmill.shards import ShardWriter, fresh_scratch_dir
 
 
 def _perturbed_jpeg(data: bytes, copy_index: int) -> bytes:
@@ -110,7 +109,7 @@ def main(argv: list[str] | None = None) -> None:
         _export_once(*a.one)
         return
     work = Path(a.work)
-    shutil.rmtree(work, ignore_errors=True)
+    fresh_scratch_dir(work)
     samples = write_copies(Path(a.source), work / "copies", a.copies)
     results = []
     for fmt in FORMATS:

@@ -40,6 +40,7 @@ from typing import Any
 from groundmill.benchmarks.cluster import gpu_figures, loopback_cluster, planner_two_vs_one, segment_overrides
 from groundmill.benchmarks.measure import make_inputs, run_baseline_measured, run_child, run_pipeline_measured
 from groundmill.benchmarks.writer import sink_cpu_per_sample, writer_vs_disk
+from groundmill.shards import fresh_scratch_dir
 
 BOUND_TOLERANCE = 1.02  # pipeline_vs_ideal above this: the "ideal" is no bound, and the bench fails
 # GranD's level-1 image stages in manifests/bench.yaml (level 2: captions, grounding; 3: scene graph).
@@ -208,8 +209,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     work = Path(args.work).resolve()
-    shutil.rmtree(work, ignore_errors=True)
-    work.mkdir(parents=True)
+    fresh_scratch_dir(work)
     skip = set(filter(None, args.skip.split(",")))
     start = time.perf_counter()
     r: dict[str, Any] = {"n": args.n, "repeats": args.repeats, "manifest": args.manifest, "cpus": os.cpu_count(),

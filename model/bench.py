@@ -14,7 +14,6 @@ import json
 import multiprocessing
 import os
 import random
-import shutil
 import statistics
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -30,6 +29,7 @@ from groundmill.model.synthetic import COLOURS, HELD_OUT, SHAPES, write_split
 from groundmill.model.tasks import ANSWER, QUESTIONS, video_rows
 from groundmill.model.train import setup_device, train
 from groundmill.schema import masklet_by_frame
+from groundmill.shards import fresh_scratch_dir
 
 TINY = Path(__file__).resolve().parent.parent / "manifests" / "train_tiny.yaml"
 BASELINES = ("all_objects", "colour_only", "shape_only", "colour_shape_oracle")
@@ -185,7 +185,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("overrides", nargs="*", help="key.sub=value config overrides")
     a = p.parse_intermixed_args(argv)
     out = Path(a.out)
-    shutil.rmtree(out, ignore_errors=True)  # always from scratch
+    fresh_scratch_dir(out)  # always from scratch
     t0 = time.perf_counter()
     write_split(out / "train", a.images, a.videos, seed=1)
     write_split(out / "val", a.val_images, a.val_videos, seed=2, held_out=True)

@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import random
-import shutil
 import statistics
 import time
 from pathlib import Path
@@ -43,7 +42,7 @@ from groundmill.model.tasks import ANSWER, QUESTIONS, referring_targets
 from groundmill.model.train import build_model, load_checkpoint, make_optimizer, save_checkpoint, train
 from groundmill.pipeline.cli import main as groundmill
 from groundmill.schema import STATUS_OK, content_key, decode_mask, mask_bbox
-from groundmill.shards import SHARDS_DIR, ShardWriter, iter_shard
+from groundmill.shards import SHARDS_DIR, ShardWriter, fresh_scratch_dir, iter_shard
 
 TINY = Path(__file__).resolve().parent.parent / "manifests" / "train_tiny.yaml"
 NAMES = [f"{c} {s}" for c, s in ALL_KINDS]  # the closed vocabulary the engine asks of every image
@@ -218,7 +217,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("overrides", nargs="*", help="key.sub=value trainer config overrides")
     a = p.parse_intermixed_args(argv)
     root = Path(a.out)
-    shutil.rmtree(root, ignore_errors=True)  # always from scratch
+    fresh_scratch_dir(root)  # always from scratch
     start = time.perf_counter()
     write_split(root / "seed_set", a.seed_images, 0, seed=11)
     write_split(root / "heldout", a.heldout_images, 0, seed=13)

@@ -9,10 +9,12 @@ import webdataset as wds
 from groundmill.schema import INDEX_SCHEMA, content_key
 from groundmill.shards import (
     INDEX_DIR,
+    SCRATCH_MARKER,
     SHARDS_DIR,
     ShardWriter,
     TarAppender,
     clean_uncommitted,
+    fresh_scratch_dir,
     iter_shard,
     read_index,
 )
@@ -123,3 +125,16 @@ def test_unsafe_tar_members_are_refused(tmp_path, name):
         tar.addfile(member, io.BytesIO(b"x"))
     with pytest.raises(ValueError, match="unsafe member"):
         list(iter_shard(path))
+
+
+def test_scratch_dir_is_cleared_only_if_groundmill_made_it(tmp_path):
+    scratch = fresh_scratch_dir(tmp_path / "bench")
+    (scratch / "old.json").write_text("{}")
+    assert list(fresh_scratch_dir(scratch).iterdir()) == [scratch / SCRATCH_MARKER]  # its own: rebuilt
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "photo.jpg").write_bytes(b"someone's file")
+    with pytest.raises(SystemExit, match="not a groundmill scratch folder"):
+        fresh_scratch_dir(data)
+    assert (data / "photo.jpg").read_bytes() == b"someone's file"
+    assert (fresh_scratch_dir(tmp_path / "empty") / SCRATCH_MARKER).is_file()
