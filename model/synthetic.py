@@ -2,7 +2,8 @@
 
 Images: one colour-shape pair appears 2-3 times, next to an object sharing its colour and one sharing
 its shape, on a noisy background; each object has a true mask, a referring expression and a phrase of a
-grounded dense caption. A repeated pair's copies are told apart only by a relation that holds for that
+grounded dense caption, and the record's hard negatives name the absent pairs that share a word with a
+present one. A repeated pair's copies are told apart only by a relation that holds for that
 copy alone (leftmost, largest, above the blue square...), so the colour and shape words do not suffice.
 Videos: 8+ frames of 3-4 shapes moving in straight lines (bouncing off the borders), one pair twice with
 different motions ("the red circle moving left"); in about half the videos the two copies are aimed at
@@ -235,7 +236,19 @@ def frame_annotations(shapes: list[Shape], masks: list[np.ndarray], rng: random.
         "referring_expressions": refs,
         "dense_caption": {"caption": caption, "details": details},
         "gcg": {"caption": caption, "groundings": groundings},
+        "negatives": hard_negatives(shapes),
     }
+
+
+def hard_negatives(shapes: list[Shape]) -> list[str]:
+    """The absent pairs a present object shares a colour or a shape with: SAM 3's hard negatives, the
+    names a model that reads one word of two would find. Training pairs only, so no split names a
+    HELD_OUT pair, even as absent."""
+    present = {(s.colour, s.shape) for s in shapes}
+    return [
+        f"{c} {s}" for c, s in TRAIN_KINDS
+        if (c, s) not in present and any(c == pc or s == ps for pc, ps in present)
+    ]  # fmt: skip
 
 
 def make_image(rng: random.Random, held_out: bool = False) -> tuple[bytes, dict]:

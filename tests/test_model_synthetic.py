@@ -10,7 +10,7 @@ from PIL import Image
 
 from groundmill.media import probe_video
 from groundmill.model.records import decode_video, load, mask_at
-from groundmill.model.synthetic import COLOURS, SHAPES, write_split
+from groundmill.model.synthetic import COLOURS, HELD_OUT, SHAPES, write_split
 from groundmill.schema import check_record, decode_mask, encode_mask
 from groundmill.shards import iter_shard, read_index
 from groundmill.tests.media_factory import h264
@@ -60,6 +60,18 @@ def test_a_third_of_expressions_need_colour_and_shape_together(samples):
             total += 1
             assert colour in ref["expression"] and shape in ref["expression"]
     assert hard / total >= 1 / 3
+
+
+def test_hard_negatives_are_every_absent_training_pair_sharing_a_word(samples):
+    images = [r for r, _ in samples if r["media"]["type"] == "image"]
+    for r in images:
+        present = {tuple(o["labels"][0].split()) for o in r["objects"]}
+        expected = {
+            f"{c} {s}" for c in COLOURS for s in SHAPES
+            if (c, s) not in present and (c, s) not in HELD_OUT and any(c == pc or s == ps for pc, ps in present)
+        }  # fmt: skip
+        assert set(r["negatives"]) == expected and len(r["negatives"]) == len(expected)
+    assert sum(len(r["negatives"]) for r in images) >= 2 * len(images)
 
 
 def test_videos_move_and_sometimes_overlap(samples):
