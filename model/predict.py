@@ -9,12 +9,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch import Tensor
 from transformers import PreTrainedTokenizerBase, ProcessorMixin
 
 from groundmill.model.config import TrainConfig
 from groundmill.model.data import collate
 from groundmill.model.mllm import load_processor
 from groundmill.model.modeling import P_CLOSE, P_OPEN, SEG, X2SamModel, continued
+from groundmill.model.tasks import ANSWER, NO_TARGET_ANSWER
 from groundmill.model.train import build_model, load_checkpoint
 
 
@@ -25,12 +27,29 @@ def load_for_eval(cfg: TrainConfig, ckpt: str | Path) -> tuple[X2SamModel, Proce
     return model.eval(), processor
 
 
-@torch.no_grad()
 def predict(model: X2SamModel, samples: list[dict], processor: ProcessorMixin, cfg: TrainConfig,
             device: torch.device) -> list[np.ndarray]:  # fmt: skip
-    """Teacher-forced mask logits for task samples: one float (Q,T,S,S) array per sample. A batch holds
-    one frame count, in the training batch size of its modality."""
-    out: list[np.ndarray | None] = [None] * len(samples)
+    """Teacher-forced mask logits for task samples: one float (Q,T,S,S) array per sample."""
+    return [masks for masks, _ in predict_present(model, samples, processor, cfg, device)]
+
+
+def presence(logits: Tensor, labels: Tensor, tok: PreTrainedTokenizerBase) -> list[float]:
+    """Per row, the probability that the model answers as if its text were there ("it is [SEG]") rather
+    than "there is none" (model/tasks.py NO_TARGET_ANSWER, trained on hard negatives: GRES's no-target
+    expressions): the two answers' first tokens, compared where the answer starts."""
+    yes, no = (tok(a, add_special_tokens=False)["input_ids"][0] for a in (ANSWER, NO_TARGET_ANSWER))
+    start = (labels != -100).int().argmax(1)  # the first answer token of each row
+    at = logits[torch.arange(len(labels)), start - 1]  # the logits that predict it
+    return at[:, [yes, no]].float().softmax(-1)[:, 0].tolist()
+
+
+@torch.no_grad()
+def predict_present(model: X2SamModel, samples: list[dict], processor: ProcessorMixin, cfg: TrainConfig,
+                    device: torch.device) -> list[tuple[np.ndarray, float]]:  # fmt: skip
+    """Teacher-forced mask logits for task samples, one float (Q,T,S,S) array per sample, each with the
+    model's presence probability (`presence`). A batch holds one frame count, in the training batch size
+    of its modality."""
+    out: list[tuple[np.ndarray, float] | None] = [None] * len(samples)
     by_frames: dict[int, list[int]] = defaultdict(list)
     for i, s in enumerate(samples):
         by_frames[len(s["frames"])].append(i)
@@ -41,10 +60,12 @@ def predict(model: X2SamModel, samples: list[dict], processor: ProcessorMixin, c
             rows = [samples[i] for i in chunk]
             batch = collate(rows, processor, model.slots)
             batch = {k: v.to(device) for k, v in batch.items()}
-            masks = model(batch)["mask_logits"].float().cpu().numpy()
+            result = model(batch)
+            masks = result["mask_logits"].float().cpu().numpy()
+            present = presence(result["logits"], batch["labels"], processor.tokenizer)
             counts = (batch["input_ids"] == model.seg_id).sum(1).tolist()
-            for i, m in zip(chunk, np.split(masks, np.cumsum(counts)[:-1]), strict=True):
-                out[i] = m
+            for i, m, p in zip(chunk, np.split(masks, np.cumsum(counts)[:-1]), present, strict=True):
+                out[i] = (m, p)
     return out
 
 

@@ -5,7 +5,8 @@ Each text is asked as the trainer's referring question ("please segment {text} .
 model/tasks.py) through `model.predict.predict`, all texts of an image in one batch over one encoding.
 A mask is the model's probability above `mask_threshold`, resized to the stored image; its `score` is
 the mean probability inside it (X2SAM has no IoU head here), and masks below `min_score` or empty are
-not kept. They are written beside SAM2's, never over them (`x2sam`, one entry per text, each with its
+not kept, nor those of a text the model says is not there: a checkpoint trained on hard negatives answers
+"there is none" for them, and a presence probability under `min_presence` drops the mask. They are written beside SAM2's, never over them (`x2sam`, one entry per text, each with its
 own `segmentation_source`); the `prefer_masks` stage (stages/prefer_masks.py) swaps them in where a
 verifier's score says SAM2's mask is worse.
 """
@@ -88,6 +89,7 @@ class X2SamSegmentation(Stage):
         phrases: list[str] = field(default_factory=list)  # asked of every image (a closed vocabulary)
         mask_threshold: float = 0.5  # on the mask probability
         min_score: float = 0.5  # a mask whose mean probability is lower is not kept
+        min_presence: float = 0.5  # P("it is [SEG]" over "there is none"), model.predict.presence
 
         def __post_init__(self) -> None:
             unknown = set(self.sources) - set(SOURCES)
@@ -126,16 +128,19 @@ class X2SamSegmentation(Stage):
         ]
 
     def process(self, samples: list[Sample]) -> None:
-        from groundmill.model.predict import predict
+        from groundmill.model.predict import predict_present
 
         p = self.params
         asked = [(view, queries(view.record, p.sources, p.phrases)) for view in views_of(samples)]
         rows = [row for view, qs in asked for row in self._rows(view, [q.text for q in qs])]
-        logits = iter(predict(self.model, rows, self.processor, self.cfg, self.device) if rows else [])
+        found = iter(predict_present(self.model, rows, self.processor, self.cfg, self.device) if rows else [])
         for view, qs in asked:
             entries = []
             for q in qs:
-                prob = 1 / (1 + np.exp(-next(logits)[0, 0]))
+                logits, present = next(found)
+                if present < p.min_presence:
+                    continue
+                prob = 1 / (1 + np.exp(-logits[0, 0]))
                 entry = mask_entry(q, prob, view.image.size, p.mask_threshold)
                 if entry and entry["score"] >= p.min_score:
                     entries.append(entry)

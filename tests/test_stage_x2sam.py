@@ -14,9 +14,9 @@ import torch
 from PIL import Image
 
 from groundmill.model.config import load_config
-from groundmill.model.predict import load_for_eval, predict
+from groundmill.model.predict import load_for_eval, predict_present, presence
 from groundmill.model.synthetic import write_split
-from groundmill.model.tasks import ANSWER, QUESTIONS
+from groundmill.model.tasks import ANSWER, NO_TARGET_ANSWER, QUESTIONS
 from groundmill.model.train import train
 from groundmill.schema import check_record, decode_mask, encode_mask
 from groundmill.shards import SHARDS_DIR, iter_shard
@@ -65,22 +65,25 @@ def test_x2sam_masks_are_the_checkpoints_predictions_at_image_size(checkpoint, t
     frames = [np.asarray(sample.image(0).resize((size, size)))]
     rows = [{"question": QUESTIONS["referring"].format(q.text), "answer": ANSWER,
              "masks": [[np.zeros((size, size), np.float32)]], "frames": frames} for q in asked]  # fmt: skip
-    probs = [
-        1 / (1 + np.exp(-logits[0, 0]))
-        for logits in predict(model, rows, processor, cfg, torch.device("cpu"))
-    ]
-    # A threshold the checkpoint's probabilities cross: a 2-step model's may all lie below 0.5.
+    found = predict_present(model, rows, processor, cfg, torch.device("cpu"))
+    probs = [1 / (1 + np.exp(-logits[0, 0])) for logits, _ in found]
+    present = [p for _, p in found]
+    # A threshold the checkpoint's probabilities cross: a 2-step model's may all lie below 0.5; and a
+    # presence bar some texts miss, so the gate is seen to drop them.
     threshold = float(np.quantile(np.stack(probs), 0.9))
+    min_presence = float(np.median(present))
     params = X2SamSegmentation.Params(
-        sources=sources, phrases=phrases, mask_threshold=threshold, min_score=0.0
+        sources=sources, phrases=phrases, mask_threshold=threshold, min_score=0.0, min_presence=min_presence
     )
     stage = X2SamSegmentation(params, ModelSpec(id=str(checkpoint), device="cpu"))
     stage.setup()
     stage.process([sample])
     expected = {
         q.text: np.asarray(Image.fromarray(p > threshold).resize((96, 80), Image.NEAREST))
-        for q, p in zip(asked, probs, strict=True)
+        for q, p, there in zip(asked, probs, present, strict=True)
+        if there >= min_presence
     }
+    assert len(expected) < len(asked)  # the presence gate dropped some texts
     entries = {e["text"]: e for e in sample.record["x2sam"]}
     assert entries, "no text got a mask: the comparison below would test nothing"
     assert entries.keys() == {t for t, m in expected.items() if m.any()}
@@ -89,6 +92,18 @@ def test_x2sam_masks_are_the_checkpoints_predictions_at_image_size(checkpoint, t
         assert entry["segmentation_source"] == "x2sam" and threshold <= entry["score"] <= 1.0
     assert check_record(sample.record) == []
     assert stage.provenance()["checkpoint_step"] == 2
+
+
+def test_presence_compares_the_two_answers_first_tokens_where_the_answer_starts(checkpoint):
+    tok = load_for_eval(load_config(checkpoint / "config.yaml"), checkpoint)[1].tokenizer
+    yes, no = (tok(a, add_special_tokens=False)["input_ids"][0] for a in (ANSWER, NO_TARGET_ANSWER))
+    labels = torch.full((2, 6), -100)
+    labels[0, 3:], labels[1, 2:5] = 7, 7  # answers start at positions 3 and 2
+    logits = torch.zeros(2, 6, len(tok))
+    logits[0, 2, yes], logits[1, 1, no] = 3.0, 3.0  # row 0 says "it is", row 1 "there is none"
+    logits[0, 1, no], logits[1, 2, yes] = 9.0, 9.0  # off by one: must not be read
+    p = presence(logits, labels, tok)
+    assert p[0] == pytest.approx(1 / (1 + np.exp(-3.0))) and p[1] == pytest.approx(1 / (1 + np.exp(3.0)))
 
 
 def _frame(scores: list[float | None]) -> dict:
