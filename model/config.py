@@ -92,6 +92,9 @@ class DecoderConfig:
     # Self-attention layers among a frame's [SEG]-conditioned pixels, positions in the values, before
     # SAM2's decoder (PixelRelations: lets a copy compare where it lies with the others); 0 = off.
     relate_layers: int = 0
+    # Consecutive frames whose pixels relate at once (a space-time window: motion, "moving left"); 1 =
+    # each frame alone. A clip longer than the window is related window by window.
+    relate_frames: int = 1
     # Add the [SEG]-pixel dot product to SAM2's mask logits (SegPixelLogits): a direct path from the
     # words to every pixel; off keeps SAM2's decoder as it is.
     seg_pixel: bool = False
@@ -195,6 +198,8 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
     unknown = set(cfg.data.tasks) - set(TASKS)
     if unknown:
         raise ValueError(f"unknown task(s) {sorted(unknown)} in data.tasks; known: {TASKS}")
+    if cfg.decoder.relate_frames < 1:
+        raise ValueError(f"decoder.relate_frames must be at least 1, got {cfg.decoder.relate_frames}")
     for key in (
         "batch_size",
         "video_batch_size",

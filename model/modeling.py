@@ -11,10 +11,10 @@ Data flow for a batch of B rows with T frames each (T = 1 for images):
     sparse-dense sampling, any clip length), and with mllm.sam2_token_grid the `<sam2>` slots <- each dense
     frame's pooled SAM2 embedding (X-SAM's segmentation projector, Sam2Projector)
     decoder.seg_head=sam2: VLM hidden state at each `[SEG]` -> seg_proj -> sparse prompt tokens of SAM2's MaskDecoder; the first
-    of them also makes the dense prompt (a per-pixel MLP over feature and [SEG], SegDensePrompt)
-    per frame, in order: MaskMemory attends to a FIFO bank of past frames' mask features, the
-    conditioned pixels optionally attend to each other (decoder.relate_layers, PixelRelations), then the
-    decoder predicts the mask, its upscaling sharpened by the S/4, S/8 maps (SAM2's high-res path),
+    of them also makes the dense prompt (a per-pixel MLP over feature and [SEG], SegDensePrompt);
+    the conditioned pixels optionally attend to each other (decoder.relate_layers, PixelRelations), those
+    of decoder.relate_frames consecutive frames at once; then per frame, in order: MaskMemory attends
+    to a FIFO bank of past frames' mask features, the decoder predicts the mask, its upscaling sharpened by the S/4, S/8 maps (SAM2's high-res path),
     optionally plus the [SEG]-pixel dot product (decoder.seg_pixel, SegPixelLogits);
     the same [SEG] prompts every frame (One-Token-Seg-All, as in VideoLISA).
     decoder.seg_head=queries (X2SAM): the query head's N queries attend to the whole clip; each `[SEG]`
@@ -170,11 +170,14 @@ class PixelRelations(nn.Module):
     positions out of the values, so a pixel of one copy cannot compare where it lies with where the other
     copies lie ("the leftmost red circle"). Zero-init outputs: starts as the identity."""
 
-    def __init__(self, dim: int, heads: int, layers: int):
+    def __init__(self, dim: int, heads: int, layers: int, window: int = 1):
         super().__init__()
+        self.window = window
         self.pos = nn.Conv2d(dim, dim, 1)
-        nn.init.zeros_(self.pos.weight)
-        nn.init.zeros_(self.pos.bias)
+        self.time = nn.Linear(dim, dim)  # a frame's place in its window, beside its pixels' positions
+        for proj in (self.pos, self.time):
+            nn.init.zeros_(proj.weight)
+            nn.init.zeros_(proj.bias)
         layer = nn.TransformerEncoderLayer(
             dim, heads, dim * 4, dropout=0.0, batch_first=True, norm_first=True
         )
@@ -185,10 +188,18 @@ class PixelRelations(nn.Module):
                 nn.init.zeros_(out.bias)
 
     def forward(self, x: Tensor, pe: Tensor) -> Tensor:
-        """(Q,C,h,w) conditioned embedding, (1,C,h,w) positional encoding -> (Q,C,h,w)."""
-        q, c, h, w = x.shape
-        tokens = (x + self.pos(pe)).flatten(2).transpose(1, 2)
-        return self.layers(tokens).transpose(1, 2).reshape(q, c, h, w)
+        """(Q,T,C,h,w) conditioned embeddings of a clip, (1,C,h,w) positional encoding -> (Q,T,C,h,w).
+        The pixels of `window` consecutive frames attend to each other at once, so a copy can also see
+        where it lies in the other frames ("moving left"); window 1 relates each frame alone."""
+        q, t, c, h, w = x.shape
+        out = []
+        for start in range(0, t, self.window):
+            clip = x[:, start : start + self.window]
+            when = self.time(sinusoid(torch.arange(clip.shape[1], device=x.device), c))[:, :, None, None]
+            tokens = (clip + self.pos(pe)[:, None] + when).permute(0, 1, 3, 4, 2).flatten(1, 3)
+            y = self.layers(tokens).unflatten(1, (clip.shape[1], h, w)).permute(0, 1, 4, 2, 3)
+            out.append(y)
+        return torch.cat(out, 1)
 
 
 class SegPixelLogits(nn.Module):
@@ -269,7 +280,9 @@ class X2SamModel(nn.Module):
         self.seg_dense = SegDensePrompt(dim, d.dense_hidden)
         heads = min(d.heads, dim // 8)
         self.seg_pixel = SegPixelLogits(dim) if d.seg_pixel else None
-        self.relate = PixelRelations(dim, heads, d.relate_layers) if d.relate_layers else None
+        self.relate = (
+            PixelRelations(dim, heads, d.relate_layers, d.relate_frames) if d.relate_layers else None
+        )
         self.memory = MaskMemory(dim, heads, d.memory_size)
         self.prompt_encoder, self.mask_decoder = sam_heads(dim, v, d)
         self.seg_head = d.seg_head
@@ -362,11 +375,14 @@ class X2SamModel(nn.Module):
         dec = self.mask_decoder
         bank: list[tuple[Tensor, int]] = []
         out = []
+        # SAM2's decoder would add the dense prompt to the image embedding: the same sum, made here so the
+        # relations see it. Then the Mask Memory, frame by frame in order.
+        dense = torch.stack([self.seg_dense(feats[:, i], seg[:, 0]) for i in range(t)], 1)
+        conditioned = feats + dense
+        if self.relate is not None:
+            conditioned = self.relate(conditioned, pe)
         for i in range(t):
-            x = self.memory(feats[:, i], pe, bank, i)
-            x = x + self.seg_dense(x, seg[:, 0])  # SAM2's decoder would add it as the dense prompt: same sum
-            if self.relate is not None:
-                x = self.relate(x, pe)
+            x = self.memory(conditioned[:, i], pe, bank, i)
             logits = dec(
                 image_embeddings=x,
                 image_pe=pe,

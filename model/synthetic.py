@@ -2,8 +2,8 @@
 
 Images: one colour-shape pair appears 2-3 times, next to an object sharing its colour and one sharing
 its shape, on a noisy background; each object has a true mask, a referring expression and a phrase of a
-grounded dense caption, and the record's hard negatives name the absent pairs that share a word with a
-present one. A repeated pair's copies are told apart only by a relation that holds for that
+grounded dense caption (optionally, hard negatives: the absent pairs that share a word with a present
+one). A repeated pair's copies are told apart only by a relation that holds for that
 copy alone (leftmost, largest, above the blue square...), so the colour and shape words do not suffice.
 Videos: 8+ frames of 3-4 shapes moving in straight lines (bouncing off the borders), one pair twice with
 different motions ("the red circle moving left"); in about half the videos the two copies are aimed at
@@ -196,7 +196,8 @@ def caption_with_spans(names: list[str], ids: list[int]) -> tuple[str, list[tupl
     return caption + " .", spans
 
 
-def frame_annotations(shapes: list[Shape], masks: list[np.ndarray], rng: random.Random) -> dict:
+def frame_annotations(shapes: list[Shape], masks: list[np.ndarray], rng: random.Random,
+                      negatives: bool = False) -> dict:  # fmt: skip
     """The per-image record fields: objects, referring expressions, dense caption and GCG form."""
     objects, refs = [], []
     for i, (s, m) in enumerate(zip(shapes, masks, strict=True)):
@@ -231,13 +232,13 @@ def frame_annotations(shapes: list[Shape], masks: list[np.ndarray], rng: random.
         }
         for p, a, b, oid in spans
     ]
-    return {
+    fields = {
         "objects": objects,
         "referring_expressions": refs,
         "dense_caption": {"caption": caption, "details": details},
         "gcg": {"caption": caption, "groundings": groundings},
-        "negatives": hard_negatives(shapes),
     }
+    return {**fields, "negatives": hard_negatives(shapes)} if negatives else fields
 
 
 def hard_negatives(shapes: list[Shape]) -> list[str]:
@@ -251,14 +252,14 @@ def hard_negatives(shapes: list[Shape]) -> list[str]:
     ]  # fmt: skip
 
 
-def make_image(rng: random.Random, held_out: bool = False) -> tuple[bytes, dict]:
+def make_image(rng: random.Random, held_out: bool = False, negatives: bool = False) -> tuple[bytes, dict]:
     while True:
         shapes = place(
             pick_kinds(rng, held_out, rng.randint(2, 3), 1 if held_out else rng.randint(0, 1)), rng
         )
         rng.shuffle(shapes)  # the repeated pair's copies are not always first
         img, masks = render(shapes, rng, rng.randint(20, 90))
-        fields = frame_annotations(shapes, masks, rng)
+        fields = frame_annotations(shapes, masks, rng, negatives)
         if fields:
             break
     buf = io.BytesIO()
@@ -360,10 +361,12 @@ def make_video(rng: random.Random, num_frames: int = 8, held_out: bool = False) 
 
 
 def write_split(out_dir: str | Path, images: int, videos: int, seed: int, per_shard: int = 250,
-                held_out: bool = False) -> None:  # fmt: skip
+                held_out: bool = False, negatives: bool = False) -> None:  # fmt: skip
     """Write `images` image samples and `videos` video samples as shards of at most `per_shard`, images
     and videos in shards of their own (one media extension per shard, as the engine writes them): a
-    training split without the HELD_OUT pairs, or (`held_out`) a compositional split built on them."""
+    training split without the HELD_OUT pairs, or (`held_out`) a compositional split built on them.
+    `negatives`: images also carry their hard negatives (the trainer then asks a third of its referring
+    questions about absent pairs, answered "there is none")."""
     rng = random.Random(seed)
     jobs = ["image"] * images + ["video"] * videos
     for start in range(0, len(jobs), per_shard):
@@ -374,7 +377,9 @@ def write_split(out_dir: str | Path, images: int, videos: int, seed: int, per_sh
         for n, kind in enumerate(jobs[start : start + per_shard], start):
             writer = writers[kind]
             data, fields = (
-                make_image(rng, held_out) if kind == "image" else make_video(rng, held_out=held_out)
+                make_image(rng, held_out, negatives)
+                if kind == "image"
+                else make_video(rng, held_out=held_out)
             )
             ext = "png" if kind == "image" else "mp4"
             key = content_key(data)
@@ -411,8 +416,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--videos", type=int, default=200)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--held-out", action="store_true", help="the compositional split (HELD_OUT pairs)")
+    p.add_argument("--negatives", action="store_true", help="images carry their hard negatives")
     a = p.parse_intermixed_args(argv)
-    write_split(a.out_dir, a.images, a.videos, a.seed, held_out=a.held_out)
+    write_split(a.out_dir, a.images, a.videos, a.seed, held_out=a.held_out, negatives=a.negatives)
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ from groundmill.tests.media_factory import h264
 @pytest.fixture(scope="module")
 def samples(tmp_path_factory):
     out = tmp_path_factory.mktemp("synthetic")
-    write_split(out, images=60, videos=16, seed=3, per_shard=40)
+    write_split(out, images=60, videos=16, seed=3, per_shard=40, negatives=True)
     index = read_index(out).to_pylist()
     assert len(index) == 76 and all(r["status"] == "ok" for r in index)
     found = []
@@ -62,7 +62,7 @@ def test_a_third_of_expressions_need_colour_and_shape_together(samples):
     assert hard / total >= 1 / 3
 
 
-def test_hard_negatives_are_every_absent_training_pair_sharing_a_word(samples):
+def test_hard_negatives_are_every_absent_training_pair_sharing_a_word(samples, tmp_path):
     images = [r for r, _ in samples if r["media"]["type"] == "image"]
     for r in images:
         present = {tuple(o["labels"][0].split()) for o in r["objects"]}
@@ -72,6 +72,10 @@ def test_hard_negatives_are_every_absent_training_pair_sharing_a_word(samples):
         }  # fmt: skip
         assert set(r["negatives"]) == expected and len(r["negatives"]) == len(expected)
     assert sum(len(r["negatives"]) for r in images) >= 2 * len(images)
+    write_split(tmp_path, images=3, videos=0, seed=3)  # by default, none: the bench's mix
+    assert not any(
+        "negatives" in json.loads(f["json"]) for _, f in iter_shard(next(tmp_path.glob("*/*.tar")))
+    )
 
 
 def test_videos_move_and_sometimes_overlap(samples):

@@ -81,6 +81,8 @@ def test_semantic_rows_ask_for_every_object_carrying_a_label(shards):
 def test_non_positive_sizes_are_named():
     with pytest.raises(ValueError, match="data.targets_per_record"):
         load_config(None, ["data.targets_per_record=0"])
+    with pytest.raises(ValueError, match="decoder.relate_frames"):
+        load_config(None, ["decoder.relate_frames=0"])
 
 
 def test_referring_rows_share_one_encoded_image(shards, tmp_path):
@@ -131,23 +133,30 @@ def test_sam2_tokens_carry_the_segmentation_encoder_into_the_vlm(shards, tmp_pat
 
 def test_pixel_relations_and_seg_pixel_logits_train_on_images_and_videos(shards, tmp_path):
     """decoder.relate_layers: the conditioned pixels attend to each other, positions in the values (the
-    identity at init, so the decoder starts as SAM2's); decoder.seg_pixel: the [SEG]-pixel dot product
-    joins SAM2's mask logits. Both train, on image rows and on video clips frame by frame."""
-    cfg = config(shards, tmp_path, "decoder.relate_layers=1", "decoder.seg_pixel=true", "optim.max_steps=3",
-                 *only_tasks("referring", "video_referring"))  # fmt: skip
+    identity at init, so the decoder starts as SAM2's), those of decoder.relate_frames consecutive frames
+    at once; decoder.seg_pixel: the [SEG]-pixel dot product joins SAM2's mask logits. Both train, on
+    image rows and on video clips."""
+    cfg = config(shards, tmp_path, "decoder.relate_layers=1", "decoder.relate_frames=2", "decoder.seg_pixel=true",
+                 "optim.max_steps=3", *only_tasks("referring", "video_referring"))  # fmt: skip
     model = build_model(cfg, trainer_processor(cfg))
-    x = torch.randn(2, model.vision.dim, 8, 8)
+    x = torch.randn(2, 3, model.vision.dim, 8, 8)  # 3 frames: windows [0, 1] and [2]
     torch.testing.assert_close(model.relate(x, model.pe()), x)
     for block in model.relate.layers.layers:  # as after training: a pixel now reads the others
         torch.nn.init.normal_(block.self_attn.out_proj.weight, std=0.1)
-    far = x.clone()
-    far[:, :, -1, -1] += torch.randn(model.vision.dim)  # not a constant: LayerNorm would remove it
-    assert not torch.allclose(
-        model.relate(x, model.pe())[:, :, 0, 0], model.relate(far, model.pe())[:, :, 0, 0]
-    )
+
+    def corner_sees(frame: int) -> bool:
+        """Does pixel (0, 0) of frame 0 change when the far corner of `frame` does?"""
+        far = x.clone()
+        far[:, frame, :, -1, -1] += torch.randn(model.vision.dim)  # not a constant: LayerNorm would remove it
+        y, y_far = model.relate(x, model.pe()), model.relate(far, model.pe())
+        return not torch.allclose(y[:, 0, :, 0, 0], y_far[:, 0, :, 0, 0])
+
+    assert corner_sees(0) and corner_sees(1) and not corner_sees(2)
     seg = torch.randn(2, model.vision.dim)
-    logits = model.seg_pixel(x, seg, (32, 32))
-    assert logits.shape == (2, 1, 32, 32) and not torch.allclose(logits, model.seg_pixel(x, -seg, (32, 32)))
+    logits = model.seg_pixel(x[:, 0], seg, (32, 32))
+    assert logits.shape == (2, 1, 32, 32) and not torch.allclose(
+        logits, model.seg_pixel(x[:, 0], -seg, (32, 32))
+    )
     ckpt = train(cfg)
     assert np.isfinite(list(losses(tmp_path).values())).all()
     trained = load_file(ckpt / "model.safetensors")
