@@ -2,11 +2,12 @@
 record's referring expressions and GCG phrases, every object's label, and a fixed list of phrases.
 
 Each text is asked as the trainer's referring question ("please segment {text} ." -> "it is [SEG] .",
-model/tasks.py) through `model.predict.predict`, all texts of an image in one batch over one encoding.
-A mask is the model's probability above `mask_threshold`, resized to the stored image; its `score` is
-the mean probability inside it (X2SAM has no IoU head here), and masks below `min_score` or empty are
-not kept, nor those of a text the model says is not there: a checkpoint trained on hard negatives answers
-"there is none" for them, and a presence probability under `min_presence` drops the mask. They are written beside SAM2's, never over them (`x2sam`, one entry per text, each with its
+model/tasks.py) through `model.predict.predict_present`, all texts of an image in one batch over one
+encoding. A mask is the model's probability above `mask_threshold`, resized to the stored image; its
+`score` is the mean probability inside it (X2SAM has no IoU head here), and masks below `min_score` or
+empty are not kept, nor those of a text the model says is not there: a checkpoint trained on hard
+negatives answers "there is none" for them, and a presence probability under `min_presence` drops the
+mask. They are written beside SAM2's, never over them (`x2sam`, one entry per text, each with its
 own `segmentation_source`); the `prefer_masks` stage (stages/prefer_masks.py) swaps them in where a
 verifier's score says SAM2's mask is worse.
 """
