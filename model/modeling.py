@@ -14,7 +14,8 @@ Data flow for a batch of B rows with T frames each (T = 1 for images):
     of them also makes the dense prompt (a per-pixel MLP over feature and [SEG], SegDensePrompt);
     the conditioned pixels optionally attend to each other (decoder.relate_layers, PixelRelations), those
     of decoder.relate_frames consecutive frames at once; then per frame, in order: MaskMemory attends
-    to a FIFO bank of past frames' mask features, the decoder predicts the mask, its upscaling sharpened by the S/4, S/8 maps (SAM2's high-res path),
+    to a FIFO bank of past frames' mask features, the decoder predicts the mask, its upscaling sharpened
+    by the S/4, S/8 maps (SAM2's high-res path),
     optionally plus the [SEG]-pixel dot product (decoder.seg_pixel, SegPixelLogits);
     the same [SEG] prompts every frame (One-Token-Seg-All, as in VideoLISA).
     decoder.seg_head=queries (X2SAM): the query head's N queries attend to the whole clip; each `[SEG]`
@@ -192,13 +193,14 @@ class PixelRelations(nn.Module):
         The pixels of `window` consecutive frames attend to each other at once, so a copy can also see
         where it lies in the other frames ("moving left"); window 1 relates each frame alone."""
         q, t, c, h, w = x.shape
+        places = torch.arange(min(t, self.window), device=x.device)
+        # Where a pixel lies and when, computed once for every window: (1,window,C,h,w).
+        where = self.pos(pe)[:, None] + self.time(sinusoid(places, c))[:, :, None, None]
         out = []
         for start in range(0, t, self.window):
             clip = x[:, start : start + self.window]
-            when = self.time(sinusoid(torch.arange(clip.shape[1], device=x.device), c))[:, :, None, None]
-            tokens = (clip + self.pos(pe)[:, None] + when).permute(0, 1, 3, 4, 2).flatten(1, 3)
-            y = self.layers(tokens).unflatten(1, (clip.shape[1], h, w)).permute(0, 1, 4, 2, 3)
-            out.append(y)
+            tokens = (clip + where[:, : clip.shape[1]]).permute(0, 1, 3, 4, 2).flatten(1, 3)
+            out.append(self.layers(tokens).unflatten(1, (clip.shape[1], h, w)).permute(0, 1, 4, 2, 3))
         return torch.cat(out, 1)
 
 
