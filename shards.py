@@ -82,30 +82,71 @@ def index_table(rows: list[dict[str, Any]]) -> pa.Table:
     return pa.table(columns, schema=INDEX_SCHEMA)
 
 
+def _member_info(name: str, size: int, mtime: float) -> tarfile.TarInfo:
+    info = tarfile.TarInfo(name)
+    info.size, info.mtime, info.mode, info.uname, info.gname = size, mtime, 0o444, "bigdata", "bigdata"
+    return info
+
+
+def _tar_header_slow(name: str, size: int, mtime: float) -> bytes:
+    return _member_info(name, size, mtime).tobuf(tarfile.PAX_FORMAT, tarfile.ENCODING, "surrogateescape")
+
+
+# tarfile's header of a member with an empty name, zero size and time, and the checksum field blank:
+# every other field is as tarfile (this Python's version of it) writes them.
+_HEADER = bytearray(_tar_header_slow("", 0, 0))
+_HEADER[148:156] = b" " * 8
+_OCTAL_11 = 8**11  # an 11-digit octal field holds less than this
+
+
+def tar_header(name: str, size: int, mtime: float) -> bytes:
+    """tarfile's header block(s) for a member (`TarInfo.tobuf`, PAX format, as TarAppender sets them).
+
+    A short ASCII name with an integer size and time (every sample member) needs one plain ustar
+    block: the template above with name, size, mtime and checksum filled in, 5x faster than tarfile
+    (19 us a member, a fifth of raw disk time for a 256 KB payload). Anything else asks tarfile."""
+    raw = name.encode("ascii", "ignore")
+    if len(raw) != len(name) or len(raw) > 100 or not isinstance(mtime, int) or not 0 <= mtime < _OCTAL_11:
+        return _tar_header_slow(name, size, mtime)
+    if not 0 <= size < _OCTAL_11:
+        return _tar_header_slow(name, size, mtime)
+    header = _HEADER.copy()
+    header[: len(raw)] = raw
+    header[124:136] = b"%011o\0" % size
+    header[136:148] = b"%011o\0" % mtime
+    header[148:155] = b"%06o\0" % sum(header)
+    return bytes(header)
+
+
 class TarAppender:
     """Tar members appended straight to a file: the bytes webdataset's TarWriter writes (tarfile's
-    stream mode `w|`: PAX headers, mode 0o444, owner `bigdata`, members of a sample in sorted
+    stream mode `w|`: PAX format, mode 0o444, owner `bigdata`, members of a sample in sorted
     extension order, two zero blocks and padding to a 10 KiB record at the end), without the stream
-    mode's 10 KiB re-buffering, which copies every payload many times (a third of raw disk speed)."""
+    mode's 10 KiB re-buffering, which copies every payload many times (a third of raw disk speed).
+
+    Each sample's time is whole seconds, as tar keeps it: the float TarWriter stamps costs every
+    member an extended PAX header (1 KiB, and twice the header work). A sample's small parts
+    (headers, padding, small payloads) go out in one write, a large payload in a write of its own."""
+
+    BIG = 64 * 1024  # payloads from this size are written alone rather than copied into the batch
 
     def __init__(self, f: Any, mtime: float | None = None):
         self.f, self.mtime = f, mtime  # mtime: fixed for reproducible tars, else each sample's time
 
     def add_sample(self, key: str, members: dict[str, bytes]) -> None:
-        mtime = time.time() if self.mtime is None else self.mtime
+        mtime = int(time.time()) if self.mtime is None else self.mtime
+        small = bytearray()
         for ext in sorted(members):
             data = members[ext]
-            info = tarfile.TarInfo(f"{key}.{ext}")
-            info.size, info.mtime, info.mode, info.uname, info.gname = (
-                len(data),
-                mtime,
-                0o444,
-                "bigdata",
-                "bigdata",
-            )
-            self.f.write(info.tobuf(tarfile.PAX_FORMAT, tarfile.ENCODING, "surrogateescape"))
-            self.f.write(data)
-            self.f.write(tarfile.NUL * (-len(data) % tarfile.BLOCKSIZE))
+            small += tar_header(f"{key}.{ext}", len(data), mtime)
+            if len(data) >= self.BIG:
+                self.f.write(small)
+                self.f.write(data)
+                small.clear()
+            else:
+                small += data
+            small += tarfile.NUL * (-len(data) % tarfile.BLOCKSIZE)
+        self.f.write(small)
 
     def close(self) -> None:
         self.f.write(tarfile.NUL * (2 * tarfile.BLOCKSIZE))

@@ -119,7 +119,7 @@ def _write_raw(path: Path, payload: bytes, n: int, shard_mb: int) -> tuple[int, 
     return n * len(payload), seconds
 
 
-def writer_vs_disk(folder: Path, total_mb: int = 128, shard_mb: int = 32, repeats: int = 3) -> dict[str, Any]:
+def writer_vs_disk(folder: Path, total_mb: int = 128, shard_mb: int = 32, repeats: int = 5) -> dict[str, Any]:
     """ShardWriter vs raw write + fsync, interleaved `repeats` times on the same disk."""
     folder.mkdir(parents=True, exist_ok=True)
     payload = (

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import math
 import os
+import subprocess
+import sys
 
 import pytest
 
@@ -106,3 +108,19 @@ def test_long_lived_pools_take_max_actors_only_when_all_fit():
     assert roomy["tagging"] == 2 and roomy["landmark"] == 1
     assert tight["tagging"] == cfg.stages["tagging"].resources.min_actors == 1
     assert "voting" not in roomy  # model-free stages run as tasks
+
+
+def test_the_driver_caps_malloc_arenas_unless_the_user_set_them():
+    """pipeline.run.limit_malloc_arenas in a fresh process: set on glibc, left alone when
+    MALLOC_ARENA_MAX already says how many."""
+    code = "from groundmill.pipeline.run import limit_malloc_arenas; print(limit_malloc_arenas())"
+    env = {k: v for k, v in os.environ.items() if k != "MALLOC_ARENA_MAX"}
+
+    def run(extra: dict[str, str]) -> str:
+        done = subprocess.run(
+            [sys.executable, "-c", code], env=env | extra, capture_output=True, text=True, check=True
+        )
+        return done.stdout.strip()
+
+    assert run({}) == "True"
+    assert run({"MALLOC_ARENA_MAX": "4"}) == "False"

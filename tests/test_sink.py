@@ -17,6 +17,7 @@ from groundmill.shards import (
     fresh_scratch_dir,
     iter_shard,
     read_index,
+    tar_header,
 )
 
 
@@ -46,26 +47,43 @@ def test_shard_round_trips_through_webdataset(tmp_path):
     assert rows[-1]["error"] == "load: empty file"
 
 
-@pytest.mark.parametrize("sizes", [(0, 2), (511, 512), (513, 10_000), (300_000, 7)])
-def test_tar_appender_writes_the_bytes_of_webdatasets_tar_writer(sizes):
-    """The shard writer appends tar members itself (no stream-mode re-buffering): byte for byte what
-    webdataset's TarWriter writes, for payloads at and around the 512-byte block size."""
+@pytest.mark.parametrize("mtime", [1_700_000_000, 1.7e9])  # whole seconds (what samples get), a float
+@pytest.mark.parametrize("sizes", [(0, 2), (511, 512), (513, 10_000), (300_000, 7), (65_536, 70_000)])
+def test_tar_appender_writes_the_bytes_of_webdatasets_tar_writer(sizes, mtime):
+    """The shard writer appends tar members itself (no stream-mode re-buffering, its own headers):
+    byte for byte what webdataset's TarWriter writes, for payloads at and around the 512-byte block
+    size and the size from which a payload is written alone."""
     members = [{"jpg": b"j" * sizes[0], "json": b"{}"}, {"mp4": b"m" * sizes[1], "json": b'{"a":1}'}]
-    keys = ["ab" * 8, "cd" * 8]
+    keys = ["ab" * 8, "cd" * 32]
     expected = io.BytesIO()
-    writer = wds.TarWriter(expected, encoder=False, mtime=1.7e9)
+    writer = wds.TarWriter(expected, encoder=False, mtime=mtime)
     for key, files in zip(keys, members, strict=True):
         writer.write({"__key__": key, **files})
     writer.close()
     ours = io.BytesIO()
-    appender = TarAppender(ours, mtime=1.7e9)
+    appender = TarAppender(ours, mtime=mtime)
     for key, files in zip(keys, members, strict=True):
         appender.add_sample(key, files)
     appender.close()
     assert ours.getvalue() == expected.getvalue()
     with tarfile.open(fileobj=io.BytesIO(ours.getvalue())) as tar:
         assert [m.name for m in tar] == ["abababababababab.jpg", "abababababababab.json",
-                                         "cdcdcdcdcdcdcdcd.json", "cdcdcdcdcdcdcdcd.mp4"]  # fmt: skip
+                                         f"{'cd' * 32}.json", f"{'cd' * 32}.mp4"]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("name", "size", "mtime"),
+    [("a.jpg", 0, 0), ("f" * 96 + ".jpg", 1, 1), ("f" * 97 + ".jpg", 2, 3), ("é.json", 5, 7),
+     ("k.mp4", 8**11 - 1, 8**11 - 1), ("k.mp4", 8**11, 1), ("k.mp4", 3, 8**11), ("k.mp4", 3, 1.5)],
+)  # fmt: skip
+def test_tar_header_is_tarfiles_for_every_name_size_and_time(name, size, mtime):
+    """The templated ustar header equals TarInfo.tobuf, at the 100-byte name limit, the 11-digit
+    octal limits, a non-ASCII name and a float time (the last four go through tarfile: PAX)."""
+    info = tarfile.TarInfo(name)
+    info.size, info.mtime, info.mode, info.uname, info.gname = size, mtime, 0o444, "bigdata", "bigdata"
+    assert tar_header(name, size, mtime) == info.tobuf(
+        tarfile.PAX_FORMAT, tarfile.ENCODING, "surrogateescape"
+    )
 
 
 def test_keys_with_dots_are_refused(tmp_path):
