@@ -1,7 +1,7 @@
 """`make bench`: the engine against a true bound and fair baselines, its memory at scale, its sink, and
 its scaling on real Ray nodes. Prints a table, then ONE JSON object on the last line.
 
-    .venv/bin/python -m groundmill.benchmarks.run [--n 48] [--repeats 3] [--memory-n 40] [--scale-n 32]
+    .venv/bin/python -m groundmill.benchmarks.run [--n 48] [--repeats 3] [--memory-n 500] [--scale-n 32]
 
 1. Bound (benchmarks/bound.py): every operator alone at its pipeline thread count; ideal = min(workers
    / per-sample time, cores / CPU-seconds per sample [, GPUs / GPU-seconds]). The pipeline's steady
@@ -198,7 +198,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--n", type=int, default=48, help="inputs of the pipeline/baseline runs")
     parser.add_argument("--repeats", type=int, default=3, help="interleaved pipeline/baseline repeats")
     parser.add_argument("--bound-samples", type=int, default=16, help="inputs of the isolated operator runs")
-    parser.add_argument("--memory-n", type=int, default=40, help="N of the N vs 10N memory runs")
+    parser.add_argument("--memory-n", type=int, default=500, help="N of the N vs 10N memory runs")
     parser.add_argument("--memory-manifest", default="manifests/bench.yaml", help="its level-1 stages run")
     parser.add_argument("--scale-n", type=int, default=32, help="inputs of the 1 vs 2 node runs")
     parser.add_argument("--skip", default="", help="comma-separated sections to leave out: memory,scaling")

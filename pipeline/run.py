@@ -113,6 +113,13 @@ def _write_json(path: Path, data: dict[str, Any]) -> None:
     os.replace(tmp, path)
 
 
+# Ray node settings for a streaming run. The raylet kills an idle worker after 1 s once a node has
+# more workers than CPUs, which fractional-CPU load and write tasks beside model actors always
+# exceed: it then restarts them, ~1-2 CPU-seconds of imports each. On loopback nodes of one CPU that
+# churn took a third of the CPU and held 2 nodes to 1.2x one (benchmarks/SCALING.md); kept a minute
+# idle, they stay for the next batch. init_ray sets these for its local Ray; `ray start` needs them
+# in its environment (README, "Running on a cluster").
+RAY_NODE_ENV = {"RAY_idle_worker_killing_time_threshold_ms": "60000"}
 M_ARENA_MAX = -8  # glibc's mallopt parameter (malloc.h)
 DRIVER_MALLOC_ARENAS = 2
 
@@ -146,6 +153,8 @@ def init_ray(cfg: Config) -> None:
     else:
         # Many model actors start at once on few cores: give slow workers time to register.
         os.environ.setdefault("RAY_worker_register_timeout_seconds", "600")
+        for key, value in RAY_NODE_ENV.items():
+            os.environ.setdefault(key, value)
         # Many model actors share few cores: idle OpenMP threads must sleep, not spin.
         env = {"OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}
         ray.init(

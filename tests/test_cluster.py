@@ -22,7 +22,7 @@ import pytest
 
 from groundmill.benchmarks.cluster import kill_trees
 from groundmill.pipeline.config import load_config
-from groundmill.pipeline.run import run_pipeline
+from groundmill.pipeline.run import RAY_NODE_ENV, run_pipeline
 from groundmill.shards import read_index
 from groundmill.tests.media_factory import rgb_jpeg
 
@@ -87,6 +87,7 @@ def test_job_on_a_two_node_loopback_cluster_writes_the_embedded_runs_keys(tmp_pa
     # Short temp dir: Ray's unix socket paths must stay under ~107 characters.
     ray_tmp = tempfile.mkdtemp(prefix="gmray", dir="/tmp")
     env = {
+        **RAY_NODE_ENV,  # what the README asks of every node
         **os.environ,
         "RAY_AUTH_MODE": "disabled",
         "RAY_USAGE_STATS_ENABLED": "0",
