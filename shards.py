@@ -82,14 +82,10 @@ def index_table(rows: list[dict[str, Any]]) -> pa.Table:
     return pa.table(columns, schema=INDEX_SCHEMA)
 
 
-def _member_info(name: str, size: int, mtime: float) -> tarfile.TarInfo:
+def _tar_header_slow(name: str, size: int, mtime: float) -> bytes:
     info = tarfile.TarInfo(name)
     info.size, info.mtime, info.mode, info.uname, info.gname = size, mtime, 0o444, "bigdata", "bigdata"
-    return info
-
-
-def _tar_header_slow(name: str, size: int, mtime: float) -> bytes:
-    return _member_info(name, size, mtime).tobuf(tarfile.PAX_FORMAT, tarfile.ENCODING, "surrogateescape")
+    return info.tobuf(tarfile.PAX_FORMAT, tarfile.ENCODING, "surrogateescape")
 
 
 # tarfile's header of a member with an empty name, zero size and time, and the checksum field blank:
@@ -103,12 +99,11 @@ def tar_header(name: str, size: int, mtime: float) -> bytes:
     """tarfile's header block(s) for a member (`TarInfo.tobuf`, PAX format, as TarAppender sets them).
 
     A short ASCII name with an integer size and time (every sample member) needs one plain ustar
-    block: the template above with name, size, mtime and checksum filled in, 5x faster than tarfile
-    (19 us a member, a fifth of raw disk time for a 256 KB payload). Anything else asks tarfile."""
+    block: the template above with name, size, mtime and checksum filled in, in 3.5 us instead of
+    tarfile's 19 (a 256 KB payload takes 50 us to write). Anything else asks tarfile."""
     raw = name.encode("ascii", "ignore")
-    if len(raw) != len(name) or len(raw) > 100 or not isinstance(mtime, int) or not 0 <= mtime < _OCTAL_11:
-        return _tar_header_slow(name, size, mtime)
-    if not 0 <= size < _OCTAL_11:
+    plain = len(raw) == len(name) <= 100 and isinstance(mtime, int) and 0 <= mtime < _OCTAL_11
+    if not (plain and 0 <= size < _OCTAL_11):
         return _tar_header_slow(name, size, mtime)
     header = _HEADER.copy()
     header[: len(raw)] = raw
