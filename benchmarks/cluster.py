@@ -1,8 +1,9 @@
 """Scaling measured on real Ray nodes, the GPU figures, and the resource overrides of graph operators.
 
 `loopback_cluster(nodes)` starts a head and `nodes - 1` more nodes on this machine (loopback, one
-CPU each, with the node settings the README asks of a cluster, as tests/test_cluster.py does), so 1 vs 2 nodes is the same pipeline on twice the
-machines; `planner_two_vs_one` is `pipeline/plan.py`'s prediction for the same change.
+CPU each, with the node settings the README asks of a cluster, as tests/test_cluster.py does), so
+1 vs 2 nodes is the same pipeline on twice the machines; `planner_two_vs_one` is
+`pipeline/plan.py`'s prediction for the same change.
 """
 
 from __future__ import annotations
@@ -76,8 +77,8 @@ def loopback_cluster(nodes: int, cpus_per_node: int = 1) -> Iterator[str]:
     """A Ray cluster of `nodes` nodes on this machine; yields the head's address."""
     port = _free_port()
     ray_tmp = tempfile.mkdtemp(prefix="gmbench", dir="/tmp")  # short: Ray's socket paths are limited
-    env = {**RAY_NODE_ENV, **os.environ, **QUIET_SLOW_START, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0",
-           "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}  # fmt: skip
+    env = {**RAY_NODE_ENV, **os.environ, **QUIET_SLOW_START, "RAY_AUTH_MODE": "disabled",
+           "RAY_USAGE_STATS_ENABLED": "0", "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}  # fmt: skip
     env.pop("RAY_ADDRESS", None)
     procs: list[subprocess.Popen] = []
     address = f"127.0.0.1:{port}"
