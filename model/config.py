@@ -129,9 +129,6 @@ class DataConfig:
     targets_per_record: int = 3
     num_workers: int = 0
     video_frames: int = 8  # frames sampled per training clip (the decoder predicts a mask on each)
-    # Share of training clips whose frames are consecutive (from a random start, as SAM2 trains and as
-    # decoder.relate_frames windows are at eval); the others spread over the target's track.
-    consecutive_clips: float = 0.0
     # VideoLISA's sparse-dense sampling, at any clip length: dense frames go through the VLM's vision
     # tower in full, sparse frames become one pooled token each; both spread evenly over the clip.
     dense_frames: int = 1
@@ -201,8 +198,6 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
     unknown = set(cfg.data.tasks) - set(TASKS)
     if unknown:
         raise ValueError(f"unknown task(s) {sorted(unknown)} in data.tasks; known: {TASKS}")
-    if not 0.0 <= cfg.data.consecutive_clips <= 1.0:
-        raise ValueError(f"data.consecutive_clips is a share in [0, 1], got {cfg.data.consecutive_clips}")
     if cfg.decoder.relate_frames < 1:
         raise ValueError(f"decoder.relate_frames must be at least 1, got {cfg.decoder.relate_frames}")
     for key in (

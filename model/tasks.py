@@ -187,14 +187,10 @@ def generic_sample(record: dict, rng: random.Random, size: int) -> dict | None:
             "categories": categories, "instances": instances}  # fmt: skip
 
 
-def sample_frames(available: list[int], t: int, rng: random.Random, consecutive: bool = False) -> list[int]:
-    """t frame indices of `available` (sorted): `consecutive` ones from a random start, else spread over
-    it with a random phase; repeats when too few."""
+def sample_frames(available: list[int], t: int, rng: random.Random) -> list[int]:
+    """t frame indices spread over `available` (sorted) with a random phase; repeats when too few."""
     if len(available) <= t:
         return [available[round(i * (len(available) - 1) / max(t - 1, 1))] for i in range(t)]
-    if consecutive:
-        start = rng.randrange(len(available) - t + 1)
-        return available[start : start + t]
     stride = len(available) / t
     offset = rng.uniform(0, stride)
     return [available[min(int(offset + i * stride), len(available) - 1)] for i in range(t)]
@@ -215,9 +211,9 @@ def video_targets(record: dict, task: str, rng: random.Random) -> list[tuple[str
 
 
 def video_rows(frames: Clip, targets: list[tuple[str, dict]], rng: random.Random, size: int,
-               task: str, num_frames: int, consecutive: float = 0.0) -> list[dict]:  # fmt: skip
-    """Rows of one clip: `num_frames` frames sampled over the first target's track (consecutive ones with
-    probability `consecutive`), every target's mask on those frames (empty where its track has none)."""
+               task: str, num_frames: int) -> list[dict]:  # fmt: skip
+    """Rows of one clip: `num_frames` frames sampled over the first target's track, every target's mask on
+    those frames (empty where its track has none)."""
     span = targets[0][1]  # the first target's track, first to last visible frame
     first = masklet_by_frame(span)
     available = [
@@ -225,10 +221,7 @@ def video_rows(frames: Clip, targets: list[tuple[str, dict]], rng: random.Random
     ]
     if not available:
         return []
-    # Draws only when asked: a config without consecutive clips keeps its random stream.
-    idx = sample_frames(
-        available, num_frames, rng, consecutive=consecutive > 0 and rng.random() < consecutive
-    )
+    idx = sample_frames(available, num_frames, rng)
     clip = frames.take(idx)
     rows = []
     for text, track in targets:
@@ -251,8 +244,9 @@ def make_samples(record: dict, frames: list[np.ndarray] | Clip, task: str, rng: 
     if task in VIDEO_TASKS:
         targets = video_targets(record, task, rng)
         k = cfg.targets_per_record if task == "video_referring" else 1
-        picked = rng.sample(targets, min(k, len(targets)))
-        return video_rows(frames, picked, rng, size, task, cfg.video_frames, cfg.consecutive_clips)
+        return video_rows(
+            frames, rng.sample(targets, min(k, len(targets))), rng, size, task, cfg.video_frames
+        )
     if task == "referring":
         rows = referring_samples(record, rng, size, cfg.targets_per_record)
     elif task == "semantic":

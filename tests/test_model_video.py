@@ -4,7 +4,6 @@ import io
 
 import av
 import numpy as np
-import pytest
 import torch
 from PIL import Image
 
@@ -99,31 +98,3 @@ def test_sparse_dense_tokens_and_causal_mask_memory(tmp_path):
         prefix = model.decode(seg, feats[:, :4], [m[:, :4] for m in high_res])
     torch.testing.assert_close(whole[:, :4], prefix)
     assert not torch.allclose(whole[:, 4], prefix[:, 3])
-
-
-def test_training_clips_spread_over_the_track_or_run_consecutively():
-    """sample_frames: spread with a random phase (every stride hit once), or `consecutive` frames of
-    the track's visible ones from a random start; a short track repeats its frames either way."""
-    import random
-
-    from groundmill.model.tasks import sample_frames
-
-    visible = [f for f in range(40) if f % 5 != 3]  # a track hidden on some frames
-    rng = random.Random(0)
-    for _ in range(50):
-        spread = sample_frames(visible, 4, rng)
-        assert spread == sorted(spread) and spread[-1] - spread[0] >= 20
-        run = sample_frames(visible, 4, rng, consecutive=True)
-        start = visible.index(run[0])
-        assert run == visible[start : start + 4]
-    starts = {sample_frames(visible, 4, rng, consecutive=True)[0] for _ in range(200)}
-    assert len(starts) > 20  # random starts, the last ones included
-    assert max(starts) == visible[-4]
-    assert sample_frames([2, 9], 4, rng, consecutive=True) == sample_frames([2, 9], 4, rng) == [2, 2, 9, 9]
-
-
-def test_consecutive_clips_is_a_share():
-    cfg = load_config(TINY, ["data.consecutive_clips=0.5"])
-    assert cfg.data.consecutive_clips == 0.5
-    with pytest.raises(ValueError, match="data.consecutive_clips"):
-        load_config(TINY, ["data.consecutive_clips=1.5"])
