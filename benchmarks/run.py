@@ -16,8 +16,8 @@ its scaling on real Ray nodes. Prints a table, then ONE JSON object on the last 
    against committed inputs: the driver's slope in MB per 1k inputs, the PSS slope after warm-up,
    the peaks; and what an actor restart costs (set-up of a fresh actor, from the bound).
 4. Sink (benchmarks/writer.py): CPU ms per sample on records with 20-50 masks; writer vs raw disk.
-5. Scaling: the same run on a 1- and a 2-node loopback Ray cluster, one CPU per node, steady state;
-   beside pipeline/plan.py's prediction.
+5. Scaling: the same run on a 1- and a 2-node loopback Ray cluster, one CPU per node, steady state,
+   interleaved `--repeats` times (median, min, max); beside pipeline/plan.py's prediction.
 6. GPU: per-stage GPU-seconds per image and busy share when a GPU is visible, else "no GPU".
 
 Every run happens in a fresh subprocess whose process tree is sampled for memory. Absolute times
@@ -170,23 +170,29 @@ def memory(manifest: str, n: int, work: Path) -> dict[str, Any]:
     }  # fmt: skip
 
 
-def scaling(manifest: str, inputs: Path, work: Path, n: int) -> dict[str, Any]:
-    """5. The pipeline on 1 and on 2 loopback Ray nodes of one CPU each: one model actor per node."""
-    runs = {}
-    for nodes in (1, 2):
+def scaling(manifest: str, inputs: Path, work: Path, n: int, repeats: int) -> dict[str, Any]:
+    """5. The pipeline on 1 and on 2 loopback Ray nodes of one CPU each (one model actor per node),
+    interleaved `repeats` times; each ratio's median, min and max."""
+
+    def overrides(nodes: int) -> list[str]:
         # 0.6 CPU per actor: one per node, beside its loading (0.2) and writing.
-        overrides = [*segment_overrides(manifest, None, num_cpus=0.6, min_actors=nodes, max_actors=nodes),
-                     "load.num_cpus=0.2"]  # fmt: skip
-        log(f"scaling: {n} inputs on {nodes} loopback node(s) of 1 CPU")
-        with loopback_cluster(nodes) as address:
-            runs[nodes] = run_pipeline_measured(
-                manifest, inputs, work, f"nodes{nodes}", [*overrides, f"ray.address={address}"]
-            )
-    planned = planner_two_vs_one(manifest, overrides, work / "out-nodes1", n)
+        actors = segment_overrides(manifest, None, num_cpus=0.6, min_actors=nodes, max_actors=nodes)
+        return [*actors, "load.num_cpus=0.2"]
+
+    runs: dict[int, list[dict[str, Any]]] = {1: [], 2: []}
+    for rep in range(repeats):
+        for nodes in (1, 2):
+            log(f"scaling {rep + 1}/{repeats}: {n} inputs on {nodes} loopback node(s) of 1 CPU")
+            with loopback_cluster(nodes) as address:
+                run = run_pipeline_measured(
+                    manifest, inputs, work, f"nodes{nodes}", [*overrides(nodes), f"ray.address={address}"]
+                )
+            runs[nodes].append(run)
+    pairs = list(zip(runs[1], runs[2], strict=True))
     return {
-        "runs": runs, "planner_two_vs_one": planned,
-        "two_nodes_vs_one": runs[2]["steady_samples_per_s"] / runs[1]["steady_samples_per_s"],
-        "two_nodes_vs_one_end_to_end": runs[2]["samples_per_s"] / runs[1]["samples_per_s"],
+        "runs": runs, "planner_two_vs_one": planner_two_vs_one(manifest, overrides(1), work / "out-nodes1", n),
+        "two_nodes_vs_one": spread([two["steady_samples_per_s"] / one["steady_samples_per_s"] for one, two in pairs]),
+        "two_nodes_vs_one_end_to_end": spread([two["samples_per_s"] / one["samples_per_s"] for one, two in pairs]),
     }  # fmt: skip
 
 
@@ -241,9 +247,9 @@ def main(argv: list[str] | None = None) -> int:
     r["writer_vs_disk"] = r["writer"]["ratio"]
     save()
     if "scaling" not in skip:
-        r["scaling"] = scaling(
-            args.manifest, linked_subset(inputs, work / "scale-inputs", args.scale_n), work, args.scale_n
-        )
+        scale_inputs = linked_subset(inputs, work / "scale-inputs", args.scale_n)
+        r["scaling"] = scaling(args.manifest, scale_inputs, work, args.scale_n, args.repeats)
+        r["two_nodes_vs_one"] = r["scaling"]["two_nodes_vs_one"]["median"]
     r["gpu"] = gpu_figures(args.manifest, inputs, work, r["bound"]["gpus"])
     r["load_avg_end"], r["bench_seconds"] = os.getloadavg(), time.perf_counter() - start
     print_table(r)
@@ -297,8 +303,8 @@ def print_table(r: dict[str, Any]) -> None:
     if "scaling" in r:
         c = r["scaling"]
         rows += [
-            ("2 nodes / 1 node (steady)", f"{c['two_nodes_vs_one']:.2f}x", f"planner predicts {c['planner_two_vs_one']:.2f}x; target >= 1.4"),
-            ("2 nodes / 1 node (end to end)", f"{c['two_nodes_vs_one_end_to_end']:.2f}x", ""),
+            ("2 nodes / 1 node (steady)", _ratio(c["two_nodes_vs_one"]), f"planner predicts {c['planner_two_vs_one']:.2f}x; target >= 1.4"),
+            ("2 nodes / 1 node (end to end)", _ratio(c["two_nodes_vs_one_end_to_end"]), ""),
         ]  # fmt: skip
     rows.append(("GPU", json.dumps(r["gpu"])[:70], ""))
     width = max(len(a) for a, _, _ in rows)
