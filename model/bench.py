@@ -33,6 +33,7 @@ from groundmill.shards import fresh_scratch_dir
 
 TINY = Path(__file__).resolve().parent.parent / "manifests" / "train_tiny.yaml"
 BASELINES = ("all_objects", "colour_only", "shape_only", "colour_shape_oracle")
+TARGETS = ("referring", "video_referring")  # the scored tasks; `words` is a diagnostic
 HELD = {f"{c} {s}" for c, s in HELD_OUT}
 
 
@@ -94,15 +95,57 @@ def video_items(record: dict, frames, size: int) -> list[dict]:
     return items
 
 
+def word_items(record: dict, frames: list, size: int) -> list[dict]:
+    """One question per colour and shape word of a held-out image ("please segment triangle ."), with the
+    scene's objects: does a word alone find the HELD_OUT pairs' objects as it finds the others?"""
+    objects = [o for o in record["objects"] if o.get("segmentation")]
+    names = [o["labels"][0] for o in objects]
+    masks = [mask_at(o["segmentation"], size) for o in objects]
+    items = []
+    for word in sorted({w for n in names for w in n.split()}):
+        question = QUESTIONS["semantic"].format(word)
+        sample = {"question": question, "answer": ANSWER, "masks": [[masks[0]]], "frames": frames[:1]}
+        items.append({"sample": sample, "word": word, "names": names, "masks": masks})
+    return items
+
+
+def word_coverage(preds: list[np.ndarray], items: list[dict]) -> dict[str, float]:
+    """The share of the pixels of the objects a word names that its prediction covers, for colour and for
+    shape words, on the HELD_OUT pairs' objects and on the others ("held" against "seen"). A shape word
+    that finds seen pairs but not held-out ones is perceived through the colours it was trained with."""
+    counts: dict[str, list[int]] = {}
+    for pred, it in zip(preds, items, strict=True):
+        for name, mask in zip(it["names"], it["masks"], strict=True):
+            colour, shape = name.split()
+            if it["word"] not in (colour, shape):
+                continue
+            kind = "colour" if it["word"] == colour else "shape"
+            c = counts.setdefault(f"{kind}_word_{'held' if name in HELD else 'seen'}", [0, 0])
+            c[0] += int((pred & mask).sum())
+            c[1] += int(mask.sum())
+    return {k: covered / max(total, 1) for k, (covered, total) in sorted(counts.items())}
+
+
 def held_out_items(cfg: TrainConfig) -> dict[str, list[dict]]:
-    """Every held-out target of a HELD_OUT pair, by task, with its baselines' masks."""
-    size, out = cfg.vision.image_size, {"referring": [], "video_referring": []}
+    """Every held-out target of a HELD_OUT pair, by task, with its baselines' masks, and the one-word
+    questions of the held-out images (`word_items`, scored by the model only)."""
+    size, out = cfg.vision.image_size, {"referring": [], "video_referring": [], "words": []}
     for record, frames in eval_records(cfg.data.val, size):
         if record["media"]["type"] == "video":
             out["video_referring"] += video_items(record, frames, size)
         else:
             out["referring"] += image_items(record, frames, size)
+            out["words"] += word_items(record, frames, size)
     return out
+
+
+def baseline_scores(items: dict[str, list[dict]]) -> dict[str, dict[str, float]]:
+    """Each baseline's `scores` on the held-out targets."""
+    targets = {t: items[t] for t in TARGETS}
+    return {
+        name: scores({t: [it["baselines"][name] for it in g] for t, g in targets.items()}, targets)
+        for name in BASELINES
+    }
 
 
 def scores(preds: dict[str, list], items: dict[str, list[dict]]) -> dict[str, float]:
@@ -142,7 +185,7 @@ def model_scores(cfg: TrainConfig, ckpt: Path, items: dict[str, list[dict]]) -> 
         task: [p[0] > 0 for p in predict(model, [it["sample"] for it in group], processor, cfg, device)]
         for task, group in items.items()
     }
-    return scores(preds, items)
+    return {**scores(preds, items), **word_coverage(preds["words"], items["words"])}
 
 
 def summary(
@@ -194,8 +237,7 @@ def main(argv: list[str] | None = None) -> None:
     threads = max(1, (os.cpu_count() or 1) // jobs)
     cfgs = [seed_config(a, out, seed, threads) for seed in a.seeds]
     items = held_out_items(cfgs[0])
-    base = {name: scores({t: [it["baselines"][name] for it in g] for t, g in items.items()}, items)
-            for name in BASELINES}  # fmt: skip
+    base = baseline_scores(items)
     # Seeds are independent, so they train side by side, sharing the threads: on 2 cores that beats one
     # seed on both threads. The budget is in steps, so only the wall clock depends on how many run at once.
     with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
@@ -205,7 +247,7 @@ def main(argv: list[str] | None = None) -> None:
         runs.append({**model_scores(cfg, ckpt, items), "train_seconds": seconds})
         print(f"seed {seed}: {json.dumps(runs[-1])}", flush=True)
     result = summary(runs, base, model_info(cfgs[-1], trained[-1][0]), a.seeds)
-    result.update(steps=a.steps, jobs=jobs, targets={t: len(g) for t, g in items.items()},
+    result.update(steps=a.steps, jobs=jobs, targets={t: len(items[t]) for t in TARGETS},
                   total_seconds=round(time.perf_counter() - t0, 1))  # fmt: skip
     print(json.dumps(result))
 
