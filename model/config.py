@@ -98,6 +98,13 @@ class DecoderConfig:
     # Add the [SEG]-pixel dot product to SAM2's mask logits (SegPixelLogits): a direct path from the
     # words to every pixel; off keeps SAM2's decoder as it is.
     seg_pixel: bool = False
+    # Word-level grounding beside the [SEG] readout (WordPixelLogits): the [SEG] attends over the words
+    # before it, and their pooled input embeddings score every pixel, so a phrase scores as the sum of its
+    # words; off: the words reach the pixels through the [SEG] state alone.
+    word_pixel: bool = False
+    # Each video frame's embedding gains a feature of how it differs from its neighbours (FrameMotion): which
+    # way a pixel's object moves, before any attention ("moving left"); images are unchanged.
+    motion: bool = False
     # X2SAM's generic / open-vocabulary head: N mask queries classified against the category [SEG]s
     # (model/generic.py); 0 = off (one [SEG] -> one mask only).
     queries: int = 0
@@ -127,6 +134,10 @@ class DataConfig:
     # Referring questions asked of one image or clip per batch (LISA's num_classes_per_sample); the rows
     # share the encoded frames and count towards the batch size.
     targets_per_record: int = 3
+    # Share of semantic records asked in greyscale (torchvision's RandomGrayscale), of the labels that name
+    # none of the record's attributes only ("circle", not "red circle"): a class then has to be seen
+    # without its colour, so the colours it was trained with do not become part of it. 0 = off.
+    semantic_grayscale: float = 0.0
     num_workers: int = 0
     video_frames: int = 8  # frames sampled per training clip (the decoder predicts a mask on each)
     # VideoLISA's sparse-dense sampling, at any clip length: dense frames go through the VLM's vision
@@ -200,6 +211,10 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
         raise ValueError(f"unknown task(s) {sorted(unknown)} in data.tasks; known: {TASKS}")
     if cfg.decoder.relate_frames < 1:
         raise ValueError(f"decoder.relate_frames must be at least 1, got {cfg.decoder.relate_frames}")
+    if not 0 <= cfg.data.semantic_grayscale <= 1:
+        raise ValueError(
+            f"data.semantic_grayscale must be a share between 0 and 1, got {cfg.data.semantic_grayscale}"
+        )
     for key in (
         "batch_size",
         "video_batch_size",

@@ -16,7 +16,9 @@ Data flow for a batch of B rows with T frames each (T = 1 for images):
     of decoder.relate_frames consecutive frames at once; then per frame, in order: MaskMemory attends
     to a FIFO bank of past frames' mask features, the decoder predicts the mask, its upscaling sharpened
     by the S/4, S/8 maps (SAM2's high-res path),
-    optionally plus the [SEG]-pixel dot product (decoder.seg_pixel, SegPixelLogits);
+    optionally plus the [SEG]-pixel dot product (decoder.seg_pixel, SegPixelLogits) and the word scores
+    (decoder.word_pixel, WordPixelLogits: the [SEG] pools the input embeddings of the words before it, which
+    score every pixel; the map also joins the conditioned pixels before the relations);
     the same [SEG] prompts every frame (One-Token-Seg-All, as in VideoLISA).
     decoder.seg_head=queries (X2SAM): the query head's N queries attend to the whole clip; each `[SEG]`
     scores them as a class embedding and the best query's masks are its masks (query_decode).
@@ -60,6 +62,8 @@ PARTS = (
     "seg_proj",
     "seg_dense",
     "seg_pixel",
+    "word_pixel",
+    "motion",
     "relate",
     "memory",
     "prompt_encoder",
@@ -204,6 +208,33 @@ class PixelRelations(nn.Module):
         return torch.cat(out, 1)
 
 
+class FrameMotion(nn.Module):
+    """Where a clip's features change between frames, as a feature (TDN's temporal difference, Wang et al.
+    CVPR 2021): each frame's embedding gains a conv over its difference from the neighbouring frames, so a
+    pixel carries which way its object moves (the edge it enters brightens, the one it leaves darkens),
+    locally, before any attention. Two copies that look alike then differ in their pixels' features, and a
+    motion word can score them like a colour word. Zero-init output; images and still clips pass unchanged."""
+
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        # No biases: where nothing changes (a still clip) the feature is exactly zero.
+        self.diff = nn.Sequential(
+            nn.Conv2d(2 * dim, hidden, 3, padding=1, bias=False),
+            nn.GELU(),
+            nn.Conv2d(hidden, dim, 1, bias=False),
+        )
+        nn.init.zeros_(self.diff[-1].weight)
+
+    def forward(self, feats: Tensor) -> Tensor:
+        """(Q,T,C,h,w) -> (Q,T,C,h,w): each frame plus its motion feature (the clip's ends repeat themselves)."""
+        if feats.shape[1] == 1:
+            return feats
+        padded = torch.cat([feats[:, :1], feats, feats[:, -1:]], 1)
+        before, after = feats - padded[:, :-2], padded[:, 2:] - feats
+        motion = self.diff(torch.cat([before, after], 2).flatten(0, 1)).unflatten(0, feats.shape[:2])
+        return feats + motion
+
+
 class SegPixelLogits(nn.Module):
     """The [SEG] state as a per-pixel classifier: the dot product of a pixel embedding with a [SEG]
     embedding, at the embedding's stride, added to SAM2's mask logits. This is the mask readout of
@@ -220,6 +251,40 @@ class SegPixelLogits(nn.Module):
         """(Q,C,h,w) conditioned embedding, (Q,C) [SEG] prompt -> (Q,1,*size) logits."""
         dot = torch.einsum("qchw,qc->qhw", self.pixel(x), self.seg(seg))[:, None]
         return F.interpolate(dot, size=size, mode="bilinear", align_corners=False)
+
+
+class WordPixelLogits(nn.Module):
+    """Word-level grounding beside the [SEG] readout (LAVT's pixel-word attention, CRIS's word-pixel
+    alignment): the [SEG] state attends over the words before it (keys: the VLM's contextual states, so it
+    can tell the target's words from a landmark's), and the pooled *input embeddings* of those words score
+    every pixel by a dot product. The pooled value is linear in the words, so a phrase's score is a
+    weighted sum of its words' scores ("red" + "triangle"), which holds for a pair never trained on. The
+    score map is added to the mask logits and, through a zero-init projection, to the conditioned pixels
+    the relations compare."""
+
+    def __init__(self, dim: int, hidden: int, heads: int):
+        super().__init__()
+        self.query = nn.Linear(hidden, dim)
+        self.attn = nn.MultiheadAttention(dim, heads, kdim=hidden, vdim=hidden, batch_first=True)
+        self.pixel = nn.Sequential(nn.Conv2d(dim, dim, 1), nn.GELU(), nn.Conv2d(dim, dim, 1))
+        self.inject = nn.Conv2d(1, dim, 1)
+        nn.init.zeros_(self.inject.weight)
+        nn.init.zeros_(self.inject.bias)
+
+    def pool(self, seg: Tensor, states: Tensor, embeds: Tensor, words: Tensor) -> Tensor:
+        """(Q,H) [SEG] states, (Q,L,H) contextual states and input embeddings of their rows, (Q,L) bool:
+        the words each [SEG] may read -> (Q,C) pooled word vector."""
+        words = words.clone()
+        words[:, 0] |= ~words.any(1)  # a [SEG] with no word before it reads its row's first token, not NaN
+        pooled = self.attn(
+            self.query(seg)[:, None], states, embeds, key_padding_mask=~words, need_weights=False
+        )
+        return pooled[0][:, 0]
+
+    def forward(self, feats: Tensor, words: Tensor) -> Tensor:
+        """(Q,T,C,h,w) frames, (Q,C) pooled words -> (Q,T,h,w) word scores."""
+        pixels = self.pixel(feats.flatten(0, 1)).unflatten(0, feats.shape[:2])
+        return torch.einsum("qtchw,qc->qthw", pixels, words)
 
 
 class RegionEncoder(nn.Module):
@@ -282,6 +347,8 @@ class X2SamModel(nn.Module):
         self.seg_dense = SegDensePrompt(dim, d.dense_hidden)
         heads = min(d.heads, dim // 8)
         self.seg_pixel = SegPixelLogits(dim) if d.seg_pixel else None
+        self.word_pixel = WordPixelLogits(dim, hidden, heads) if d.word_pixel else None
+        self.motion = FrameMotion(dim, d.dense_hidden) if d.motion else None
         self.relate = (
             PixelRelations(dim, heads, d.relate_layers, d.relate_frames) if d.relate_layers else None
         )
@@ -368,9 +435,36 @@ class X2SamModel(nn.Module):
         rows = batch.get("row_frames", torch.arange(f, device=frames.device))
         return feats.unflatten(0, (f, t))[rows], [m.unflatten(0, (f, t))[rows] for m in high_res]
 
-    def decode(self, seg: Tensor, feats: Tensor, high_res: list[Tensor]) -> Tensor:
-        """[SEG] prompt tokens (Q,n,C) and their rows' frames (Q,T,C,h,w) plus high-res maps ->
-        mask logits (Q,T,S,S), frame by frame in order with the Mask Memory bank."""
+    def slot_ids(self) -> list[int]:
+        """Token ids that stand for features, not words: `<region>`, `<frame>`, `<sam2>` and the VLM's own
+        image / video placeholders."""
+        config = self.mllm.config
+        ids = [self.region_id, self.frame_id, self.sam2_id]
+        return ids + [
+            getattr(config, k)
+            for k in ("image_token_id", "video_token_id")
+            if getattr(config, k, None) is not None
+        ]
+
+    def seg_words(self, batch: dict[str, Tensor], hidden: Tensor, seg_pos: Tensor) -> Tensor:
+        """Each [SEG]'s pooled word vector (WordPixelLogits.pool) over the text tokens before it in its row."""
+        ids = batch["input_ids"]
+        owner, where = seg_pos.nonzero().unbind(1)
+        text = batch["attention_mask"].bool() & ~torch.isin(
+            ids, torch.tensor(self.slot_ids() + [self.seg_id], device=ids.device)
+        )
+        before = torch.arange(ids.shape[1], device=ids.device)[None] < where[:, None]
+        embeds = self.mllm.get_input_embeddings()(ids).float()
+        return self.word_pixel.pool(hidden[seg_pos], hidden[owner], embeds[owner], text[owner] & before)
+
+    def decode(
+        self, seg: Tensor, feats: Tensor, high_res: list[Tensor], words: Tensor | None = None
+    ) -> Tensor:
+        """[SEG] prompt tokens (Q,n,C) and their rows' frames (Q,T,C,h,w) plus high-res maps (and with
+        decoder.word_pixel each [SEG]'s pooled words (Q,C)) -> mask logits (Q,T,S,S), frame by frame in
+        order with the Mask Memory bank."""
+        if self.motion is not None:
+            feats = self.motion(feats)
         t = feats.shape[1]
         pe = self.pe()
         no_mask = self.prompt_encoder.no_mask_embed.weight.reshape(1, -1, 1, 1)
@@ -381,6 +475,11 @@ class X2SamModel(nn.Module):
         # relations see it. Then the Mask Memory, frame by frame in order.
         dense = torch.stack([self.seg_dense(feats[:, i], seg[:, 0]) for i in range(t)], 1)
         conditioned = feats + dense
+        word_maps = self.word_pixel(feats, words) if words is not None else None  # (Q,T,h,w)
+        if word_maps is not None:
+            conditioned = conditioned + self.word_pixel.inject(word_maps.flatten(0, 1)[:, None]).unflatten(
+                0, (len(feats), t)
+            )
         if self.relate is not None:
             conditioned = self.relate(conditioned, pe)
         for i in range(t):
@@ -396,6 +495,10 @@ class X2SamModel(nn.Module):
             )[0]
             if self.seg_pixel is not None:
                 logits = logits + self.seg_pixel(x, seg[:, 0], logits.shape[-2:])
+            if word_maps is not None:
+                logits = logits + F.interpolate(
+                    word_maps[:, i, None], size=logits.shape[-2:], mode="bilinear", align_corners=False
+                )
             logits = F.interpolate(logits, size=(self.image_size,) * 2, mode="bilinear", align_corners=False)
             out.append(logits[:, 0])
             if t > 1:
@@ -430,7 +533,10 @@ class X2SamModel(nn.Module):
             out["mask_logits"] = self.selected_masks(out["seg_queries"])
             return out
         seg = self.seg_proj(hidden[seg_pos]).float()
-        out["mask_logits"] = self.decode(seg, feats[owner].float(), [m[owner].float() for m in high_res])
+        words = self.seg_words(batch, hidden, seg_pos) if self.word_pixel is not None else None
+        out["mask_logits"] = self.decode(
+            seg, feats[owner].float(), [m[owner].float() for m in high_res], words
+        )
         return out
 
     def query_decode(
@@ -456,13 +562,7 @@ class X2SamModel(nn.Module):
         then look for features nobody gave it."""
         ids = batch["input_ids"]
         feats, _ = self.encode_frames(batch)
-        config = self.mllm.config
-        slots = [self.region_id, self.frame_id, self.sam2_id]
-        slots += [
-            getattr(config, k)
-            for k in ("image_token_id", "video_token_id")
-            if getattr(config, k, None) is not None
-        ]
+        slots = self.slot_ids()
         for _ in range(max_new_tokens):
             logits = self.run_mllm(continued(batch, ids), feats)[1][:, -1]
             logits[:, slots] = float("-inf")

@@ -17,6 +17,7 @@ from __future__ import annotations
 import random
 
 import numpy as np
+from PIL import Image
 
 from groundmill.model.config import DataConfig
 from groundmill.model.modeling import P_CLOSE, P_OPEN, PROMPT_TYPES, REGION, SEG
@@ -99,18 +100,30 @@ def referring_samples(record: dict, rng: random.Random, size: int, k: int) -> li
     ]
 
 
-def semantic_samples(record: dict, rng: random.Random, size: int, k: int) -> list[dict]:
+def semantic_samples(
+    record: dict, rng: random.Random, size: int, k: int, attribute_free: bool = False
+) -> list[dict]:
     """Up to k rows of one image, each a label of its objects (any of an object's labels) whose target is
     every object carrying it: LISA's semantic-segmentation data (one class name -> its whole mask) from the
-    engine's own labels. A class word then has to be seen in the pixels, whatever else the objects share."""
+    engine's own labels. A class word then has to be seen in the pixels, whatever else the objects share.
+    `attribute_free`: only labels with no word of any object's attributes (for a greyscale image)."""
     objects = [o for o in _objects_with_masks(record) if o.get("labels")]
     labels = sorted({label for o in objects for label in o["labels"]})
+    if attribute_free:
+        attributes = {w for o in objects for a in o.get("attributes", []) for w in a.split()}
+        labels = [label for label in labels if not attributes & set(label.split())]
     rows = []
     for label in rng.sample(labels, min(k, len(labels))):
         masks = [mask_at(o["segmentation"], size) for o in objects if label in o["labels"]]
         rows.append({"task": "semantic", "question": QUESTIONS["semantic"].format(label), "answer": ANSWER,
                      "masks": [[np.logical_or.reduce(masks)]]})  # fmt: skip
     return rows
+
+
+def to_grayscale(frame: np.ndarray) -> np.ndarray:
+    """(H,W,3) uint8 -> its ITU-R 601 luma (PIL's "L") in all three channels, as torchvision's
+    RandomGrayscale."""
+    return np.repeat(np.asarray(Image.fromarray(frame).convert("L"))[..., None], 3, axis=-1)
 
 
 def gcg_phrases(record: dict, size: int) -> tuple[str, list[tuple[int, int]], list[np.ndarray]] | None:
@@ -250,7 +263,10 @@ def make_samples(record: dict, frames: list[np.ndarray] | Clip, task: str, rng: 
     if task == "referring":
         rows = referring_samples(record, rng, size, cfg.targets_per_record)
     elif task == "semantic":
-        rows = semantic_samples(record, rng, size, cfg.targets_per_record)
+        grey = bool(cfg.semantic_grayscale) and rng.random() < cfg.semantic_grayscale
+        rows = semantic_samples(record, rng, size, cfg.targets_per_record, attribute_free=grey)
+        if grey:
+            frames = [to_grayscale(f) for f in frames[:1]]
     else:
         make = {"gcg": gcg_sample, "generic": generic_sample}.get(task)
         row = make(record, rng, size) if make else prompt_sample(record, rng, size, task)

@@ -15,9 +15,10 @@ from groundmill.model.config import SourceConfig, load_config
 from groundmill.model.data import TaskBatches
 from groundmill.model.eval import evaluate
 from groundmill.model.mllm import make_processor
+from groundmill.model.modeling import SEG
 from groundmill.model.records import eval_records, mask_at
 from groundmill.model.synthetic import SHAPES, write_split
-from groundmill.model.tasks import ANSWER, semantic_samples
+from groundmill.model.tasks import ANSWER, make_samples, semantic_samples
 from groundmill.model.tokenizer import build_word_tokenizer, trainer_processor
 from groundmill.model.train import build_model, train
 from groundmill.model.train import main as train_main
@@ -109,6 +110,33 @@ def test_referring_rows_share_one_encoded_image(shards, tmp_path):
     torch.testing.assert_close(alone["mask_logits"][0], shared[r], atol=1e-4, rtol=1e-4)
 
 
+def test_semantic_grayscale_asks_attribute_free_labels_of_a_grey_image(shards, tmp_path):
+    """data.semantic_grayscale: that share of semantic records is asked in greyscale (PIL's "L", as
+    torchvision's RandomGrayscale), and only of labels naming none of the objects' attributes ("circle",
+    never "red circle"); the other records keep their colour image."""
+    with pytest.raises(ValueError, match="data.semantic_grayscale"):
+        load_config(None, ["data.semantic_grayscale=1.5"])
+    grey = config(shards, tmp_path, "data.semantic_grayscale=0.5", *only_tasks("semantic")).data
+    records = [r for r, _ in eval_records([SourceConfig(path=str(shards / "train"))], 128)][:40]
+    frames = {r["key"]: f for r, f in eval_records([SourceConfig(path=str(shards / "train"))], 128)}
+    seen = {True: 0, False: 0}
+    for record in records:
+        if record["media"]["type"] != "image":
+            continue
+        image = frames[record["key"]]
+        rows = make_samples(record, image, "semantic", random.Random(record["key"]), grey, 128)
+        is_grey = rows[0]["frames"][0] is not image[0]
+        seen[is_grey] += 1
+        if not is_grey:
+            assert all(r["frames"][0] is image[0] for r in rows)
+            continue
+        luma = np.asarray(Image.fromarray(image[0]).convert("L"))
+        assert all(np.array_equal(r["frames"][0], np.repeat(luma[..., None], 3, -1)) for r in rows)
+        colours = {a for o in record["objects"] for a in o["attributes"]}
+        assert rows and not any(colours & set(r["question"].split()) for r in rows)
+    assert seen[True] and seen[False]
+
+
 @pytest.mark.parametrize("grid", [0, 4])
 def test_sam2_tokens_carry_the_segmentation_encoder_into_the_vlm(shards, tmp_path, grid):
     """X-SAM's segmentation projector: with a grid, each image's prompt has grid² <sam2> slots filled from
@@ -164,6 +192,65 @@ def test_pixel_relations_and_seg_pixel_logits_train_on_images_and_videos(shards,
     for part in ("relate.", "seg_pixel."):
         keys = [k for k in trained if k.startswith(part)]
         assert keys and any(not torch.equal(trained[k], fresh[k]) for k in keys), part
+
+
+def test_word_pixel_scores_are_the_pooled_words_before_the_seg(shards, tmp_path):
+    """decoder.word_pixel: each [SEG] pools the input embeddings of the text tokens before it in its row
+    (never the answer after it, another row's words or an image slot), and the pixel scores are linear in
+    that pooled vector, so a phrase scores as the weighted sum of its words' scores. It trains on clips,
+    beside decoder.motion."""
+    cfg = config(shards, tmp_path, "decoder.word_pixel=true", "decoder.motion=true", "optim.max_steps=3",
+                 *only_tasks("video_referring"))  # fmt: skip
+    processor = trainer_processor(cfg)
+    model = build_model(cfg, processor).eval()
+    tok = processor.tokenizer
+    rows = [
+        f"please segment the red circle . it is {SEG} . the blue square",
+        f"please segment triangle . it is {SEG} .",
+    ]
+    enc = tok(rows, padding=True, return_tensors="pt")
+    ids, mask = enc["input_ids"], enc["attention_mask"]
+    batch = {"input_ids": ids, "attention_mask": mask}
+    seg_pos = ids == model.seg_id
+    hidden = torch.randn(*ids.shape, model.mllm.config.get_text_config().hidden_size)
+    pooled = model.seg_words(batch, hidden, seg_pos)
+    assert pooled.shape == (2, model.vision.dim)
+    after = seg_pos.int().argmax(1)[0] + 2  # a word after row 0's [SEG]: its answer, not its phrase
+    changed = hidden.clone()
+    changed[0, after] += 1.0
+    changed[1] += 1.0  # every state of the other row
+    torch.testing.assert_close(model.seg_words(batch, changed, seg_pos)[0], pooled[0])
+    swapped = ids.clone()
+    swapped[0, 3] = tok.convert_tokens_to_ids("green")  # "red" -> "green", a word before the [SEG]
+    assert not torch.allclose(model.seg_words({**batch, "input_ids": swapped}, hidden, seg_pos)[0], pooled[0])
+    feats = torch.randn(2, 3, model.vision.dim, 8, 8)
+    a, b = torch.randn(2, 2, model.vision.dim).unbind(0)
+    torch.testing.assert_close(
+        model.word_pixel(feats, a + 2 * b), model.word_pixel(feats, a) + 2 * model.word_pixel(feats, b)
+    )
+    ckpt = train(cfg)
+    assert np.isfinite(list(losses(tmp_path).values())).all()
+    trained = load_file(ckpt / "model.safetensors")
+    fresh = build_model(cfg, trainer_processor(cfg)).state_dict()
+    for part in ("word_pixel.", "motion."):
+        keys = [k for k in trained if k.startswith(part)]
+        assert keys and any(not torch.equal(trained[k], fresh[k]) for k in keys), part
+
+
+def test_frame_motion_tells_which_way_a_clip_moves(shards, tmp_path):
+    """decoder.motion: an image and a still clip pass unchanged (no biases, zero-init output); once trained,
+    a clip and the same clip played backwards (the same frames, the opposite motion) get different features
+    on the same frame."""
+    cfg = config(shards, tmp_path, "decoder.motion=true")
+    model = build_model(cfg, trainer_processor(cfg))
+    torch.nn.init.normal_(model.motion.diff[-1].weight, std=0.1)  # as after training
+    image = torch.randn(2, 1, model.vision.dim, 8, 8)
+    still = image.expand(-1, 4, -1, -1, -1)
+    torch.testing.assert_close(model.motion(image), image)
+    torch.testing.assert_close(model.motion(still), still)
+    clip = torch.randn(2, 5, model.vision.dim, 8, 8)
+    forwards, backwards = model.motion(clip), model.motion(clip.flip(1)).flip(1)
+    assert not torch.allclose(forwards[:, 2], backwards[:, 2])
 
 
 def test_generation_never_emits_a_slot_token(shards, tmp_path):
