@@ -159,6 +159,17 @@ def test_sam2_tokens_carry_the_segmentation_encoder_into_the_vlm(shards, tmp_pat
         assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.sam2_proj.parameters())
 
 
+def assert_parts_train(cfg, out, parts: tuple[str, ...]) -> None:
+    """Training cfg keeps its losses finite and moves some weight of each of the model's `parts`."""
+    ckpt = train(cfg)
+    assert np.isfinite(list(losses(out).values())).all()
+    trained = load_file(ckpt / "model.safetensors")
+    fresh = build_model(cfg, trainer_processor(cfg)).state_dict()
+    for part in parts:
+        keys = [k for k in trained if k.startswith(part)]
+        assert keys and any(not torch.equal(trained[k], fresh[k]) for k in keys), part
+
+
 def test_pixel_relations_and_seg_pixel_logits_train_on_images_and_videos(shards, tmp_path):
     """decoder.relate_layers: the conditioned pixels attend to each other, positions in the values (the
     identity at init, so the decoder starts as SAM2's), those of decoder.relate_frames consecutive frames
@@ -185,13 +196,7 @@ def test_pixel_relations_and_seg_pixel_logits_train_on_images_and_videos(shards,
     assert logits.shape == (2, 1, 32, 32) and not torch.allclose(
         logits, model.seg_pixel(x[:, 0], -seg, (32, 32))
     )
-    ckpt = train(cfg)
-    assert np.isfinite(list(losses(tmp_path).values())).all()
-    trained = load_file(ckpt / "model.safetensors")
-    fresh = build_model(cfg, trainer_processor(cfg)).state_dict()
-    for part in ("relate.", "seg_pixel."):
-        keys = [k for k in trained if k.startswith(part)]
-        assert keys and any(not torch.equal(trained[k], fresh[k]) for k in keys), part
+    assert_parts_train(cfg, tmp_path, ("relate.", "seg_pixel."))
 
 
 def test_word_pixel_scores_are_the_pooled_words_before_the_seg(shards, tmp_path):
@@ -228,13 +233,7 @@ def test_word_pixel_scores_are_the_pooled_words_before_the_seg(shards, tmp_path)
     torch.testing.assert_close(
         model.word_pixel(feats, a + 2 * b), model.word_pixel(feats, a) + 2 * model.word_pixel(feats, b)
     )
-    ckpt = train(cfg)
-    assert np.isfinite(list(losses(tmp_path).values())).all()
-    trained = load_file(ckpt / "model.safetensors")
-    fresh = build_model(cfg, trainer_processor(cfg)).state_dict()
-    for part in ("word_pixel.", "motion."):
-        keys = [k for k in trained if k.startswith(part)]
-        assert keys and any(not torch.equal(trained[k], fresh[k]) for k in keys), part
+    assert_parts_train(cfg, tmp_path, ("word_pixel.", "motion."))
 
 
 def test_frame_motion_tells_which_way_a_clip_moves(shards, tmp_path):
