@@ -92,8 +92,8 @@ class DecoderConfig:
     # Self-attention layers among a frame's [SEG]-conditioned pixels, positions in the values, before
     # SAM2's decoder (PixelRelations: lets a copy compare where it lies with the others); 0 = off.
     relate_layers: int = 0
-    # Consecutive frames whose pixels relate at once (a space-time window: motion, "moving left"); 1 =
-    # each frame alone. A clip longer than the window is related window by window.
+    # Frames whose pixels relate at once (a space-time window: motion, "moving left"); 1 = each frame
+    # alone. A longer clip is related in interleaved windows that each span it, as training clips do.
     relate_frames: int = 1
     # Add the [SEG]-pixel dot product to SAM2's mask logits (SegPixelLogits): a direct path from the
     # words to every pixel; off keeps SAM2's decoder as it is.
@@ -138,6 +138,9 @@ class DataConfig:
     # none of the record's attributes only ("circle", not "red circle"): a class then has to be seen
     # without its colour, so the colours it was trained with do not become part of it. 0 = off.
     semantic_grayscale: float = 0.0
+    # Semantic rows also ask an object's attributes alone ("red" -> every red object, whatever its class):
+    # an attribute then has to be seen apart from the classes it was trained with.
+    semantic_attributes: bool = False
     num_workers: int = 0
     video_frames: int = 8  # frames sampled per training clip (the decoder predicts a mask on each)
     # VideoLISA's sparse-dense sampling, at any clip length: dense frames go through the VLM's vision

@@ -13,7 +13,7 @@ Data flow for a batch of B rows with T frames each (T = 1 for images):
     decoder.seg_head=sam2: VLM hidden state at each `[SEG]` -> seg_proj -> sparse prompt tokens of SAM2's MaskDecoder; the first
     of them also makes the dense prompt (a per-pixel MLP over feature and [SEG], SegDensePrompt);
     the conditioned pixels optionally attend to each other (decoder.relate_layers, PixelRelations), those
-    of decoder.relate_frames consecutive frames at once; then per frame, in order: MaskMemory attends
+    of decoder.relate_frames frames spread over the clip at once (clip_windows); then per frame, in order: MaskMemory attends
     to a FIFO bank of past frames' mask features, the decoder predicts the mask, its upscaling sharpened
     by the S/4, S/8 maps (SAM2's high-res path),
     optionally plus the [SEG]-pixel dot product (decoder.seg_pixel, SegPixelLogits) and the word scores
@@ -200,12 +200,26 @@ class PixelRelations(nn.Module):
         places = torch.arange(min(t, self.window), device=x.device)
         # Where a pixel lies and when, computed once for every window: (1,window,C,h,w).
         where = self.pos(pe)[:, None] + self.time(sinusoid(places, c))[:, :, None, None]
-        out = []
-        for start in range(0, t, self.window):
-            clip = x[:, start : start + self.window]
+        out = torch.empty_like(x)
+        for frames in clip_windows(t, self.window):
+            clip = x[:, frames]
             tokens = (clip + where[:, : clip.shape[1]]).permute(0, 1, 3, 4, 2).flatten(1, 3)
-            out.append(self.layers(tokens).unflatten(1, (clip.shape[1], h, w)).permute(0, 1, 4, 2, 3))
-        return torch.cat(out, 1)
+            out[:, frames] = self.layers(tokens).unflatten(1, (clip.shape[1], h, w)).permute(0, 1, 4, 2, 3)
+        return out
+
+
+def window_stride(t: int, window: int) -> int:
+    """The stride of a t-frame clip's windows: ceil(t / window)."""
+    return -(-t // window)
+
+
+def clip_windows(t: int, window: int) -> list[slice]:
+    """A clip of t frames as interleaved windows of at most `window` frames, each spanning the whole clip
+    (frames k, k + n, k + 2n, ... for n = window_stride): a training clip samples `window` frames over its
+    video, so a longer eval clip is seen at the same span and stride, and a net motion ("moving left") over
+    the video is visible in every window, as in training."""
+    n = window_stride(t, window)
+    return [slice(k, None, n) for k in range(n)]
 
 
 class FrameMotion(nn.Module):
@@ -215,8 +229,9 @@ class FrameMotion(nn.Module):
     locally, before any attention. Two copies that look alike then differ in their pixels' features, and a
     motion word can score them like a colour word. Zero-init output; images and still clips pass unchanged."""
 
-    def __init__(self, dim: int, hidden: int):
+    def __init__(self, dim: int, hidden: int, window: int = 1):
         super().__init__()
+        self.window = window
         # No biases: where nothing changes (a still clip) the feature is exactly zero.
         self.diff = nn.Sequential(
             nn.Conv2d(2 * dim, hidden, 3, padding=1, bias=False),
@@ -227,10 +242,14 @@ class FrameMotion(nn.Module):
 
     def forward(self, feats: Tensor) -> Tensor:
         """(Q,T,C,h,w) -> (Q,T,C,h,w): each frame plus its motion feature (the clip's ends repeat themselves)."""
-        if feats.shape[1] == 1:
+        t = feats.shape[1]
+        if t == 1:
             return feats
-        padded = torch.cat([feats[:, :1], feats, feats[:, -1:]], 1)
-        before, after = feats - padded[:, :-2], padded[:, 2:] - feats
+        # Neighbours at the stride of the clip's windows (clip_windows), the stride training clips have.
+        stride = window_stride(t, self.window)
+        frames = torch.arange(t, device=feats.device)
+        prev, next_ = (frames - stride).clamp(min=0), (frames + stride).clamp(max=t - 1)
+        before, after = feats - feats[:, prev], feats[:, next_] - feats
         motion = self.diff(torch.cat([before, after], 2).flatten(0, 1)).unflatten(0, feats.shape[:2])
         return feats + motion
 
@@ -348,7 +367,7 @@ class X2SamModel(nn.Module):
         heads = min(d.heads, dim // 8)
         self.seg_pixel = SegPixelLogits(dim) if d.seg_pixel else None
         self.word_pixel = WordPixelLogits(dim, hidden, heads) if d.word_pixel else None
-        self.motion = FrameMotion(dim, d.dense_hidden) if d.motion else None
+        self.motion = FrameMotion(dim, d.dense_hidden, d.relate_frames) if d.motion else None
         self.relate = (
             PixelRelations(dim, heads, d.relate_layers, d.relate_frames) if d.relate_layers else None
         )

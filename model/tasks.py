@@ -101,20 +101,23 @@ def referring_samples(record: dict, rng: random.Random, size: int, k: int) -> li
 
 
 def semantic_samples(
-    record: dict, rng: random.Random, size: int, k: int, attribute_free: bool = False
-) -> list[dict]:
+    record: dict, rng: random.Random, size: int, k: int, attribute_free: bool = False,
+    attributes: bool = False,
+) -> list[dict]:  # fmt: skip
     """Up to k rows of one image, each a label of its objects (any of an object's labels) whose target is
     every object carrying it: LISA's semantic-segmentation data (one class name -> its whole mask) from the
     engine's own labels. A class word then has to be seen in the pixels, whatever else the objects share.
-    `attribute_free`: only labels with no word of any object's attributes (for a greyscale image)."""
+    `attribute_free`: only labels with no word of any object's attributes (for a greyscale image).
+    `attributes`: an object's attributes are asked too ("red" -> every red object, whatever its class)."""
     objects = [o for o in _objects_with_masks(record) if o.get("labels")]
-    labels = sorted({label for o in objects for label in o["labels"]})
+    names = [set(o["labels"]) | (set(o.get("attributes", [])) if attributes else set()) for o in objects]
+    labels = sorted(set().union(*names))
     if attribute_free:
-        attributes = {w for o in objects for a in o.get("attributes", []) for w in a.split()}
-        labels = [label for label in labels if not attributes & set(label.split())]
+        attribute_words = {w for o in objects for a in o.get("attributes", []) for w in a.split()}
+        labels = [label for label in labels if not attribute_words & set(label.split())]
     rows = []
     for label in rng.sample(labels, min(k, len(labels))):
-        masks = [mask_at(o["segmentation"], size) for o in objects if label in o["labels"]]
+        masks = [mask_at(o["segmentation"], size) for o, n in zip(objects, names, strict=True) if label in n]
         rows.append({"task": "semantic", "question": QUESTIONS["semantic"].format(label), "answer": ANSWER,
                      "masks": [[np.logical_or.reduce(masks)]]})  # fmt: skip
     return rows
@@ -264,7 +267,8 @@ def make_samples(record: dict, frames: list[np.ndarray] | Clip, task: str, rng: 
         rows = referring_samples(record, rng, size, cfg.targets_per_record)
     elif task == "semantic":
         grey = bool(cfg.semantic_grayscale) and rng.random() < cfg.semantic_grayscale
-        rows = semantic_samples(record, rng, size, cfg.targets_per_record, attribute_free=grey)
+        rows = semantic_samples(record, rng, size, cfg.targets_per_record, attribute_free=grey,
+                                attributes=cfg.semantic_attributes and not grey)  # fmt: skip
         if grey:
             frames = [to_grayscale(f) for f in frames[:1]]
     else:

@@ -17,7 +17,7 @@ from groundmill.model.eval import evaluate
 from groundmill.model.mllm import make_processor
 from groundmill.model.modeling import SEG
 from groundmill.model.records import eval_records, mask_at
-from groundmill.model.synthetic import SHAPES, write_split
+from groundmill.model.synthetic import COLOURS, SHAPES, write_split
 from groundmill.model.tasks import ANSWER, make_samples, semantic_samples
 from groundmill.model.tokenizer import build_word_tokenizer, trainer_processor
 from groundmill.model.train import build_model, train
@@ -50,22 +50,32 @@ def config(shards, out, *extra):
     )
 
 
-def test_semantic_rows_ask_for_every_object_carrying_a_label(shards):
+def asked(row: dict) -> str:
+    """The label a semantic row asks for."""
+    return row["question"].removeprefix("please segment ").removesuffix(" .")
+
+
+@pytest.mark.parametrize("attributes", [False, True])
+def test_semantic_rows_ask_for_every_object_carrying_a_label(shards, attributes):
     """LISA's semantic-segmentation rows from engine labels: a shape word's target is every object of that
-    shape, whatever its colour; a full name's, every copy of the pair."""
+    shape, whatever its colour; a full name's, every copy of the pair. With `attributes` (the option
+    data.semantic_attributes), an attribute alone is asked as well: "red" -> every red object."""
     record, frames = next(
         (r, f) for r, f in eval_records([SourceConfig(path=str(shards / "train"))], 32)
         if r["media"]["type"] == "image"
     )  # fmt: skip
     objects = record["objects"]
-    labels = {label for o in objects for label in o["labels"]}
-    rows = semantic_samples(record, random.Random(0), 32, k=len(labels) + 5)
+    names = [set(o["labels"]) | (set(o["attributes"]) if attributes else set()) for o in objects]
+    labels = set().union(*names)
+    rows = semantic_samples(record, random.Random(0), 32, k=len(labels) + 5, attributes=attributes)
     assert len(rows) == len(labels)  # every label once, none invented
+    colours = {asked(r) for r in rows} & {a for o in objects for a in o["attributes"]}
+    assert bool(colours) is attributes
     for row in rows:
-        label = row["question"].removeprefix("please segment ").removesuffix(" .")
+        label = asked(row)
         expected = np.zeros((32, 32), bool)
-        for o in objects:
-            if label in o["labels"]:
+        for o, n in zip(objects, names, strict=True):
+            if label in n:
                 expected |= mask_at(o["segmentation"], 32)
         assert row["task"] == "semantic" and row["answer"] == ANSWER
         np.testing.assert_array_equal(row["masks"][0][0], expected)
@@ -113,10 +123,13 @@ def test_referring_rows_share_one_encoded_image(shards, tmp_path):
 def test_semantic_grayscale_asks_attribute_free_labels_of_a_grey_image(shards, tmp_path):
     """data.semantic_grayscale: that share of semantic records is asked in greyscale (PIL's "L", as
     torchvision's RandomGrayscale), and only of labels naming none of the objects' attributes ("circle",
-    never "red circle"); the other records keep their colour image."""
+    never "red circle", nor "red" with data.semantic_attributes); the other records keep their colour
+    image and may ask a colour alone."""
     with pytest.raises(ValueError, match="data.semantic_grayscale"):
         load_config(None, ["data.semantic_grayscale=1.5"])
-    grey = config(shards, tmp_path, "data.semantic_grayscale=0.5", *only_tasks("semantic")).data
+    grey = config(shards, tmp_path, "data.semantic_grayscale=0.5", "data.semantic_attributes=true",
+                  *only_tasks("semantic")).data  # fmt: skip
+    colour_alone = 0
     records = [r for r, _ in eval_records([SourceConfig(path=str(shards / "train"))], 128)][:40]
     frames = {r["key"]: f for r, f in eval_records([SourceConfig(path=str(shards / "train"))], 128)}
     seen = {True: 0, False: 0}
@@ -129,12 +142,13 @@ def test_semantic_grayscale_asks_attribute_free_labels_of_a_grey_image(shards, t
         seen[is_grey] += 1
         if not is_grey:
             assert all(r["frames"][0] is image[0] for r in rows)
+            colour_alone += sum(asked(r) in COLOURS for r in rows)
             continue
         luma = np.asarray(Image.fromarray(image[0]).convert("L"))
         assert all(np.array_equal(r["frames"][0], np.repeat(luma[..., None], 3, -1)) for r in rows)
         colours = {a for o in record["objects"] for a in o["attributes"]}
         assert rows and not any(colours & set(r["question"].split()) for r in rows)
-    assert seen[True] and seen[False]
+    assert seen[True] and seen[False] and colour_alone
 
 
 @pytest.mark.parametrize("grid", [0, 4])
@@ -172,13 +186,13 @@ def assert_parts_train(cfg, out, parts: tuple[str, ...]) -> None:
 
 def test_pixel_relations_and_seg_pixel_logits_train_on_images_and_videos(shards, tmp_path):
     """decoder.relate_layers: the conditioned pixels attend to each other, positions in the values (the
-    identity at init, so the decoder starts as SAM2's), those of decoder.relate_frames consecutive frames
-    at once; decoder.seg_pixel: the [SEG]-pixel dot product joins SAM2's mask logits. Both train, on
+    identity at init, so the decoder starts as SAM2's), a clip longer than decoder.relate_frames in
+    interleaved windows that each span it (clip_windows); decoder.seg_pixel: the [SEG]-pixel dot product joins SAM2's mask logits. Both train, on
     image rows and on video clips."""
     cfg = config(shards, tmp_path, "decoder.relate_layers=1", "decoder.relate_frames=2", "decoder.seg_pixel=true",
                  "optim.max_steps=3", *only_tasks("referring", "video_referring"))  # fmt: skip
     model = build_model(cfg, trainer_processor(cfg))
-    x = torch.randn(2, 3, model.vision.dim, 8, 8)  # 3 frames: windows [0, 1] and [2]
+    x = torch.randn(2, 3, model.vision.dim, 8, 8)  # 3 frames: windows [0, 2] and [1]
     torch.testing.assert_close(model.relate(x, model.pe()), x)
     for block in model.relate.layers.layers:  # as after training: a pixel now reads the others
         torch.nn.init.normal_(block.self_attn.out_proj.weight, std=0.1)
@@ -190,7 +204,7 @@ def test_pixel_relations_and_seg_pixel_logits_train_on_images_and_videos(shards,
         y, y_far = model.relate(x, model.pe()), model.relate(far, model.pe())
         return not torch.allclose(y[:, 0, :, 0, 0], y_far[:, 0, :, 0, 0])
 
-    assert corner_sees(0) and corner_sees(1) and not corner_sees(2)
+    assert corner_sees(0) and corner_sees(2) and not corner_sees(1)
     seg = torch.randn(2, model.vision.dim)
     logits = model.seg_pixel(x[:, 0], seg, (32, 32))
     assert logits.shape == (2, 1, 32, 32) and not torch.allclose(
@@ -204,8 +218,8 @@ def test_word_pixel_scores_are_the_pooled_words_before_the_seg(shards, tmp_path)
     (never the answer after it, another row's words or an image slot), and the pixel scores are linear in
     that pooled vector, so a phrase scores as the weighted sum of its words' scores. It trains on clips,
     beside decoder.motion."""
-    cfg = config(shards, tmp_path, "decoder.word_pixel=true", "decoder.motion=true", "optim.max_steps=3",
-                 *only_tasks("video_referring"))  # fmt: skip
+    cfg = config(shards, tmp_path, "decoder.word_pixel=true", "decoder.motion=true",
+                 "optim.max_steps=3", *only_tasks("video_referring"))  # fmt: skip
     processor = trainer_processor(cfg)
     model = build_model(cfg, processor).eval()
     tok = processor.tokenizer
@@ -250,6 +264,20 @@ def test_frame_motion_tells_which_way_a_clip_moves(shards, tmp_path):
     clip = torch.randn(2, 5, model.vision.dim, 8, 8)
     forwards, backwards = model.motion(clip), model.motion(clip.flip(1)).flip(1)
     assert not torch.allclose(forwards[:, 2], backwards[:, 2])
+
+
+def test_frame_motion_compares_frames_at_the_training_clips_stride(shards, tmp_path):
+    """A clip longer than decoder.relate_frames is seen as training clips are (frames spread over the
+    video): FrameMotion compares frames at the stride of clip_windows, so frame 2 of 8 (window 4, stride 2)
+    reads frames 0 and 4, not its direct neighbours."""
+    cfg = config(shards, tmp_path, "decoder.motion=true", "decoder.relate_frames=4")
+    model = build_model(cfg, trainer_processor(cfg))
+    torch.nn.init.normal_(model.motion.diff[-1].weight, std=0.1)  # as after training
+    clip = torch.randn(2, 8, model.vision.dim, 8, 8)
+    for frame, read in ((1, False), (3, False), (0, True), (4, True)):
+        changed = clip.clone()
+        changed[:, frame] += 1.0
+        assert torch.equal(model.motion(changed)[:, 2], model.motion(clip)[:, 2]) is not read, frame
 
 
 def test_generation_never_emits_a_slot_token(shards, tmp_path):
