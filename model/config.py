@@ -138,6 +138,9 @@ class DataConfig:
     # none of the record's attributes only ("circle", not "red circle"): a class then has to be seen
     # without its colour, so the colours it was trained with do not become part of it. 0 = off.
     semantic_grayscale: float = 0.0
+    # Of those attribute-free records, that share is asked with every hue turned at random (torchvision's
+    # ColorJitter hue) instead of in greyscale: a class also seen in colours it was never trained with.
+    semantic_hue: float = 0.0
     # Semantic rows also ask an object's attributes alone ("red" -> every red object, whatever its class):
     # an attribute then has to be seen apart from the classes it was trained with.
     semantic_attributes: bool = False
@@ -214,10 +217,9 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
         raise ValueError(f"unknown task(s) {sorted(unknown)} in data.tasks; known: {TASKS}")
     if cfg.decoder.relate_frames < 1:
         raise ValueError(f"decoder.relate_frames must be at least 1, got {cfg.decoder.relate_frames}")
-    if not 0 <= cfg.data.semantic_grayscale <= 1:
-        raise ValueError(
-            f"data.semantic_grayscale must be a share between 0 and 1, got {cfg.data.semantic_grayscale}"
-        )
+    for key in ("semantic_grayscale", "semantic_hue"):
+        if not 0 <= getattr(cfg.data, key) <= 1:
+            raise ValueError(f"data.{key} must be a share between 0 and 1, got {getattr(cfg.data, key)}")
     for key in (
         "batch_size",
         "video_batch_size",

@@ -129,6 +129,14 @@ def to_grayscale(frame: np.ndarray) -> np.ndarray:
     return np.repeat(np.asarray(Image.fromarray(frame).convert("L"))[..., None], 3, axis=-1)
 
 
+def rotate_hue(frame: np.ndarray, shift: int) -> np.ndarray:
+    """(H,W,3) uint8 with every hue turned by shift/256 of the circle (PIL's HSV), as torchvision's
+    ColorJitter(hue=...) does: the same shapes in other colours."""
+    hsv = np.asarray(Image.fromarray(frame).convert("HSV")).copy()
+    hsv[..., 0] = (hsv[..., 0].astype(np.int32) + shift) % 256
+    return np.asarray(Image.fromarray(hsv, "HSV").convert("RGB"))
+
+
 def gcg_phrases(record: dict, size: int) -> tuple[str, list[tuple[int, int]], list[np.ndarray]] | None:
     """(caption, phrase spans, phrase masks) from the GCG form, else from the dense caption's details."""
     if record.get("gcg", {}).get("groundings"):
@@ -270,7 +278,8 @@ def make_samples(record: dict, frames: list[np.ndarray] | Clip, task: str, rng: 
         rows = semantic_samples(record, rng, size, cfg.targets_per_record, attribute_free=grey,
                                 attributes=cfg.semantic_attributes and not grey)  # fmt: skip
         if grey:
-            frames = [to_grayscale(f) for f in frames[:1]]
+            hue = bool(cfg.semantic_hue) and rng.random() < cfg.semantic_hue
+            frames = [rotate_hue(f, rng.randrange(1, 256)) if hue else to_grayscale(f) for f in frames[:1]]
     else:
         make = {"gcg": gcg_sample, "generic": generic_sample}.get(task)
         row = make(record, rng, size) if make else prompt_sample(record, rng, size, task)

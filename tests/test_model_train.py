@@ -151,6 +151,29 @@ def test_semantic_grayscale_asks_attribute_free_labels_of_a_grey_image(shards, t
     assert seen[True] and seen[False] and colour_alone
 
 
+def test_semantic_hue_asks_attribute_free_labels_of_the_same_shapes_in_other_colours(shards, tmp_path):
+    """data.semantic_hue: that share of the attribute-free semantic records is asked with every hue turned
+    (torchvision's ColorJitter hue) instead of in greyscale: saturation and value stay, the hue moves."""
+    with pytest.raises(ValueError, match="data.semantic_hue"):
+        load_config(None, ["data.semantic_hue=-0.1"])
+    cfg = config(
+        shards, tmp_path, "data.semantic_grayscale=1", "data.semantic_hue=1", *only_tasks("semantic")
+    )
+    record, image = next(
+        (r, f) for r, f in eval_records([SourceConfig(path=str(shards / "train"))], 128)
+        if r["media"]["type"] == "image"
+    )  # fmt: skip
+    rows = make_samples(record, image, "semantic", random.Random(0), cfg.data, 128)
+    colours = {a for o in record["objects"] for a in o["attributes"]}
+    assert rows and not any(colours & set(r["question"].split()) for r in rows)
+    before, after = (
+        np.asarray(Image.fromarray(f).convert("HSV")).astype(int) for f in (image[0], rows[0]["frames"][0])
+    )
+    assert np.abs(after[..., 1:] - before[..., 1:]).max() <= 3  # rounding through RGB
+    saturated = before[..., 1] > 128
+    assert saturated.any() and (after[..., 0] != before[..., 0])[saturated].mean() > 0.9
+
+
 @pytest.mark.parametrize("grid", [0, 4])
 def test_sam2_tokens_carry_the_segmentation_encoder_into_the_vlm(shards, tmp_path, grid):
     """X-SAM's segmentation projector: with a grid, each image's prompt has grid² <sam2> slots filled from
