@@ -127,7 +127,7 @@ def test_semantic_grayscale_asks_attribute_free_labels_of_a_grey_image(shards, t
     image and may ask a colour alone."""
     with pytest.raises(ValueError, match="data.semantic_grayscale"):
         load_config(None, ["data.semantic_grayscale=1.5"])
-    grey = config(shards, tmp_path, "data.semantic_grayscale=0.5", "data.semantic_attributes=true",
+    grey = config(shards, tmp_path, "data.semantic_grayscale=0.5", "data.semantic_hue=0", "data.semantic_attributes=true",
                   *only_tasks("semantic")).data  # fmt: skip
     colour_alone = 0
     records = [r for r, _ in eval_records([SourceConfig(path=str(shards / "train"))], 128)][:40]
