@@ -13,9 +13,9 @@ Data flow for a batch of B rows with T frames each (T = 1 for images):
     decoder.seg_head=sam2: VLM hidden state at each `[SEG]` -> seg_proj -> sparse prompt tokens of SAM2's MaskDecoder; the first
     of them also makes the dense prompt (a per-pixel MLP over feature and [SEG], SegDensePrompt);
     the conditioned pixels optionally attend to each other (decoder.relate_layers, PixelRelations), those
-    of decoder.relate_frames frames spread over the clip at once (clip_windows); then per frame, in order: MaskMemory attends
-    to a FIFO bank of past frames' mask features, the decoder predicts the mask, its upscaling sharpened
-    by the S/4, S/8 maps (SAM2's high-res path),
+    of decoder.relate_frames frames spread over the clip at once (clip_windows); then per frame, in order:
+    MaskMemory attends to a FIFO bank of past frames' mask features, the decoder predicts the mask, its
+    upscaling sharpened by the S/4, S/8 maps (SAM2's high-res path),
     optionally plus the [SEG]-pixel dot product (decoder.seg_pixel, SegPixelLogits) and the word scores
     (decoder.word_pixel, WordPixelLogits: the [SEG] pools the input embeddings of the words before it, which
     score every pixel; the map also joins the conditioned pixels before the relations);

@@ -123,6 +123,12 @@ def semantic_samples(
     return rows
 
 
+def chance(rng: random.Random, share: float) -> bool:
+    """True with probability `share`; a share of 0 draws nothing, so configs without the option keep their
+    random stream (and their samples) unchanged."""
+    return bool(share) and rng.random() < share
+
+
 def to_grayscale(frame: np.ndarray) -> np.ndarray:
     """(H,W,3) uint8 -> its ITU-R 601 luma (PIL's "L") in all three channels, as torchvision's
     RandomGrayscale."""
@@ -274,11 +280,11 @@ def make_samples(record: dict, frames: list[np.ndarray] | Clip, task: str, rng: 
     if task == "referring":
         rows = referring_samples(record, rng, size, cfg.targets_per_record)
     elif task == "semantic":
-        grey = bool(cfg.semantic_grayscale) and rng.random() < cfg.semantic_grayscale
+        grey = chance(rng, cfg.semantic_grayscale)
         rows = semantic_samples(record, rng, size, cfg.targets_per_record, attribute_free=grey,
                                 attributes=cfg.semantic_attributes and not grey)  # fmt: skip
         if grey:
-            hue = bool(cfg.semantic_hue) and rng.random() < cfg.semantic_hue
+            hue = chance(rng, cfg.semantic_hue)
             frames = [rotate_hue(f, rng.randrange(1, 256)) if hue else to_grayscale(f) for f in frames[:1]]
     else:
         make = {"gcg": gcg_sample, "generic": generic_sample}.get(task)

@@ -50,6 +50,14 @@ def config(shards, out, *extra):
     )
 
 
+def first_image(shards, size: int) -> tuple[dict, list[np.ndarray]]:
+    """The first image record of the training shards and its frames at `size`."""
+    return next(
+        (r, f) for r, f in eval_records([SourceConfig(path=str(shards / "train"))], size)
+        if r["media"]["type"] == "image"
+    )  # fmt: skip
+
+
 def asked(row: dict) -> str:
     """The label a semantic row asks for."""
     return row["question"].removeprefix("please segment ").removesuffix(" .")
@@ -60,10 +68,7 @@ def test_semantic_rows_ask_for_every_object_carrying_a_label(shards, attributes)
     """LISA's semantic-segmentation rows from engine labels: a shape word's target is every object of that
     shape, whatever its colour; a full name's, every copy of the pair. With `attributes` (the option
     data.semantic_attributes), an attribute alone is asked as well: "red" -> every red object."""
-    record, frames = next(
-        (r, f) for r, f in eval_records([SourceConfig(path=str(shards / "train"))], 32)
-        if r["media"]["type"] == "image"
-    )  # fmt: skip
+    record, _ = first_image(shards, 32)
     objects = record["objects"]
     names = [set(o["labels"]) | (set(o["attributes"]) if attributes else set()) for o in objects]
     labels = set().union(*names)
@@ -127,8 +132,8 @@ def test_semantic_grayscale_asks_attribute_free_labels_of_a_grey_image(shards, t
     image and may ask a colour alone."""
     with pytest.raises(ValueError, match="data.semantic_grayscale"):
         load_config(None, ["data.semantic_grayscale=1.5"])
-    grey = config(shards, tmp_path, "data.semantic_grayscale=0.5", "data.semantic_hue=0", "data.semantic_attributes=true",
-                  *only_tasks("semantic")).data  # fmt: skip
+    grey = config(shards, tmp_path, "data.semantic_grayscale=0.5", "data.semantic_hue=0",
+                  "data.semantic_attributes=true", *only_tasks("semantic")).data  # fmt: skip
     colour_alone = 0
     records = [r for r, _ in eval_records([SourceConfig(path=str(shards / "train"))], 128)][:40]
     frames = {r["key"]: f for r, f in eval_records([SourceConfig(path=str(shards / "train"))], 128)}
@@ -159,10 +164,7 @@ def test_semantic_hue_asks_attribute_free_labels_of_the_same_shapes_in_other_col
     cfg = config(
         shards, tmp_path, "data.semantic_grayscale=1", "data.semantic_hue=1", *only_tasks("semantic")
     )
-    record, image = next(
-        (r, f) for r, f in eval_records([SourceConfig(path=str(shards / "train"))], 128)
-        if r["media"]["type"] == "image"
-    )  # fmt: skip
+    record, image = first_image(shards, 128)
     rows = make_samples(record, image, "semantic", random.Random(0), cfg.data, 128)
     colours = {a for o in record["objects"] for a in o["attributes"]}
     assert rows and not any(colours & set(r["question"].split()) for r in rows)
@@ -210,8 +212,8 @@ def assert_parts_train(cfg, out, parts: tuple[str, ...]) -> None:
 def test_pixel_relations_and_seg_pixel_logits_train_on_images_and_videos(shards, tmp_path):
     """decoder.relate_layers: the conditioned pixels attend to each other, positions in the values (the
     identity at init, so the decoder starts as SAM2's), a clip longer than decoder.relate_frames in
-    interleaved windows that each span it (clip_windows); decoder.seg_pixel: the [SEG]-pixel dot product joins SAM2's mask logits. Both train, on
-    image rows and on video clips."""
+    interleaved windows that each span it (clip_windows); decoder.seg_pixel: the [SEG]-pixel dot product
+    joins SAM2's mask logits. Both train, on image rows and on video clips."""
     cfg = config(shards, tmp_path, "decoder.relate_layers=1", "decoder.relate_frames=2", "decoder.seg_pixel=true",
                  "optim.max_steps=3", *only_tasks("referring", "video_referring"))  # fmt: skip
     model = build_model(cfg, trainer_processor(cfg))

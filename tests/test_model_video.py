@@ -77,7 +77,7 @@ def test_a_video_longer_than_64_frames_trains_and_evaluates_on_every_frame(tmp_p
 def test_sparse_dense_tokens_and_causal_mask_memory(tmp_path):
     data = long_video_output(tmp_path / "v", frames=LONG)
     cfg = load_config(
-        # Without FrameMotion, whose differences look one frame ahead: the Mask Memory's order is tested.
+        # Without FrameMotion, whose differences look ahead in the clip: the Mask Memory's order is tested.
         TINY,
         [
             f"data.train=[{{path: {tmp_path / 'v'}}}]",
