@@ -105,6 +105,12 @@ class DecoderConfig:
     # Each video frame's embedding gains a feature of how it differs from its neighbours (FrameMotion): which
     # way a pixel's object moves, before any attention ("moving left"); images are unchanged.
     motion: bool = False
+    # Each video frame's embedding gains its optical flow (FrameFlow: Lucas-Kanade per embedding cell,
+    # normalised by contrast), so a motion word scores a pair's pixels whatever its colours; images unchanged.
+    flow: bool = False
+    # Each word's learnt weights over a pixel's place (x, y) and, with flow, its flow (WordGeometry): "leftmost"
+    # and "moving left" score every pair alike; off: those words reach the pixels through [SEG] alone.
+    word_geometry: bool = False
     # X2SAM's generic / open-vocabulary head: N mask queries classified against the category [SEG]s
     # (model/generic.py); 0 = off (one [SEG] -> one mask only).
     queries: int = 0
@@ -150,7 +156,7 @@ class DataConfig:
     # tower in full, sparse frames become one pooled token each; both spread evenly over the clip.
     dense_frames: int = 1
     sparse_frames: int = 16
-    tokenizer_records: int = 500  # records scanned to build the word-level tokenizer of a tiny LLM
+    tokenizer_records: int = 500  # records, spread over the shards, that make a tiny LLM's word vocabulary
     max_text_tokens: int = 64  # generation length (GCG captions)
 
 

@@ -64,6 +64,8 @@ PARTS = (
     "seg_pixel",
     "word_pixel",
     "motion",
+    "flow",
+    "geometry",
     "relate",
     "memory",
     "prompt_encoder",
@@ -194,8 +196,8 @@ class PixelRelations(nn.Module):
 
     def forward(self, x: Tensor, pe: Tensor) -> Tensor:
         """(Q,T,C,h,w) conditioned embeddings of a clip, (1,C,h,w) positional encoding -> (Q,T,C,h,w).
-        The pixels of `window` consecutive frames attend to each other at once, so a copy can also see
-        where it lies in the other frames ("moving left"); window 1 relates each frame alone."""
+        The pixels of `window` frames spread over the clip attend to each other at once, so a copy can also
+        see where it lies in the other frames ("moving left"); window 1 relates each frame alone."""
         q, t, c, h, w = x.shape
         places = torch.arange(min(t, self.window), device=x.device)
         # Where a pixel lies and when, computed once for every window: (1,window,C,h,w).
@@ -252,6 +254,80 @@ class FrameMotion(nn.Module):
         before, after = feats - feats[:, prev], feats[:, next_] - feats
         motion = self.diff(torch.cat([before, after], 2).flatten(0, 1)).unflatten(0, feats.shape[:2])
         return feats + motion
+
+
+def lucas_kanade(frames: Tensor, grid: tuple[int, int], window: int, reg: float = 1e-2) -> Tensor:
+    """(F,T,3,S,S) uint8 clips -> (F,T,2,h,w) optical flow, one (u, v) per cell of a grid of h x w cells:
+    Lucas-Kanade (Lucas & Kanade, IJCAI 1981), the least-squares solve of brightness constancy
+    (I_x u + I_y v + I_t = 0) over each cell, summed over the colour channels, with a ridge `reg` for flat
+    cells. Frames are blurred to 4 x 4 pixels a cell first, so a shift of a few pixels stays within the
+    linear range. Each frame is compared with its neighbours at the stride of the clip's windows
+    (clip_windows), as FrameMotion compares features; a single frame has no flow."""
+    f, t = frames.shape[:2]
+    h, w = grid
+    x = F.adaptive_avg_pool2d(frames.flatten(0, 1).float() / 255, (4 * h, 4 * w))
+    x = F.avg_pool2d(x, 3, 1, 1, count_include_pad=False).unflatten(0, (f, t))
+    stride = window_stride(t, window)
+    idx = torch.arange(t, device=frames.device)
+    prev, next_ = (idx - stride).clamp(min=0), (idx + stride).clamp(max=t - 1)
+    gap = (next_ - prev).clamp(min=1).to(x.dtype)[:, None, None, None]
+    it = (x[:, next_] - x[:, prev]) / gap
+    iy, ix = torch.gradient((x[:, next_] + x[:, prev]) / 2, dim=(-2, -1))
+    pairs = ((ix, ix), (ix, iy), (iy, iy), (ix, it), (iy, it))
+    sums = torch.stack([(a * b).sum(2) for a, b in pairs], 2).flatten(0, 1)
+    xx, xy, yy, xt, yt = F.adaptive_avg_pool2d(sums, grid).unflatten(0, (f, t)).unbind(2)
+    xx, yy = xx + reg, yy + reg
+    det = xx * yy - xy * xy
+    return torch.stack([xy * yt - yy * xt, xy * xt - xx * yt], 2) / det[:, :, None]
+
+
+class FrameFlow(nn.Module):
+    """Optical flow as a feature of each frame's embedding (the flow stream of two-stream networks,
+    Simonyan & Zisserman NeurIPS 2014, made cheap with lucas_kanade). The flow is normalised by the local
+    contrast, so a red circle and a blue square moving alike get the same vector. No biases and a zero-init
+    output: images and still clips pass exactly unchanged."""
+
+    def __init__(self, dim: int, hidden: int, window: int = 1):
+        super().__init__()
+        self.window = window
+        self.embed = nn.Sequential(
+            nn.Conv2d(2, hidden, 1, bias=False), nn.GELU(), nn.Conv2d(hidden, dim, 1, bias=False)
+        )
+        nn.init.zeros_(self.embed[-1].weight)
+
+    def forward(self, feats: Tensor, frames: Tensor) -> tuple[Tensor, Tensor]:
+        """(F,T,C,h,w) embeddings of the (F,T,3,S,S) uint8 frames -> (F,T,C,h,w) plus their flow feature,
+        and the (F,T,2,h,w) flow itself."""
+        if feats.shape[1] == 1:
+            return feats, feats.new_zeros(*feats.shape[:2], 2, *feats.shape[-2:])
+        # Squashed: a flat cell's ridge-damped noise and a fast object's large shift both stay in range.
+        flow = torch.tanh(lucas_kanade(frames, feats.shape[-2:], self.window).to(feats.dtype))
+        return feats + self.embed(flow.flatten(0, 1)).unflatten(0, feats.shape[:2]), flow
+
+
+class WordGeometry(nn.Module):
+    """Each word's learnt weights over a pixel's geometry: where it lies in the frame (x, y in [-1, 1]) and,
+    with decoder.flow, which way it moves (its optical flow u, v). A [SEG]'s words, summed, score every
+    pixel by them: "leftmost" leans the scores to the left, "moving left" to the pixels whose flow points
+    left, the same for every colour and shape, so they hold for a pair never trained with them. Zero-init:
+    starts as no score."""
+
+    def __init__(self, word_dim: int):
+        super().__init__()
+        self.weights = nn.Linear(word_dim, 4, bias=False)
+        nn.init.zeros_(self.weights.weight)
+
+    def forward(self, text: tuple[Tensor, Tensor], size: tuple[int, int], flow: Tensor | None) -> Tensor:
+        """Each [SEG]'s words (input embeddings (Q,L,H), which to read (Q,L)), the (h, w) grid, the (Q,T,2,h,w)
+        flow of its clip or None -> (Q,T,h,w) scores (T = 1 without flow: the same on every frame)."""
+        embeds, read = text
+        weights = (self.weights(embeds) * read[..., None]).sum(1)  # (Q,4)
+        ys, xs = (torch.linspace(-1, 1, n, device=embeds.device) for n in size)
+        place = torch.stack(torch.meshgrid(xs, ys, indexing="xy"))  # (2,h,w): x, y
+        scores = torch.einsum("chw,qc->qhw", place, weights[:, :2])[:, None]
+        if flow is not None:
+            scores = scores + torch.einsum("qtchw,qc->qthw", flow, weights[:, 2:])
+        return scores
 
 
 class SegPixelLogits(nn.Module):
@@ -376,6 +452,9 @@ class X2SamModel(nn.Module):
         self.seg_head = d.seg_head
         if d.queries:
             self.generic = GenericHead(dim, hidden, d.queries, d.generic_layers, heads)
+        # Built last, so turning it on leaves every other part's initial weights as they were.
+        self.flow = FrameFlow(dim, d.dense_hidden, d.relate_frames) if d.flow else None
+        self.geometry = WordGeometry(hidden) if d.word_geometry else None
         if v.checkpoint:
             self.load_sam2(v.checkpoint)
         self._slot_fill: tuple[torch.Size, dict[int, Tensor]] | None = None
@@ -442,17 +521,25 @@ class X2SamModel(nn.Module):
     def pe(self) -> Tensor:
         return self.prompt_encoder.get_dense_pe()
 
-    def encode_frames(self, batch: dict[str, Tensor]) -> tuple[Tensor, list[Tensor]]:
+    def encode_frames(self, batch: dict[str, Tensor]) -> tuple[Tensor, list[Tensor], Tensor | None]:
         """Each row's SAM2 embedding (B,T,C,h,w) and high-res maps, each (B,T,C,H,W), from the batch's
-        (F,T,3,S,S) uint8 frames, encoded once however many rows share them (`row_frames`); without
-        gradients when the encoder is frozen."""
+        (F,T,3,S,S) uint8 frames, encoded once however many rows share them (`row_frames`), without
+        gradients when the encoder is frozen; with decoder.flow, the embedding carries the optical flow,
+        also returned (B,T,2,h,w)."""
         frames = batch["frames"]
         f, t = frames.shape[:2]
         frozen = not any(p.requires_grad for p in self.vision.parameters())
         with torch.set_grad_enabled(torch.is_grad_enabled() and not frozen):
             feats, high_res = self.vision(frames.flatten(0, 1))
+        feats, flow = feats.unflatten(0, (f, t)), None
+        if self.flow is not None:
+            feats, flow = self.flow(feats, frames)
         rows = batch.get("row_frames", torch.arange(f, device=frames.device))
-        return feats.unflatten(0, (f, t))[rows], [m.unflatten(0, (f, t))[rows] for m in high_res]
+        return (
+            feats[rows],
+            [m.unflatten(0, (f, t))[rows] for m in high_res],
+            None if flow is None else flow[rows],
+        )
 
     def slot_ids(self) -> list[int]:
         """Token ids that stand for features, not words: `<region>`, `<frame>`, `<sam2>` and the VLM's own
@@ -465,8 +552,9 @@ class X2SamModel(nn.Module):
             if getattr(config, k, None) is not None
         ]
 
-    def seg_words(self, batch: dict[str, Tensor], hidden: Tensor, seg_pos: Tensor) -> Tensor:
-        """Each [SEG]'s pooled word vector (WordPixelLogits.pool) over the text tokens before it in its row."""
+    def seg_text(self, batch: dict[str, Tensor], seg_pos: Tensor) -> tuple[Tensor, Tensor]:
+        """Each [SEG]'s row as input embeddings (Q,L,H) and which of them are the words before it (Q,L):
+        its text tokens, not slots, earlier [SEG]s, its answer or padding."""
         ids = batch["input_ids"]
         owner, where = seg_pos.nonzero().unbind(1)
         text = batch["attention_mask"].bool() & ~torch.isin(
@@ -474,14 +562,37 @@ class X2SamModel(nn.Module):
         )
         before = torch.arange(ids.shape[1], device=ids.device)[None] < where[:, None]
         embeds = self.mllm.get_input_embeddings()(ids).float()
-        return self.word_pixel.pool(hidden[seg_pos], hidden[owner], embeds[owner], text[owner] & before)
+        return embeds[owner], text[owner] & before
+
+    def seg_words(self, batch: dict[str, Tensor], hidden: Tensor, seg_pos: Tensor) -> Tensor:
+        """Each [SEG]'s pooled word vector (WordPixelLogits.pool) over the text tokens before it in its row."""
+        owner = seg_pos.nonzero()[:, 0]
+        return self.word_pixel.pool(hidden[seg_pos], hidden[owner], *self.seg_text(batch, seg_pos))
+
+    def word_scores(
+        self, feats: Tensor, words: Tensor | None, text: tuple[Tensor, Tensor] | None, flow: Tensor | None
+    ) -> Tensor | None:
+        """Per-pixel scores of each [SEG]'s words (Q,T,h,w), added to its mask logits: the pooled words'
+        (decoder.word_pixel) plus their weights over each pixel's place and flow (decoder.word_geometry);
+        None with neither."""
+        scores = [self.word_pixel(feats, words)] if words is not None else []
+        if self.geometry is not None and text is not None:
+            scores.append(self.geometry(text, feats.shape[-2:], flow).expand(-1, feats.shape[1], -1, -1))
+        return sum(scores[1:], scores[0]) if scores else None
 
     def decode(
-        self, seg: Tensor, feats: Tensor, high_res: list[Tensor], words: Tensor | None = None
+        self,
+        seg: Tensor,
+        feats: Tensor,
+        high_res: list[Tensor],
+        words: Tensor | None = None,
+        text: tuple[Tensor, Tensor] | None = None,
+        flow: Tensor | None = None,
     ) -> Tensor:
         """[SEG] prompt tokens (Q,n,C) and their rows' frames (Q,T,C,h,w) plus high-res maps (and with
-        decoder.word_pixel each [SEG]'s pooled words (Q,C)) -> mask logits (Q,T,S,S), frame by frame in
-        order with the Mask Memory bank."""
+        decoder.word_pixel each [SEG]'s pooled words (Q,C), with decoder.word_geometry its words (seg_text),
+        with decoder.flow its frames' flow (Q,T,2,h,w)) -> mask logits (Q,T,S,S), frame by frame in order
+        with the Mask Memory bank."""
         if self.motion is not None:
             feats = self.motion(feats)
         t = feats.shape[1]
@@ -494,8 +605,8 @@ class X2SamModel(nn.Module):
         # relations see it. Then the Mask Memory, frame by frame in order.
         dense = torch.stack([self.seg_dense(feats[:, i], seg[:, 0]) for i in range(t)], 1)
         conditioned = feats + dense
-        word_maps = self.word_pixel(feats, words) if words is not None else None  # (Q,T,h,w)
-        if word_maps is not None:
+        word_maps = self.word_scores(feats, words, text, flow)  # (Q,T,h,w)
+        if word_maps is not None and words is not None:
             conditioned = conditioned + self.word_pixel.inject(word_maps.flatten(0, 1)[:, None]).unflatten(
                 0, (len(feats), t)
             )
@@ -528,7 +639,7 @@ class X2SamModel(nn.Module):
 
     def forward(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
         """Teacher-forced pass: LM logits over the sequence and mask logits for every [SEG]."""
-        feats, high_res = self.encode_frames(batch)
+        feats, high_res, flow = self.encode_frames(batch)
         hidden, logits = self.run_mllm(batch, feats)
         seg_pos = batch["input_ids"] == self.seg_id
         out = {"logits": logits}
@@ -553,9 +664,11 @@ class X2SamModel(nn.Module):
             return out
         seg = self.seg_proj(hidden[seg_pos]).float()
         words = self.seg_words(batch, hidden, seg_pos) if self.word_pixel is not None else None
+        text = self.seg_text(batch, seg_pos) if self.geometry is not None else None
         out["mask_logits"] = self.decode(
-            seg, feats[owner].float(), [m[owner].float() for m in high_res], words
-        )
+            seg, feats[owner].float(), [m[owner].float() for m in high_res], words, text,
+            None if flow is None else flow[owner].float(),
+        )  # fmt: skip
         return out
 
     def query_decode(
@@ -580,7 +693,7 @@ class X2SamModel(nn.Module):
         tokens (image placeholders, `<region>`, `<frame>`, `<sam2>`) are never generated: the VLM would
         then look for features nobody gave it."""
         ids = batch["input_ids"]
-        feats, _ = self.encode_frames(batch)
+        feats = self.encode_frames(batch)[0]
         slots = self.slot_ids()
         for _ in range(max_new_tokens):
             logits = self.run_mllm(continued(batch, ids), feats)[1][:, -1]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 import json
+from collections.abc import Iterator
 
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
 from transformers import PreTrainedTokenizerFast, ProcessorMixin
@@ -36,15 +37,24 @@ def build_word_tokenizer(texts: list[str]) -> PreTrainedTokenizerFast:
     )
 
 
+def vocabulary_records(urls: list[str], limit: int) -> Iterator[dict[str, bytes]]:
+    """About `limit` records spread over the shards: an equal share from the start of each (of the first
+    `limit` shards). Shards hold one media type and task each, so a vocabulary from the first records in
+    order would miss whole kinds: the video expressions' words ("moving up") after the image shards."""
+    share = -(-limit // max(len(urls), 1))
+    for url in urls[:limit]:
+        for _, files in itertools.islice(iter_shard(url), share):
+            yield files
+
+
 def trainer_processor(cfg: TrainConfig) -> ProcessorMixin:
     """The MLLM's processor; a tiny MLLM with a random language half gets a word-level vocabulary from
-    the first records of the training sources."""
+    records spread over the training sources' shards (vocabulary_records)."""
     c = cfg.mllm
     if c.name != "tiny" or c.language:
         return make_processor(c)
     texts: list[str] = []
-    for source in cfg.data.train:  # the same first records on every rank: the same vocabulary
-        samples = (files for url in shard_urls(source.path) for _, files in iter_shard(url))
-        for files in itertools.islice(samples, cfg.data.tokenizer_records):
+    for source in cfg.data.train:  # the same records on every rank: the same vocabulary
+        for files in vocabulary_records(shard_urls(source.path), cfg.data.tokenizer_records):
             texts += record_texts(json.loads(files["json"]))
     return make_processor(c, build_word_tokenizer(texts))

@@ -6,6 +6,7 @@ import random
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from PIL import Image
 from safetensors.torch import load_file
 
@@ -15,7 +16,7 @@ from groundmill.model.config import SourceConfig, load_config
 from groundmill.model.data import TaskBatches
 from groundmill.model.eval import evaluate
 from groundmill.model.mllm import make_processor
-from groundmill.model.modeling import SEG
+from groundmill.model.modeling import SEG, lucas_kanade
 from groundmill.model.records import eval_records, mask_at
 from groundmill.model.synthetic import COLOURS, SHAPES, write_split
 from groundmill.model.tasks import ANSWER, make_samples, semantic_samples
@@ -188,7 +189,7 @@ def test_sam2_tokens_carry_the_segmentation_encoder_into_the_vlm(shards, tmp_pat
     slots = (batch["input_ids"] == tok.tokenizer.convert_tokens_to_ids("<sam2>")).sum(1)
     assert slots.tolist() == [grid**2] * len(slots)
     model = build_model(cfg, tok)
-    feats, _ = model.encode_frames(batch)
+    feats = model.encode_frames(batch)[0]
     hidden, _ = model.run_mllm(batch, feats)
     other, _ = model.run_mllm(batch, feats.flip(-1))  # SAM2 sees another image; the VLM's tower does not
     seg = batch["input_ids"] == model.seg_id
@@ -303,6 +304,96 @@ def test_frame_motion_compares_frames_at_the_training_clips_stride(shards, tmp_p
         changed = clip.clone()
         changed[:, frame] += 1.0
         assert torch.equal(model.motion(changed)[:, 2], model.motion(clip)[:, 2]) is not read, frame
+
+
+def moving(texture: torch.Tensor, steps: int, dx: int, dy: int) -> torch.Tensor:
+    """(1,T,3,S,S) uint8: the (3,S,S) texture shifted by (dx, dy) pixels a frame, wrapping round."""
+    frames = [texture.roll((k * dy, k * dx), dims=(-2, -1)) for k in range(steps)]
+    return torch.stack(frames)[None].round().clamp(0, 255).to(torch.uint8)
+
+
+def test_lucas_kanade_measures_a_shift_and_compares_frames_at_the_windows_stride():
+    """Lucas-Kanade flow of a smooth texture moving 4 px a frame at 128 px is about 1 px a frame on the
+    32 px grid it is measured on (4 x 4 pixels a cell), along the motion and not across it, for either
+    axis and backwards; a single frame has none; frame 2 of 8 (window 4, stride 2) compares frames 0 and
+    4."""
+    gen = torch.Generator().manual_seed(0)
+    texture = F.interpolate(torch.rand(1, 3, 16, 16, generator=gen) * 255, size=128, mode="bicubic")[0]
+    for dx, dy in ((4, 0), (0, 4), (-4, 0)):
+        flow = lucas_kanade(moving(texture, 4, dx, dy), (8, 8), 4)[0]
+        u, v = flow[:, 0].median().item(), flow[:, 1].median().item()
+        along, across = (u, v) if dx else (v, u)
+        # The blur's linearisation underestimates a little: 1 px reads as ~0.75.
+        assert 0.6 < along / ((dx or dy) / 4) < 1.1 and abs(across) < 0.1, (dx, dy, u, v)
+    assert torch.equal(lucas_kanade(moving(texture, 1, 4, 0), (8, 8), 4), torch.zeros(1, 1, 2, 8, 8))
+    clip = moving(texture, 8, 4, 0)
+    for frame, read in ((1, False), (3, False), (0, True), (4, True)):
+        changed = clip.clone()
+        changed[:, frame] = 255 - changed[:, frame]
+        unchanged = torch.equal(lucas_kanade(changed, (8, 8), 4)[:, 2], lucas_kanade(clip, (8, 8), 4)[:, 2])
+        assert unchanged is not read, frame
+
+
+def test_frame_flow_and_word_geometry_are_the_same_for_any_colour_and_train(shards, tmp_path):
+    """decoder.flow: images and still clips pass unchanged (no biases, zero-init output); a red disc and a
+    blue one moving alike on grey get the same flow feature (to 10%), and the opposite motion another.
+    decoder.word_geometry: a [SEG]'s words score each pixel's flow and place by their summed learnt
+    weights, the words it reads only. Both train on clips."""
+    cfg = config(shards, tmp_path, "decoder.flow=true", "decoder.word_geometry=true", "optim.max_steps=3",
+                 *only_tasks("video_referring"))  # fmt: skip
+    model = build_model(cfg, trainer_processor(cfg))
+    torch.nn.init.normal_(model.flow.embed[-1].weight, std=0.1)  # as after training
+    dim = model.vision.dim
+    image = torch.randn(1, 1, dim, 8, 8)
+    torch.testing.assert_close(model.flow(image, torch.zeros(1, 1, 3, 128, 128, dtype=torch.uint8))[0], image)
+    still = torch.randn(1, 1, dim, 8, 8).expand(-1, 4, -1, -1, -1)
+    torch.testing.assert_close(
+        model.flow(still, torch.full((1, 4, 3, 128, 128), 90, dtype=torch.uint8))[0], still
+    )
+    yy, xx = torch.meshgrid(torch.arange(128.0), torch.arange(128.0), indexing="ij")
+    disc = ((xx - 64) ** 2 + (yy - 64) ** 2 <= 20**2).float()
+
+    def disc_flow(colour: str, dx: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The flow feature and the flow over the cells of a `colour` disc on grey moving dx pixels a frame."""
+        texture = 90 + disc * (torch.tensor(COLOURS[colour], dtype=torch.float)[:, None, None] - 90)
+        frames = moving(F.avg_pool2d(texture[None], 5, 1, 2)[0], 4, dx, 0)  # soft edges, as rendered
+        feature, flow = model.flow(torch.zeros(1, 4, dim, 8, 8), frames)
+        return feature[0, :, :, 2:6, 2:6], flow
+
+    (red, right), (blue, _), (back, left) = disc_flow("red", 4), disc_flow("blue", 4), disc_flow("red", -4)
+    assert (red - blue).norm() < 0.1 * red.norm()
+    assert (red - back).norm() > red.norm()
+    # decoder.word_geometry: a word weighing the flow's u by -1 scores the disc moving left above zero and
+    # the one moving right below; a word weighing x by -1 ("leftmost") leans every frame's scores left.
+    # The words not read (the mask) add nothing.
+    hidden = model.mllm.config.get_text_config().hidden_size
+    words = torch.linalg.qr(torch.randn(hidden, 3))[0].T[None]  # three orthonormal word embeddings
+    weights = model.geometry.weights.weight.data  # (4, H): x, y, u, v
+    weights[2], weights[0] = -words[0, 0], -words[0, 1]  # word 0 -> u weight -1, word 1 -> x weight -1
+    moving_word = torch.tensor([[True, False, False]])
+    assert model.geometry((words, moving_word), (8, 8), left)[0, :, 2:6, 2:6].mean() > 0.1
+    assert model.geometry((words, moving_word), (8, 8), right)[0, :, 2:6, 2:6].mean() < -0.1
+    others = torch.cat([words[:, :1], torch.randn(1, 2, hidden)], 1)
+    torch.testing.assert_close(
+        model.geometry((others, moving_word), (8, 8), left), -left[:, :, 0], atol=1e-4, rtol=1e-4
+    )
+    place_word = torch.tensor([[False, True, False]])
+    leftmost = model.geometry((words, place_word), (8, 8), None)  # an image: no flow
+    x = torch.linspace(-1, 1, 8)
+    torch.testing.assert_close(leftmost, -x.expand(1, 1, 8, 8), atol=1e-4, rtol=1e-4)
+    assert_parts_train(cfg, tmp_path, ("flow.", "geometry."))
+
+
+def test_word_vocabulary_spans_every_shard(shards, tmp_path):
+    """The tiny LLM's word vocabulary comes from records spread over the shards: with fewer records than
+    the image shard holds, the video expressions' words ("moving up") are still known, not [UNK] (read in
+    order, the first records are all images, and "moving up" and "moving down" were the same text)."""
+    cfg = config(shards, tmp_path, "data.tokenizer_records=20")
+    tok = trainer_processor(cfg).tokenizer
+    videos = [r for r, _ in eval_records(cfg.data.train, 64) if r["media"]["type"] == "video"]
+    words = {w for r in videos for e in r["expressions"] for w in e["video_level"].split()}
+    assert {"moving", "left", "right", "up", "down"} <= words
+    assert tok.unk_token_id not in tok(sorted(words), is_split_into_words=True)["input_ids"]
 
 
 def test_generation_never_emits_a_slot_token(shards, tmp_path):

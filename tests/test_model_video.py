@@ -99,7 +99,7 @@ def test_sparse_dense_tokens_and_causal_mask_memory(tmp_path):
         masks = model(batch)["mask_logits"]
         assert masks.shape == (1, LONG, 128, 128)
         # Frame by frame in order: a frame's mask depends on the past only.
-        feats, high_res = model.encode_frames({"frames": batch["frames"][:, :10]})
+        feats, high_res, _ = model.encode_frames({"frames": batch["frames"][:, :10]})
         seg = torch.randn(1, cfg.decoder.seg_tokens, feats.shape[2])
         whole = model.decode(seg, feats, high_res)
         prefix = model.decode(seg, feats[:, :4], [m[:, :4] for m in high_res])
