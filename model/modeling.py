@@ -18,7 +18,9 @@ Data flow for a batch of B rows with T frames each (T = 1 for images):
     upscaling sharpened by the S/4, S/8 maps (SAM2's high-res path),
     optionally plus the [SEG]-pixel dot product (decoder.seg_pixel, SegPixelLogits) and the word scores
     (decoder.word_pixel, WordPixelLogits: the [SEG] pools the input embeddings of the words before it, which
-    score every pixel; the map also joins the conditioned pixels before the relations);
+    score every pixel; the map also joins the conditioned pixels before the relations) and each word's
+    weights over a pixel's place and optical flow (decoder.word_geometry, WordGeometry; decoder.flow,
+    FrameFlow, adds the flow to the embedding first);
     the same [SEG] prompts every frame (One-Token-Seg-All, as in VideoLISA).
     decoder.seg_head=queries (X2SAM): the query head's N queries attend to the whole clip; each `[SEG]`
     scores them as a class embedding and the best query's masks are its masks (query_decode).
@@ -564,11 +566,6 @@ class X2SamModel(nn.Module):
         embeds = self.mllm.get_input_embeddings()(ids).float()
         return embeds[owner], text[owner] & before
 
-    def seg_words(self, batch: dict[str, Tensor], hidden: Tensor, seg_pos: Tensor) -> Tensor:
-        """Each [SEG]'s pooled word vector (WordPixelLogits.pool) over the text tokens before it in its row."""
-        owner = seg_pos.nonzero()[:, 0]
-        return self.word_pixel.pool(hidden[seg_pos], hidden[owner], *self.seg_text(batch, seg_pos))
-
     def word_scores(
         self, feats: Tensor, words: Tensor | None, text: tuple[Tensor, Tensor] | None, flow: Tensor | None
     ) -> Tensor | None:
@@ -606,7 +603,7 @@ class X2SamModel(nn.Module):
         dense = torch.stack([self.seg_dense(feats[:, i], seg[:, 0]) for i in range(t)], 1)
         conditioned = feats + dense
         word_maps = self.word_scores(feats, words, text, flow)  # (Q,T,h,w)
-        if word_maps is not None and words is not None:
+        if word_maps is not None and words is not None:  # word_pixel's projection into the pixels
             conditioned = conditioned + self.word_pixel.inject(word_maps.flatten(0, 1)[:, None]).unflatten(
                 0, (len(feats), t)
             )
@@ -663,8 +660,10 @@ class X2SamModel(nn.Module):
             out["mask_logits"] = self.selected_masks(out["seg_queries"])
             return out
         seg = self.seg_proj(hidden[seg_pos]).float()
-        words = self.seg_words(batch, hidden, seg_pos) if self.word_pixel is not None else None
-        text = self.seg_text(batch, seg_pos) if self.geometry is not None else None
+        text = None if self.word_pixel is None and self.geometry is None else self.seg_text(batch, seg_pos)
+        words = (
+            None if self.word_pixel is None else self.word_pixel.pool(hidden[seg_pos], hidden[owner], *text)
+        )
         out["mask_logits"] = self.decode(
             seg, feats[owner].float(), [m[owner].float() for m in high_res], words, text,
             None if flow is None else flow[owner].float(),

@@ -258,16 +258,21 @@ def test_word_pixel_scores_are_the_pooled_words_before_the_seg(shards, tmp_path)
     batch = {"input_ids": ids, "attention_mask": mask}
     seg_pos = ids == model.seg_id
     hidden = torch.randn(*ids.shape, model.mllm.config.get_text_config().hidden_size)
-    pooled = model.seg_words(batch, hidden, seg_pos)
+    owner = seg_pos.nonzero()[:, 0]
+
+    def seg_words(batch, hidden):
+        return model.word_pixel.pool(hidden[seg_pos], hidden[owner], *model.seg_text(batch, seg_pos))
+
+    pooled = seg_words(batch, hidden)
     assert pooled.shape == (2, model.vision.dim)
     after = seg_pos.int().argmax(1)[0] + 2  # a word after row 0's [SEG]: its answer, not its phrase
     changed = hidden.clone()
     changed[0, after] += 1.0
     changed[1] += 1.0  # every state of the other row
-    torch.testing.assert_close(model.seg_words(batch, changed, seg_pos)[0], pooled[0])
+    torch.testing.assert_close(seg_words(batch, changed)[0], pooled[0])
     swapped = ids.clone()
     swapped[0, 3] = tok.convert_tokens_to_ids("green")  # "red" -> "green", a word before the [SEG]
-    assert not torch.allclose(model.seg_words({**batch, "input_ids": swapped}, hidden, seg_pos)[0], pooled[0])
+    assert not torch.allclose(seg_words({**batch, "input_ids": swapped}, hidden)[0], pooled[0])
     feats = torch.randn(2, 3, model.vision.dim, 8, 8)
     a, b = torch.randn(2, 2, model.vision.dim).unbind(0)
     torch.testing.assert_close(
