@@ -297,11 +297,11 @@ class FrameFlow(nn.Module):
         )
         nn.init.zeros_(self.embed[-1].weight)
 
-    def forward(self, feats: Tensor, frames: Tensor) -> tuple[Tensor, Tensor]:
+    def forward(self, feats: Tensor, frames: Tensor) -> tuple[Tensor, Tensor | None]:
         """(F,T,C,h,w) embeddings of the (F,T,3,S,S) uint8 frames -> (F,T,C,h,w) plus their flow feature,
-        and the (F,T,2,h,w) flow itself."""
+        and the (F,T,2,h,w) flow itself (None for images: no motion to score)."""
         if feats.shape[1] == 1:
-            return feats, feats.new_zeros(*feats.shape[:2], 2, *feats.shape[-2:])
+            return feats, None
         # Squashed: a flat cell's ridge-damped noise and a fast object's large shift both stay in range.
         flow = torch.tanh(lucas_kanade(frames, feats.shape[-2:], self.window).to(feats.dtype))
         return feats + self.embed(flow.flatten(0, 1)).unflatten(0, feats.shape[:2]), flow
@@ -527,7 +527,7 @@ class X2SamModel(nn.Module):
         """Each row's SAM2 embedding (B,T,C,h,w) and high-res maps, each (B,T,C,H,W), from the batch's
         (F,T,3,S,S) uint8 frames, encoded once however many rows share them (`row_frames`), without
         gradients when the encoder is frozen; with decoder.flow, the embedding carries the optical flow,
-        also returned (B,T,2,h,w)."""
+        also returned for clips (B,T,2,h,w)."""
         frames = batch["frames"]
         f, t = frames.shape[:2]
         frozen = not any(p.requires_grad for p in self.vision.parameters())
