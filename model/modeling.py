@@ -217,6 +217,14 @@ def window_stride(t: int, window: int) -> int:
     return -(-t // window)
 
 
+def neighbour_frames(t: int, window: int, device: torch.device) -> tuple[Tensor, Tensor]:
+    """Each of t frames' previous and next frame at the stride of the clip's windows (clip_windows), the
+    stride training clips have; the clip's ends are their own neighbours."""
+    stride = window_stride(t, window)
+    frames = torch.arange(t, device=device)
+    return (frames - stride).clamp(min=0), (frames + stride).clamp(max=t - 1)
+
+
 def clip_windows(t: int, window: int) -> list[slice]:
     """A clip of t frames as interleaved windows of at most `window` frames, each spanning the whole clip
     (frames k, k + n, k + 2n, ... for n = window_stride): a training clip samples `window` frames over its
@@ -249,10 +257,7 @@ class FrameMotion(nn.Module):
         t = feats.shape[1]
         if t == 1:
             return feats
-        # Neighbours at the stride of the clip's windows (clip_windows), the stride training clips have.
-        stride = window_stride(t, self.window)
-        frames = torch.arange(t, device=feats.device)
-        prev, next_ = (frames - stride).clamp(min=0), (frames + stride).clamp(max=t - 1)
+        prev, next_ = neighbour_frames(t, self.window, feats.device)
         before, after = feats - feats[:, prev], feats[:, next_] - feats
         motion = self.diff(torch.cat([before, after], 2).flatten(0, 1)).unflatten(0, feats.shape[:2])
         return feats + motion
@@ -269,9 +274,7 @@ def lucas_kanade(frames: Tensor, grid: tuple[int, int], window: int, reg: float 
     h, w = grid
     x = F.adaptive_avg_pool2d(frames.flatten(0, 1).float() / 255, (4 * h, 4 * w))
     x = F.avg_pool2d(x, 3, 1, 1, count_include_pad=False).unflatten(0, (f, t))
-    stride = window_stride(t, window)
-    idx = torch.arange(t, device=frames.device)
-    prev, next_ = (idx - stride).clamp(min=0), (idx + stride).clamp(max=t - 1)
+    prev, next_ = neighbour_frames(t, window, frames.device)
     gap = (next_ - prev).clamp(min=1).to(x.dtype)[:, None, None, None]
     it = (x[:, next_] - x[:, prev]) / gap
     iy, ix = torch.gradient((x[:, next_] + x[:, prev]) / 2, dim=(-2, -1))
